@@ -1,0 +1,181 @@
+//! Where weight bytes come from. Both file formats end in the same place: a [`TensorStore`] of
+//! [`RawTensor`]s named by their Hugging Face checkpoint names, each a shape, a [`DType`] and a byte range
+//! inside a memory map. Nothing is copied here; `model.rs` decides what form each tensor is used in.
+
+pub mod gguf;
+pub mod quant;
+pub mod safetensors;
+
+use crate::error::{Error, Result};
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Element types we can read. Quantized types are stored in blocks (see `quant.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q5_0,
+    Q4K,
+    Q6K,
+}
+
+impl DType {
+    /// (elements per block, bytes per block)
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            DType::F32 => (1, 4),
+            DType::F16 | DType::BF16 => (1, 2),
+            DType::Q8_0 => (32, 34),
+            DType::Q5_0 => (32, 22),
+            DType::Q4K => (256, 144),
+            DType::Q6K => (256, 210),
+        }
+    }
+
+    /// Bytes needed for `n` elements, or `None` if `n` is not a whole number of blocks or overflows.
+    pub fn bytes_for(self, n: usize) -> Option<usize> {
+        let (elems, bytes) = self.block();
+        if n % elems != 0 {
+            return None;
+        }
+        (n / elems).checked_mul(bytes)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::Q8_0 => "Q8_0",
+            DType::Q5_0 => "Q5_0",
+            DType::Q4K => "Q4_K",
+            DType::Q6K => "Q6_K",
+        }
+    }
+}
+
+/// A read-only memory map of one model file, shared by every tensor that lives in it.
+pub struct MappedFile {
+    map: Mmap,
+}
+
+impl MappedFile {
+    pub fn open(path: &Path) -> Result<Arc<Self>> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is mapped read-only. Another process truncating or rewriting a model file while
+        // we run is outside what any mmap-based loader (llama.cpp, safetensors) can defend against.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Ok(Arc::new(MappedFile { map }))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+/// A byte range of a mapped file. Constructed only after the range was checked against the file size.
+#[derive(Clone)]
+pub struct Bytes {
+    file: Arc<MappedFile>,
+    offset: usize,
+    len: usize,
+}
+
+impl Bytes {
+    pub fn new(file: Arc<MappedFile>, offset: usize, len: usize) -> Option<Self> {
+        let end = offset.checked_add(len)?;
+        (end <= file.bytes().len()).then_some(Bytes { file, offset, len })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.file.bytes()[self.offset..self.offset + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One tensor as stored: shape in Hugging Face order (rows first), element type, bytes.
+#[derive(Clone)]
+pub struct RawTensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: Bytes,
+}
+
+impl RawTensor {
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// All tensors of a checkpoint, by their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...).
+#[derive(Default)]
+pub struct TensorStore {
+    pub tensors: HashMap<String, RawTensor>,
+}
+
+impl TensorStore {
+    pub fn get(&self, name: &str) -> Result<&RawTensor> {
+        self.tensors.get(name).ok_or_else(|| Error::tensor(name, "missing from the checkpoint"))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Checks that a tensor has exactly `shape`, naming both shapes when it does not.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<&RawTensor> {
+        let t = self.get(name)?;
+        if t.shape != shape {
+            return Err(Error::tensor(
+                name,
+                format!("shape {:?} disagrees with the config, which implies {:?}", t.shape, shape),
+            ));
+        }
+        Ok(t)
+    }
+}
+
+/// Widens any stored tensor to FP32 values (exactly: every supported type is a subset of f32).
+pub fn to_f32_vec(name: &str, t: &RawTensor) -> Result<Vec<f32>> {
+    let n = t.elements();
+    let bytes = t.bytes.as_slice();
+    if t.dtype.bytes_for(n) != Some(bytes.len()) {
+        return Err(Error::tensor(name, format!("{} bytes do not hold {n} {} values", bytes.len(), t.dtype.name())));
+    }
+    Ok(match t.dtype {
+        DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+        q => quant::dequantize(q, bytes, n).map_err(|m| Error::tensor(name, m))?,
+    })
+}
+
+/// Opens a model: a `.gguf` file, or a Hugging Face directory with safetensors.
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| {
+                let mut magic = [0u8; 4];
+                std::io::Read::read_exact(&mut f, &mut magic).map(|_| magic == *b"GGUF")
+            })
+            .unwrap_or(false)
+}
