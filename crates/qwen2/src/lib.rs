@@ -1,12 +1,29 @@
 //! Duet's engine: a from-scratch CPU inference engine for the Qwen2 model family (Qwen1.5, Qwen2, Qwen2.5).
 //!
 //! Read in this order: `config` (the model's shape) → `weights` (bytes from safetensors or GGUF) →
-//! `kernels` (the math over slices) → `model` (the forward pass) → `kv_cache` → `tokenizer` →
-//! `sampler` → `generate` (the decode loop).
+//! `matrix` and `kernels` (the math over slices) → `model` (the forward pass) → `kv_cache` →
+//! `tokenizer` (text, ids, chat template) → `sampler` → `generate` (the decode loop) → `load`.
 
 pub mod config;
+pub mod convert;
+pub mod cpu;
 pub mod error;
+pub mod fetch;
+pub mod generate;
+pub mod kernels;
+pub mod kv_cache;
+pub mod load;
+pub mod matrix;
+pub mod model;
+pub mod sampler;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::ModelConfig;
 pub use error::{Error, Result};
+pub use generate::{generate, GenerateOptions, Generation, StopReason, TokenEvent};
+pub use kv_cache::KvCache;
+pub use load::{load, LoadedModel};
+pub use model::{Logits, Model};
+pub use sampler::{Sampler, SamplingParams};
+pub use tokenizer::{Message, TextStream, Tokenizer};

@@ -1,0 +1,169 @@
+//! `duet generate`: one prompt in, streamed text out.
+
+use crate::common::{load_model, ms, Global};
+use anyhow::{bail, Result};
+use qwen2::{GenerateOptions, KvCache, Message, SamplingParams};
+use std::io::Write;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Raw prompt text, used as is (no chat template).
+    #[arg(long, conflicts_with_all = ["system", "user"])]
+    pub prompt: Option<String>,
+    /// System message (chat mode; default: the model template's own default).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// User message (chat mode): rendered with the model's chat template.
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Do not stop at end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Report the K largest logits at the last prompt position.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub top_logits: usize,
+    /// Exact math: FP32 on the stored weight values (the reference path).
+    #[arg(long)]
+    pub exact: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Sampling temperature (0 = greedy, the default).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(g: &Global, a: &Args) -> Result<()> {
+    if a.prompt.is_none() && a.user.is_none() {
+        bail!("give --prompt TEXT, or --user TEXT (optionally with --system TEXT)");
+    }
+    if !(a.temperature >= 0.0 && a.top_p > 0.0 && a.top_p <= 1.0 && a.repetition_penalty > 0.0) {
+        bail!(
+            "sampling options out of range: temperature ≥ 0, 0 < top-p ≤ 1, repetition-penalty > 0"
+        );
+    }
+    let m = load_model(g)?;
+    let text = match &a.prompt {
+        Some(p) => p.clone(),
+        None => {
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(Message::system(s));
+            }
+            msgs.push(Message::user(a.user.as_deref().unwrap_or_default()));
+            m.tokenizer.render_chat(&msgs, true)?
+        }
+    };
+    let prompt_ids = m.tokenizer.encode(&text)?;
+    if prompt_ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let ctx = m.model.config.max_position_embeddings;
+    if prompt_ids.len() >= ctx {
+        bail!(
+            "the prompt has {} tokens; the model's context holds {ctx}",
+            prompt_ids.len()
+        );
+    }
+    if g.trace {
+        eprintln!("[trace] tokenizer.render_chat → prompt text:\n{text}");
+        eprintln!("[trace] tokenizer.encode → {} tokens:", prompt_ids.len());
+        for id in &prompt_ids {
+            eprintln!("[trace]   {id:>7} {:?}", m.tokenizer.piece(*id));
+        }
+    }
+    let capacity = (prompt_ids.len() + a.max_new_tokens).min(ctx);
+    let mut cache = KvCache::new(&m.model.config, capacity)?;
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        ignore_eos: a.ignore_eos,
+        eos_ids: m.model.config.eos_token_ids.clone(),
+        top_candidates: if g.trace { 5 } else { a.top_logits },
+    };
+    let mut out = std::io::stdout();
+    let tok = m.tokenizer.clone();
+    let gen = qwen2::generate(
+        &m.model,
+        &m.tokenizer,
+        &mut cache,
+        &prompt_ids,
+        &opts,
+        &mut |ev| {
+            if g.trace && !ev.candidates.is_empty() {
+                let c: Vec<String> = ev
+                    .candidates
+                    .iter()
+                    .map(|(id, l)| format!("{:?}={l:.2}", tok.piece(*id)))
+                    .collect();
+                eprintln!(
+                    "[trace] sampler → {:>7} {:?}   top: {}",
+                    ev.id,
+                    tok.piece(ev.id),
+                    c.join(" ")
+                );
+            }
+            if !a.json {
+                let _ = out.write_all(ev.text.as_bytes());
+                let _ = out.flush();
+            }
+            true
+        },
+    )?;
+    let n = gen.ids.len();
+    let decode_steps = n.saturating_sub(1).max(1) as f64;
+    if a.json {
+        let top: Vec<_> = gen
+            .first_top
+            .iter()
+            .take(a.top_logits)
+            .map(|(id, l)| serde_json::json!({"id": id, "logit": l}))
+            .collect();
+        let v = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "ids": gen.ids,
+            "text": gen.text,
+            "stop_reason": gen.stop_reason.as_str(),
+            "top_logits": top,
+            "timings": {
+                "load_ms": ms(m.load_time),
+                "prefill_ms": ms(gen.prefill),
+                "decode_ms": ms(gen.decode),
+                "prefill_tok_s": gen.prefill_tokens as f64 / gen.prefill.as_secs_f64().max(1e-9),
+                "decode_tok_s": if n > 1 { decode_steps / gen.decode.as_secs_f64().max(1e-9) } else { 0.0 },
+            }
+        });
+        println!("{v}");
+    } else {
+        println!();
+        if a.top_logits > 0 {
+            for (id, l) in gen.first_top.iter().take(a.top_logits) {
+                eprintln!("{id:>7} {l:>10.4} {:?}", m.tokenizer.piece(*id));
+            }
+        }
+        eprintln!(
+            "[{} prompt tokens in {} ms, {n} tokens in {} ms, stop: {}]",
+            gen.prefill_tokens,
+            ms(gen.prefill),
+            ms(gen.decode),
+            gen.stop_reason.as_str()
+        );
+    }
+    Ok(())
+}

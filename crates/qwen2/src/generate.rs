@@ -1,0 +1,161 @@
+//! The decode loop: prefill the prompt in one batched pass, then one token at a time until an eos id or
+//! `max_new_tokens`, streaming whole-UTF-8 text pieces to a callback.
+
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::model::{Logits, Model};
+use crate::sampler::{top_k, Sampler, SamplingParams};
+use crate::tokenizer::{TextStream, Tokenizer};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Keep going past eos ids (for benchmarks).
+    pub ignore_eos: bool,
+    /// Stop on any of these.
+    pub eos_ids: Vec<u32>,
+    /// Report this many top candidates for each step (0 = none; for `--trace` and `--top-logits`).
+    pub top_candidates: usize,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 256,
+            sampling: SamplingParams::greedy(),
+            ignore_eos: false,
+            eos_ids: Vec::new(),
+            top_candidates: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Eos,
+    Length,
+    /// The callback asked to stop (e.g. Ctrl-C).
+    Cancelled,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::Length => "length",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What the callback sees for each generated token.
+pub struct TokenEvent<'a> {
+    pub id: u32,
+    /// New complete text (may be empty while a character is incomplete; empty for eos).
+    pub text: &'a str,
+    /// The best candidates at this step, best first (empty unless asked for).
+    pub candidates: &'a [(u32, f32)],
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    /// Top candidates at the last prompt position (the first generated step).
+    pub first_top: Vec<(u32, f32)>,
+    pub prefill_tokens: usize,
+    pub prefill: Duration,
+    /// Time from the start until the first token was chosen.
+    pub first_token: Duration,
+    pub decode: Duration,
+}
+
+/// Appends `prompt` to `cache` (which may already hold a cached prefix) and generates.
+/// The callback returns `false` to stop early.
+pub fn generate(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(TokenEvent) -> bool,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(Error::Invalid("the prompt has no tokens".into()));
+    }
+    let start = Instant::now();
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut sampler = Sampler::new(opts.sampling.clone());
+    let mut stream = TextStream::new();
+    let mut ids = Vec::new();
+
+    let mut logits = model.forward(prompt, cache, Logits::Last)?;
+    let prefill = start.elapsed();
+    let first_top = top_k(&logits, opts.top_candidates.max(1));
+    let mut first_token = Duration::ZERO;
+    let decode_start = Instant::now();
+    let mut stop_reason = StopReason::Length;
+
+    while ids.len() < opts.max_new_tokens {
+        let candidates = if opts.top_candidates > 0 {
+            top_k(&logits, opts.top_candidates)
+        } else {
+            Vec::new()
+        };
+        let id = sampler.sample(&mut logits, &history);
+        if ids.is_empty() {
+            first_token = start.elapsed();
+        }
+        let is_eos = !opts.ignore_eos && opts.eos_ids.contains(&id);
+        if is_eos {
+            on_token(TokenEvent {
+                id,
+                text: "",
+                candidates: &candidates,
+            });
+            stop_reason = StopReason::Eos;
+            break;
+        }
+        ids.push(id);
+        history.push(id);
+        let piece = stream.push(tokenizer, id)?;
+        if !on_token(TokenEvent {
+            id,
+            text: &piece,
+            candidates: &candidates,
+        }) {
+            stop_reason = StopReason::Cancelled;
+            break;
+        }
+        if ids.len() >= opts.max_new_tokens {
+            break;
+        }
+        if cache.len() >= cache.capacity() {
+            // The context is full: stop cleanly rather than fail mid-answer.
+            stop_reason = StopReason::Length;
+            break;
+        }
+        logits = model.forward(&[id], cache, Logits::Last)?;
+    }
+    let tail = stream.finish(tokenizer)?;
+    if !tail.is_empty() {
+        on_token(TokenEvent {
+            id: u32::MAX,
+            text: &tail,
+            candidates: &[],
+        });
+    }
+    Ok(Generation {
+        text: stream.text().to_string(),
+        ids,
+        stop_reason,
+        first_top,
+        prefill_tokens: prompt.len(),
+        prefill,
+        first_token,
+        decode: decode_start.elapsed(),
+    })
+}

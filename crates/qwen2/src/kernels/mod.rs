@@ -1,0 +1,18 @@
+//! The math of the forward pass, as plain functions over slices.
+//!
+//! Each SIMD kernel has a scalar reference beside it (`*_scalar`) that says what it computes in the
+//! plainest way; the tests check one against the other on awkward sizes. Threads come from one rayon pool
+//! sized to the physical cores (see `pool.rs`).
+
+pub mod activation;
+pub mod attention;
+pub mod matmul;
+pub mod norm;
+pub mod pool;
+pub mod rope;
+
+pub use activation::{silu_mul, softmax};
+pub use attention::attention;
+pub use matmul::{matmul, WeightElem, WeightSlice};
+pub use norm::rmsnorm;
+pub use rope::{rope, RopeTable};

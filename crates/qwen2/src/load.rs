@@ -1,0 +1,59 @@
+//! Opening a model from disk: a Hugging Face directory (config.json + safetensors + tokenizer.json) or a
+//! GGUF file. Both end as the same `Model` and `Tokenizer`.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::weights;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct LoadedModel {
+    pub model: Arc<Model>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub path: PathBuf,
+    pub format: &'static str,
+    pub load_time: Duration,
+}
+
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    let start = Instant::now();
+    if !path.exists() {
+        return Err(Error::Invalid(format!(
+            "{}: no such file or directory",
+            path.display()
+        )));
+    }
+    let (model, tokenizer, format) = if path.is_dir() {
+        if !path.join("config.json").is_file() {
+            return Err(Error::Invalid(format!(
+                "{}: not a model directory (no config.json); give a Hugging Face model dir or a .gguf file",
+                path.display()
+            )));
+        }
+        let config = ModelConfig::from_hf_dir(path)?;
+        let store = weights::safetensors::load_dir(path)?;
+        let tokenizer = Tokenizer::from_hf_dir(path)?;
+        (Model::from_store(config, &store)?, tokenizer, "safetensors")
+    } else if weights::is_gguf(path) {
+        // GGUF_WIRING: replaced once weights::gguf::load lands.
+        return Err(Error::Invalid(format!(
+            "{}: GGUF loading is not wired yet",
+            path.display()
+        )));
+    } else {
+        return Err(Error::Invalid(format!(
+            "{}: neither a GGUF file nor a Hugging Face model directory",
+            path.display()
+        )));
+    };
+    Ok(LoadedModel {
+        model: Arc::new(model),
+        tokenizer: Arc::new(tokenizer),
+        path: path.to_path_buf(),
+        format,
+        load_time: start.elapsed(),
+    })
+}

@@ -1,0 +1,282 @@
+//! `Model`: the Qwen2 network, immutable once loaded and shared (`Arc`) by any number of sequences.
+//! Its `forward` reads top to bottom like llama2.c's: embed → layers → final norm → logits.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kernels::attention::AttentionShape;
+use crate::kernels::{attention, rmsnorm, rope, silu_mul, RopeTable};
+use crate::kv_cache::KvCache;
+use crate::matrix::Matrix;
+use crate::weights::{to_f32_vec, TensorStore};
+
+/// A linear layer with an optional bias (Qwen2 has biases on q, k and v only).
+pub struct Linear {
+    pub weight: Matrix,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    /// `out (t × out_features) = x · Wᵀ + b`.
+    fn forward(&self, x: &[f32], t: usize, out: &mut [f32]) {
+        self.weight.matmul(x, t, out);
+        if let Some(b) = &self.bias {
+            for row in out.chunks_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(o, bi)| *o += bi);
+            }
+        }
+    }
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: Vec<f32>,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Vec<f32>,
+    pub mlp: Mlp,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed_tokens: Matrix,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Vec<f32>,
+    /// `None` when the output projection is tied to the embeddings.
+    pub lm_head: Option<Matrix>,
+    rope: RopeTable,
+}
+
+/// Which positions' logits a forward pass should compute. Only the last is needed to pick the next token;
+/// computing all 151936 × t logits would double a short prompt's cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+impl Model {
+    /// Builds the network from checkpoint tensors, looked up here — and only here — by their
+    /// Hugging Face names.
+    pub fn from_store(config: ModelConfig, store: &TensorStore) -> Result<Self> {
+        let c = &config;
+        let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            Matrix::from_raw(name, store.get(name)?, rows, cols)
+        };
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
+            to_f32_vec(name, store.get_shaped(name, &[len])?)
+        };
+        let linear = |prefix: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
+            Ok(Linear {
+                weight: matrix(&format!("{prefix}.weight"), rows, cols)?,
+                bias: if bias {
+                    Some(vector(&format!("{prefix}.bias"), rows)?)
+                } else {
+                    None
+                },
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: vector(&format!("{p}.input_layernorm.weight"), h)?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), q, h, true)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kv, h, true)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kv, h, true)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q, false)?,
+                },
+                post_attention_layernorm: vector(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                )?,
+                mlp: Mlp {
+                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
+                    up_proj: linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
+                    down_proj: linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
+                },
+            });
+        }
+        // Tied models use the embedding matrix as the output projection; a redundant `lm_head.weight`
+        // in such a checkpoint (some Qwen1.5 files have one) is ignored, as transformers ignores it.
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(matrix("lm_head.weight", c.vocab_size, h)?)
+        };
+        Ok(Model {
+            embed_tokens: matrix("model.embed_tokens.weight", c.vocab_size, h)?,
+            layers,
+            norm: vector("model.norm.weight", h)?,
+            lm_head,
+            rope: RopeTable::new(c.head_dim, c.rope_theta),
+            config,
+        })
+    }
+
+    pub fn output_matrix(&self) -> &Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Bytes of weights one decode step reads (every matrix once; the embedding table only if tied).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let mut n = self.output_matrix().bytes();
+        for l in &self.layers {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            for lin in [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ] {
+                n += lin.weight.bytes();
+            }
+        }
+        n
+    }
+
+    /// Runs `tokens` (appended after what `cache` holds) through the network in one batched pass.
+    /// Returns the logits asked for: `vocab` values per returned position.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+        let hidden = self.forward_hidden(tokens, cache)?;
+        let h = self.config.hidden_size;
+        let t = tokens.len();
+        let (rows, n) = match logits {
+            Logits::None => return Ok(Vec::new()),
+            Logits::Last => (&hidden[(t - 1) * h..], 1),
+            Logits::All => (&hidden[..], t),
+        };
+        let mut out = vec![0.0; n * self.config.vocab_size];
+        self.output_matrix().matmul(rows, n, &mut out);
+        Ok(out)
+    }
+
+    /// Like `forward`, but returns the final-normed hidden state of every new position, so a caller can
+    /// multiply only the output rows it needs (label scoring).
+    pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let t = tokens.len();
+        if t == 0 {
+            return Err(Error::Invalid("forward pass over zero tokens".into()));
+        }
+        cache.reserve(t)?;
+        if cache.kv_dim() != c.kv_dim() || cache.k.len() != c.num_hidden_layers {
+            return Err(Error::Invalid(
+                "KV cache was made for a different model".into(),
+            ));
+        }
+        let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let start = cache.len();
+
+        // Buffers, each named for what it holds; every one is `t` rows.
+        let mut x = vec![0.0f32; t * h]; // the residual stream
+        let mut xb = vec![0.0f32; t * h]; // x after rmsnorm
+        let mut q = vec![0.0f32; t * qd];
+        let mut k = vec![0.0f32; t * kvd];
+        let mut v = vec![0.0f32; t * kvd];
+        let mut att = vec![0.0f32; t * qd]; // attention output, all heads
+        let mut proj = vec![0.0f32; t * h]; // o_proj / down_proj output, added to x
+        let mut gate = vec![0.0f32; t * c.intermediate_size];
+        let mut up = vec![0.0f32; t * c.intermediate_size];
+
+        // 1. Embed.
+        for (i, &tok) in tokens.iter().enumerate() {
+            if tok as usize >= c.vocab_size {
+                return Err(Error::Invalid(format!(
+                    "token id {tok} is outside the vocabulary ({})",
+                    c.vocab_size
+                )));
+            }
+            self.embed_tokens
+                .row_into(tok as usize, &mut x[i * h..(i + 1) * h]);
+        }
+        let angles: Vec<(Vec<f32>, Vec<f32>)> =
+            (0..t).map(|i| self.rope.cos_sin(start + i)).collect();
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // 2. Attention block: rmsnorm → q, k, v (+bias) → rope → attention over the cache → o_proj → residual.
+            for i in 0..t {
+                rmsnorm(
+                    &mut xb[i * h..(i + 1) * h],
+                    &x[i * h..(i + 1) * h],
+                    &layer.input_layernorm,
+                    c.rms_norm_eps,
+                );
+            }
+            let a = &layer.self_attn;
+            a.q_proj.forward(&xb, t, &mut q);
+            a.k_proj.forward(&xb, t, &mut k);
+            a.v_proj.forward(&xb, t, &mut v);
+            for (i, (cos, sin)) in angles.iter().enumerate() {
+                q[i * qd..(i + 1) * qd]
+                    .chunks_mut(hd)
+                    .for_each(|head| rope(head, cos, sin));
+                k[i * kvd..(i + 1) * kvd]
+                    .chunks_mut(hd)
+                    .for_each(|head| rope(head, cos, sin));
+            }
+            let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
+            kc[start * kvd..(start + t) * kvd].copy_from_slice(&k);
+            vc[start * kvd..(start + t) * kvd].copy_from_slice(&v);
+            let shape = AttentionShape {
+                n_heads: c.num_attention_heads,
+                n_kv_heads: c.num_key_value_heads,
+                head_dim: hd,
+                start,
+            };
+            attention(
+                &q,
+                &kc[..(start + t) * kvd],
+                &vc[..(start + t) * kvd],
+                &shape,
+                &mut att,
+            );
+            a.o_proj.forward(&att, t, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(xi, p)| *xi += p);
+
+            // 3. MLP block: rmsnorm → silu(gate) · up → down → residual.
+            for i in 0..t {
+                rmsnorm(
+                    &mut xb[i * h..(i + 1) * h],
+                    &x[i * h..(i + 1) * h],
+                    &layer.post_attention_layernorm,
+                    c.rms_norm_eps,
+                );
+            }
+            layer.mlp.gate_proj.forward(&xb, t, &mut gate);
+            layer.mlp.up_proj.forward(&xb, t, &mut up);
+            silu_mul(&mut gate, &up);
+            layer.mlp.down_proj.forward(&gate, t, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(xi, p)| *xi += p);
+        }
+        cache.advance(t);
+
+        // 4. Final norm.
+        for i in 0..t {
+            rmsnorm(
+                &mut xb[i * h..(i + 1) * h],
+                &x[i * h..(i + 1) * h],
+                &self.norm,
+                c.rms_norm_eps,
+            );
+        }
+        Ok(xb)
+    }
+}

@@ -1,0 +1,202 @@
+//! `Tokenizer`: text ⇄ token ids (the `tokenizers` crate, pure Rust) and the chat template that turns a
+//! conversation into the exact prompt text the model was trained on.
+
+use crate::error::{Error, Result};
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+    pub fn system(content: &str) -> Self {
+        Self::new("system", content)
+    }
+    pub fn user(content: &str) -> Self {
+        Self::new("user", content)
+    }
+    pub fn assistant(content: &str) -> Self {
+        Self::new("assistant", content)
+    }
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// The model's own Jinja chat template; `None` falls back to plain ChatML.
+    chat_template: Option<String>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` and the chat template from `tokenizer_config.json` of a Hugging Face dir.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let template = if cfg_path.is_file() {
+            let cfg = crate::config::read_json(&cfg_path)?;
+            match cfg.get("chat_template") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                // A list of named templates: take the default one.
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template")?.as_str().map(String::from)),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let template =
+            template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        Self::from_json(&json, template)
+    }
+
+    pub fn from_json(json: &serde_json::Value, chat_template: Option<String>) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone())
+            .map_err(|e| Error::Tokenizer(format!("cannot build tokenizer: {e}")))?;
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+        })
+    }
+
+    /// Text → ids, with special tokens written in the text recognised (as transformers does) and no
+    /// BOS added (Qwen adds none).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The vocabulary entry of one id, as text (byte-level pieces decoded; for traces).
+    pub fn piece(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
+    pub fn id_of(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Renders a conversation with the model's chat template, exactly as transformers'
+    /// `apply_chat_template(..., tokenize=False)` does (same Jinja settings: trim_blocks, lstrip_blocks).
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let Some(template) = &self.chat_template else {
+            return Ok(render_chatml(messages, add_generation_prompt));
+        };
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => "",
+            eos_token => "<|im_end|>",
+        })
+        .map_err(|e| Error::Template(e.to_string()))
+    }
+}
+
+/// Plain ChatML, for models without a template.
+pub fn render_chatml(messages: &[Message], add_generation_prompt: bool) -> String {
+    let mut s = String::new();
+    for m in messages {
+        s.push_str(&format!(
+            "<|im_start|>{}\n{}<|im_end|>\n",
+            m.role, m.content
+        ));
+    }
+    if add_generation_prompt {
+        s.push_str("<|im_start|>assistant\n");
+    }
+    s
+}
+
+/// Turns a growing list of token ids into text pieces that are always whole UTF-8: a character whose
+/// bytes are split across tokens is held back until its last byte arrives.
+#[derive(Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    /// Text already emitted, as decoded from `ids[..emitted_ids]`.
+    emitted: String,
+}
+
+impl TextStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one id; returns the new complete text, possibly empty.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, true)?;
+        // An incomplete multi-byte character decodes to U+FFFD at the end: wait for the next token.
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let new = match text.strip_prefix(self.emitted.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => String::new(),
+        };
+        self.emitted = text;
+        Ok(new)
+    }
+
+    /// Whatever is still held back (at the end of generation), lossily decoded.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
+        let text = tok.decode(&self.ids, true)?;
+        let rest = text
+            .strip_prefix(self.emitted.as_str())
+            .unwrap_or("")
+            .to_string();
+        self.emitted = text;
+        Ok(rest)
+    }
+
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+}

@@ -1,0 +1,196 @@
+//! The forward pass against transformers on three tiny random Qwen2 models (tests/data/tiny, made by
+//! tests/reference/make_tiny_fixtures.py): Qwen1.5 shape (MHA, tied, BF16), Qwen2.5 shape (GQA, untied,
+//! F32) and a sharded checkpoint. Logits at every prompt position, 8 incremental decode steps, the greedy
+//! continuation, and prefill-then-decode against recomputing from scratch.
+
+use qwen2::{KvCache, Logits};
+use serde_json::Value;
+use std::path::PathBuf;
+
+const FIXTURES: [&str; 3] = [
+    "qwen15-mha-tied-bf16",
+    "qwen25-gqa-untied-f32",
+    "qwen25-sharded",
+];
+const TOL: f32 = 1e-4;
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data/tiny")
+        .join(name)
+}
+
+fn reference(name: &str) -> Value {
+    let text = std::fs::read_to_string(dir(name).join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Checks one prompt's prefill logits (all positions), decode steps and greedy continuation.
+fn check_prompt(name: &str, m: &qwen2::LoadedModel, r: &Value) {
+    let vocab = m.model.config.vocab_size;
+    let prompt = ids(&r["prompt_ids"]);
+    let mut cache = KvCache::new(&m.model.config, 64).unwrap();
+    let logits = m.model.forward(&prompt, &mut cache, Logits::All).unwrap();
+    for (pos, want) in r["prefill_logits"].as_array().unwrap().iter().enumerate() {
+        let d = max_diff(&logits[pos * vocab..(pos + 1) * vocab], &floats(want));
+        assert!(
+            d <= TOL,
+            "{name}: prefill position {pos}: max |Δlogit| = {d}"
+        );
+    }
+    for (step, s) in r["decode"].as_array().unwrap().iter().enumerate() {
+        let id = s["input_id"].as_u64().unwrap() as u32;
+        assert_eq!(cache.len(), s["position"].as_u64().unwrap() as usize);
+        let got = m.model.forward(&[id], &mut cache, Logits::Last).unwrap();
+        let d = max_diff(&got, &floats(&s["logits"]));
+        assert!(d <= TOL, "{name}: decode step {step}: max |Δlogit| = {d}");
+    }
+    // Greedy continuation with eos ignored, token for token.
+    let mut cache = KvCache::new(&m.model.config, 64).unwrap();
+    let want = ids(&r["greedy_ids"]);
+    let opts = qwen2::GenerateOptions {
+        max_new_tokens: want.len(),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let g = qwen2::generate(
+        &m.model,
+        &m.tokenizer,
+        &mut cache,
+        &prompt,
+        &opts,
+        &mut |_| true,
+    )
+    .unwrap();
+    assert_eq!(g.ids, want, "{name}: greedy continuation");
+}
+
+#[test]
+fn logits_and_greedy_match_transformers() {
+    for name in FIXTURES {
+        let m = qwen2::load(&dir(name)).unwrap();
+        let r = reference(name);
+        check_prompt(name, &m, &r);
+        check_prompt(name, &m, &r["single_token_prompt"]);
+    }
+}
+
+#[test]
+fn config_shapes_are_read_as_transformers_reads_them() {
+    let mha = qwen2::load(&dir("qwen15-mha-tied-bf16")).unwrap();
+    assert!(mha.model.config.tie_word_embeddings && mha.model.lm_head.is_none());
+    assert_eq!(
+        mha.model.config.num_key_value_heads,
+        mha.model.config.num_attention_heads
+    );
+    assert_eq!(
+        mha.model.embed_tokens.form(),
+        "bf16 (mapped)",
+        "BF16 weights stay in the mapping"
+    );
+    let gqa = qwen2::load(&dir("qwen25-gqa-untied-f32")).unwrap();
+    assert_eq!(gqa.model.config.rope_theta, 10000.0);
+    assert!(gqa.model.lm_head.is_some());
+    assert!(gqa.model.config.num_key_value_heads < gqa.model.config.num_attention_heads);
+}
+
+#[test]
+fn prefill_then_decode_equals_recomputing() {
+    for name in FIXTURES {
+        let m = qwen2::load(&dir(name)).unwrap();
+        let prompt = ids(&reference(name)["prompt_ids"]);
+        let vocab = m.model.config.vocab_size;
+        // Incremental: prefill all but the last 3 tokens, then one at a time.
+        let split = prompt.len() - 3;
+        let mut cache = KvCache::new(&m.model.config, 64).unwrap();
+        m.model
+            .forward(&prompt[..split], &mut cache, Logits::None)
+            .unwrap();
+        let mut inc = Vec::new();
+        for &t in &prompt[split..] {
+            inc = m.model.forward(&[t], &mut cache, Logits::Last).unwrap();
+        }
+        let mut fresh = KvCache::new(&m.model.config, 64).unwrap();
+        let all = m.model.forward(&prompt, &mut fresh, Logits::Last).unwrap();
+        assert_eq!(all.len(), vocab);
+        assert!(max_diff(&inc, &all) <= 1e-5, "{name}");
+        // Truncate and resume: the cache reuses the prefix and gives the same logits again.
+        cache.truncate(split);
+        let again = m
+            .model
+            .forward(&prompt[split..], &mut cache, Logits::Last)
+            .unwrap();
+        assert!(
+            max_diff(&again, &all) <= 1e-5,
+            "{name}: truncate and resume"
+        );
+    }
+}
+
+#[test]
+fn running_past_the_context_is_an_error() {
+    let m = qwen2::load(&dir("qwen25-gqa-untied-f32")).unwrap();
+    let mut cache = KvCache::new(&m.model.config, 4).unwrap();
+    m.model
+        .forward(&[1, 2, 3], &mut cache, Logits::None)
+        .unwrap();
+    let e = m
+        .model
+        .forward(&[4, 5], &mut cache, Logits::Last)
+        .unwrap_err();
+    assert!(e.to_string().contains("context"), "{e}");
+    // An out-of-vocabulary id is an error too, not a panic.
+    let mut cache = KvCache::new(&m.model.config, 8).unwrap();
+    assert!(m
+        .model
+        .forward(&[u32::MAX], &mut cache, Logits::Last)
+        .is_err());
+}
+
+#[test]
+fn many_sequences_share_one_model() {
+    let m = qwen2::load(&dir("qwen25-gqa-untied-f32")).unwrap();
+    let prompt = ids(&reference("qwen25-gqa-untied-f32")["prompt_ids"]);
+    let run = |model: &qwen2::Model| {
+        let mut c = KvCache::new(&model.config, 64).unwrap();
+        model.forward(&prompt, &mut c, Logits::Last).unwrap()
+    };
+    let alone = run(&m.model);
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let model = m.model.clone();
+            let prompt = prompt.clone();
+            std::thread::spawn(move || {
+                let mut c = KvCache::new(&model.config, 64).unwrap();
+                model.forward(&prompt, &mut c, Logits::Last).unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), alone);
+    }
+}
