@@ -38,11 +38,9 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let tokenizer = Tokenizer::from_hf_dir(path)?;
         (Model::from_store(config, &store)?, tokenizer, "safetensors")
     } else if weights::is_gguf(path) {
-        // GGUF_WIRING: replaced once weights::gguf::load lands.
-        return Err(Error::Invalid(format!(
-            "{}: GGUF loading is not wired yet",
-            path.display()
-        )));
+        let g = weights::gguf::load(path)?;
+        let tokenizer = Tokenizer::from_json(&g.tokenizer_json, g.chat_template.clone())?;
+        (Model::from_store(g.config, &g.store)?, tokenizer, "gguf")
     } else {
         return Err(Error::Invalid(format!(
             "{}: neither a GGUF file nor a Hugging Face model directory",

@@ -1,0 +1,454 @@
+//! The prompt library: task and pipeline files (TOML) loaded from directories, re-read when they change.
+//! A file that fails to parse keeps its last good version and its error is reported once.
+
+use crate::error::{Error, Result};
+use crate::lang::Lang;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// A text in both languages.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Localized {
+    pub zh: String,
+    pub en: String,
+}
+
+impl Localized {
+    pub fn get(&self, lang: Lang) -> &str {
+        match lang {
+            Lang::Zh => &self.zh,
+            Lang::En => &self.en,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    Labels,
+    Text,
+    List,
+}
+
+impl OutputKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputKind::Labels => "labels",
+            OutputKind::Text => "text",
+            OutputKind::List => "list",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Label {
+    pub id: String,
+    pub zh: String,
+    pub en: String,
+    #[serde(default)]
+    pub emoji: String,
+}
+
+impl Label {
+    pub fn display(&self, lang: Lang) -> &str {
+        match lang {
+            Lang::Zh => &self.zh,
+            Lang::En => &self.en,
+        }
+    }
+}
+
+/// A worked example placed in the prompt prefix (few-shot).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Example {
+    #[serde(default)]
+    pub lang: Option<String>,
+    pub text: String,
+    /// For label tasks: the label id the answer is.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// For text tasks: the answer.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Task {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub kind: OutputKind,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    #[serde(default = "one")]
+    pub repetition_penalty: f32,
+    pub system: Localized,
+    #[serde(default)]
+    pub labels: Vec<Label>,
+    #[serde(default)]
+    pub examples: Vec<Example>,
+    /// Values for `{placeholders}` in the system prompt when nothing else provides them.
+    #[serde(default)]
+    pub defaults: BTreeMap<String, Localized>,
+}
+
+fn default_max_tokens() -> usize {
+    128
+}
+fn one() -> f32 {
+    1.0
+}
+
+impl Task {
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!("bad task name {:?}", self.name));
+        }
+        if self.kind == OutputKind::Labels && self.labels.len() < 2 {
+            return Err("a labels task needs at least two labels".into());
+        }
+        if self.max_tokens == 0 || self.max_tokens > 8192 {
+            return Err("max_tokens must be between 1 and 8192".into());
+        }
+        for e in &self.examples {
+            if let Some(l) = &e.label {
+                if !self.labels.iter().any(|x| &x.id == l) {
+                    return Err(format!(
+                        "example label {l:?} is not one of the task's labels"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn label(&self, id: &str) -> Option<&Label> {
+        self.labels.iter().find(|l| l.id == id)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub steps: Vec<String>,
+    /// Per step: extra placeholder values, which may refer to earlier steps' outputs (`{keywords}`),
+    /// the original text (`{input}`).
+    #[serde(default)]
+    pub bind: BTreeMap<String, BTreeMap<String, Localized>>,
+    /// Per step: take this earlier step's output as the text instead of the original input.
+    #[serde(default)]
+    pub input_from: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+pub struct RouterRules {
+    #[serde(default)]
+    pub default: String,
+    #[serde(default)]
+    pub use_model: bool,
+    #[serde(default)]
+    pub rules: Vec<RouteRule>,
+    #[serde(default)]
+    pub intent_targets: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RouteRule {
+    pub keywords: Vec<String>,
+    pub target: String,
+}
+
+enum Item {
+    Task(Task),
+    Pipeline(Pipeline),
+    Router(RouterRules),
+}
+
+struct FileState {
+    modified: Option<SystemTime>,
+    len: u64,
+    /// The last good content, if any.
+    item: Option<Item>,
+    error_reported: bool,
+}
+
+/// All tasks, pipelines and router rules, from the shipped directory and optionally a user directory
+/// whose files override shipped ones of the same name.
+pub struct Library {
+    dirs: Vec<PathBuf>,
+    files: HashMap<PathBuf, FileState>,
+    pub tasks: BTreeMap<String, Task>,
+    pub pipelines: BTreeMap<String, Pipeline>,
+    pub router: RouterRules,
+}
+
+/// The task files shipped with Duet.
+pub fn shipped_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("library")
+}
+
+impl Library {
+    /// Loads every `*.toml` in `dirs` (and their `pipelines/` subdirectories). Problems in individual
+    /// files are returned as messages; the library holds whatever loaded.
+    pub fn load(dirs: &[PathBuf]) -> Result<(Library, Vec<String>)> {
+        for d in dirs {
+            if !d.is_dir() {
+                return Err(Error::File {
+                    path: d.display().to_string(),
+                    message: "not a directory".into(),
+                });
+            }
+        }
+        let mut lib = Library {
+            dirs: dirs.to_vec(),
+            files: HashMap::new(),
+            tasks: BTreeMap::new(),
+            pipelines: BTreeMap::new(),
+            router: RouterRules::default(),
+        };
+        let errors = lib.refresh();
+        Ok((lib, errors))
+    }
+
+    /// Re-reads files whose size or modification time changed. Returns errors not reported before.
+    pub fn refresh(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut seen = Vec::new();
+        for dir in self.dirs.clone() {
+            for sub in [dir.clone(), dir.join("pipelines")] {
+                let Ok(rd) = std::fs::read_dir(&sub) else {
+                    continue;
+                };
+                let mut paths: Vec<PathBuf> = rd
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+                    .collect();
+                paths.sort();
+                for p in paths {
+                    let is_pipeline = sub.ends_with("pipelines");
+                    self.refresh_file(&p, is_pipeline, &mut errors);
+                    seen.push(p);
+                }
+            }
+        }
+        self.files.retain(|p, _| seen.contains(p));
+        // Rebuild the indexes in directory order, so a user directory overrides the shipped one.
+        self.tasks.clear();
+        self.pipelines.clear();
+        self.router = RouterRules::default();
+        for p in &seen {
+            match self.files.get(p).and_then(|f| f.item.as_ref()) {
+                Some(Item::Task(t)) => {
+                    self.tasks.insert(t.name.clone(), t.clone());
+                }
+                Some(Item::Pipeline(pl)) => {
+                    self.pipelines.insert(pl.name.clone(), pl.clone());
+                }
+                Some(Item::Router(r)) => self.router = r.clone(),
+                None => {}
+            }
+        }
+        for pl in self.pipelines.values() {
+            for s in &pl.steps {
+                if !self.tasks.contains_key(s) {
+                    errors.push(format!(
+                        "pipeline {}: step {s:?} is not a known task",
+                        pl.name
+                    ));
+                }
+            }
+        }
+        errors
+    }
+
+    fn refresh_file(&mut self, path: &Path, is_pipeline: bool, errors: &mut Vec<String>) {
+        let meta = std::fs::metadata(path).ok();
+        let modified = meta.as_ref().and_then(|m| m.modified().ok());
+        let len = meta.as_ref().map_or(0, |m| m.len());
+        if let Some(st) = self.files.get(path) {
+            if st.modified == modified && st.len == len {
+                return;
+            }
+        }
+        let parsed = parse_file(path, is_pipeline);
+        let st = self.files.entry(path.to_path_buf()).or_insert(FileState {
+            modified,
+            len,
+            item: None,
+            error_reported: false,
+        });
+        st.modified = modified;
+        st.len = len;
+        match parsed {
+            Ok(item) => {
+                st.item = Some(item);
+                st.error_reported = false;
+            }
+            Err(msg) => {
+                // Keep the last good version; say so once per broken edit.
+                if !st.error_reported {
+                    let kept = if st.item.is_some() {
+                        " (keeping the previous version)"
+                    } else {
+                        ""
+                    };
+                    errors.push(format!("{}: {msg}{kept}", path.display()));
+                    st.error_reported = true;
+                }
+            }
+        }
+    }
+
+    pub fn task(&self, name: &str) -> Result<&Task> {
+        self.tasks
+            .get(name)
+            .ok_or_else(|| Error::Unknown(name.to_string()))
+    }
+}
+
+fn parse_file(path: &Path, is_pipeline: bool) -> std::result::Result<Item, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let one_line = |e: toml::de::Error| {
+        e.to_string()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if path.file_name().is_some_and(|n| n == "router.toml") {
+        return toml::from_str::<RouterRules>(&text)
+            .map(Item::Router)
+            .map_err(one_line);
+    }
+    if is_pipeline {
+        let p: Pipeline = toml::from_str(&text).map_err(one_line)?;
+        if p.steps.is_empty() {
+            return Err("a pipeline needs at least one step".into());
+        }
+        return Ok(Item::Pipeline(p));
+    }
+    let t: Task = toml::from_str(&text).map_err(one_line)?;
+    t.validate()?;
+    Ok(Item::Task(t))
+}
+
+/// Fills `{name}` placeholders from `vars`; unknown names become empty. Other braces are left alone.
+pub fn fill(template: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        match after.find('}') {
+            Some(close)
+                if close > 0
+                    && after[..close]
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') =>
+            {
+                if let Some(v) = vars.get(&after[..close]) {
+                    out.push_str(v);
+                }
+                rest = &after[close + 1..];
+            }
+            _ => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_library_loads_cleanly() {
+        let (lib, errors) = Library::load(&[shipped_dir()]).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        for t in [
+            "sentiment",
+            "reply",
+            "intent",
+            "keywords",
+            "polish",
+            "grammar",
+            "style",
+            "summary",
+            "qa",
+        ] {
+            assert!(lib.tasks.contains_key(t), "missing task {t}");
+        }
+        for p in [
+            "analyze",
+            "intent-reply",
+            "keywords-polish",
+            "grammar-style",
+            "summary-qa",
+        ] {
+            assert!(lib.pipelines.contains_key(p), "missing pipeline {p}");
+        }
+        assert_eq!(lib.router.default, "analyze");
+        let intents: Vec<_> = lib.tasks["intent"]
+            .labels
+            .iter()
+            .map(|l| l.id.as_str())
+            .collect();
+        assert_eq!(
+            intents,
+            [
+                "complaint",
+                "question",
+                "praise",
+                "refund",
+                "chitchat",
+                "other"
+            ]
+        );
+    }
+
+    #[test]
+    fn fill_placeholders() {
+        let mut v = BTreeMap::new();
+        v.insert("a".to_string(), "X".to_string());
+        assert_eq!(fill("{a}-{b}-{ not }-{}", &v), "X--{ not }-{}");
+    }
+
+    #[test]
+    fn broken_edit_keeps_last_good_version_and_reports_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        let good = "name='t'\nkind='text'\n[system]\nzh='A'\nen='A'\n";
+        std::fs::write(&f, good).unwrap();
+        let (mut lib, e) = Library::load(&[dir.path().to_path_buf()]).unwrap();
+        assert!(e.is_empty());
+        std::fs::write(&f, "name='t'\nkind=").unwrap();
+        let e = lib.refresh();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("keeping the previous version"));
+        assert_eq!(lib.tasks["t"].system.zh, "A");
+        assert!(lib.refresh().is_empty(), "reported once");
+        std::fs::write(&f, good.replace("'A'", "'BB'")).unwrap();
+        assert!(lib.refresh().is_empty());
+        assert_eq!(lib.tasks["t"].system.zh, "BB");
+    }
+}

@@ -1,0 +1,337 @@
+//! `Runner`: one loaded model, the prompt library and the prefix cache. It runs a task on a text, either
+//! classifying (label scoring) or generating text.
+
+use crate::error::{Error, Result};
+use crate::lang::Lang;
+use crate::library::{Library, OutputKind, Task};
+use crate::prefix_cache::PromptCache;
+use crate::prompt;
+use crate::trace::TraceEvent;
+use qwen2::{GenerateOptions, KvCache, Logits, Message, Model, SamplingParams, Tokenizer};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassifyMode {
+    /// Score every label's tokens after the prompt; always returns a label.
+    Scoring,
+    /// The article's way: greedy, at most 5 new tokens, then look for a label name in the text.
+    Generation,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelScore {
+    pub label: String,
+    pub display: String,
+    /// log P(label tokens, then end of answer | prompt).
+    pub logprob: f32,
+    /// Normalised over the labels.
+    pub prob: f32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Classification {
+    /// The label id (e.g. `positive`); `None` only in generation mode when no label was found.
+    pub label: Option<String>,
+    pub display: String,
+    pub emoji: String,
+    pub confidence: f32,
+    pub scores: Vec<LabelScore>,
+    /// What the model wrote, in generation mode.
+    pub raw: Option<String>,
+    #[serde(skip)]
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TextOutput {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub stop_reason: qwen2::StopReason,
+    pub first_token: Duration,
+    pub elapsed: Duration,
+}
+
+pub struct Runner {
+    pub model: Arc<Model>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub library: Library,
+    pub cache: PromptCache,
+}
+
+/// Default bound on the prefix cache's memory.
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 256 << 20;
+
+impl Runner {
+    pub fn new(model: Arc<Model>, tokenizer: Arc<Tokenizer>, library: Library) -> Self {
+        Runner {
+            model,
+            tokenizer,
+            library,
+            cache: PromptCache::new(DEFAULT_PREFIX_CACHE_BYTES),
+        }
+    }
+
+    fn context(&self) -> usize {
+        self.model.config.max_position_embeddings
+    }
+
+    /// Renders and tokenizes a task's prompt, and readies a KV cache holding its cached prefix.
+    /// Returns the cache and the ids still to run.
+    fn prepare(
+        &mut self,
+        task: &Task,
+        lang: Lang,
+        vars: &BTreeMap<String, String>,
+        history: &[Message],
+        text: &str,
+        extra: usize,
+        trace: &mut dyn FnMut(TraceEvent),
+    ) -> Result<(KvCache, Vec<u32>)> {
+        if text.trim().is_empty() {
+            return Err(Error::Invalid("the text is empty".into()));
+        }
+        let p = prompt::build(&self.tokenizer, task, lang, vars, history, text)?;
+        trace(TraceEvent::Prompt {
+            task: task.name.clone(),
+            text: p.text.clone(),
+            prefix_chars: p.prefix.chars().count(),
+        });
+        let ids = self.tokenizer.encode(&p.text)?;
+        let prefix_ids = self.tokenizer.encode(&p.prefix)?;
+        let needed = ids.len() + extra;
+        if needed > self.context() {
+            return Err(Error::Invalid(format!(
+                "the text is too long: its prompt needs {} tokens plus {extra} for the answer, the model's context holds {}",
+                ids.len(),
+                self.context()
+            )));
+        }
+        let prepared = self.cache.prepare(&self.model, &prefix_ids, &ids, needed)?;
+        trace(TraceEvent::Cache {
+            hit: prepared.hit,
+            prefix_tokens: prepared.reused,
+            cache_bytes: self.cache.bytes(),
+            entries: self.cache.len(),
+        });
+        trace(TraceEvent::Tokens {
+            ids: ids.iter().map(|&i| (i, self.tokenizer.piece(i))).collect(),
+            cached: prepared.reused,
+        });
+        let rest = ids[prepared.reused..].to_vec();
+        Ok((prepared.cache, rest))
+    }
+
+    /// Classifies `text` with a labels task.
+    pub fn classify(
+        &mut self,
+        task_name: &str,
+        text: &str,
+        lang: Lang,
+        vars: &BTreeMap<String, String>,
+        mode: ClassifyMode,
+        trace: &mut dyn FnMut(TraceEvent),
+    ) -> Result<Classification> {
+        let start = Instant::now();
+        let task = self.library.task(task_name)?.clone();
+        if task.kind != OutputKind::Labels {
+            return Err(Error::Invalid(format!(
+                "task {task_name} does not output labels"
+            )));
+        }
+        let end_id = self.tokenizer.id_of("<|im_end|>");
+        // Each label's answer tokens, closed by the end-of-turn token so a label must be the whole answer.
+        let mut label_ids = Vec::new();
+        for l in &task.labels {
+            let mut ids = self.tokenizer.encode(l.display(lang))?;
+            ids.extend(end_id);
+            label_ids.push(ids);
+        }
+        let longest = label_ids.iter().map(Vec::len).max().unwrap_or(0).max(5);
+        let (mut cache, rest) = self.prepare(&task, lang, vars, &[], text, longest, trace)?;
+
+        if mode == ClassifyMode::Generation {
+            let opts = GenerateOptions {
+                max_new_tokens: 5,
+                eos_ids: self.model.config.eos_token_ids.clone(),
+                ..Default::default()
+            };
+            let g = qwen2::generate(
+                &self.model,
+                &self.tokenizer,
+                &mut cache,
+                &rest,
+                &opts,
+                &mut |_| true,
+            )?;
+            let found = find_label(&task, &g.text);
+            let label = found.map(|l| l.id.clone());
+            return Ok(Classification {
+                display: found
+                    .map(|l| l.display(lang).to_string())
+                    .unwrap_or_else(|| g.text.trim().to_string()),
+                emoji: found.map(|l| l.emoji.clone()).unwrap_or_default(),
+                confidence: if found.is_some() { 1.0 } else { 0.0 },
+                label,
+                scores: Vec::new(),
+                raw: Some(g.text),
+                elapsed: start.elapsed(),
+            });
+        }
+
+        let prompt_len = cache.len() + rest.len();
+        let first = self.model.forward(&rest, &mut cache, Logits::Last)?;
+        let first = log_softmax(&first);
+        let vocab = self.model.config.vocab_size;
+        let mut scores = Vec::new();
+        for (l, ids) in task.labels.iter().zip(&label_ids) {
+            let mut lp = first[ids[0] as usize];
+            if ids.len() > 1 {
+                cache.truncate(prompt_len);
+                let rows = self
+                    .model
+                    .forward(&ids[..ids.len() - 1], &mut cache, Logits::All)?;
+                for (i, &next) in ids[1..].iter().enumerate() {
+                    lp += log_softmax(&rows[i * vocab..(i + 1) * vocab])[next as usize];
+                }
+            }
+            scores.push(LabelScore {
+                label: l.id.clone(),
+                display: l.display(lang).to_string(),
+                logprob: lp,
+                prob: 0.0,
+            });
+        }
+        let max = scores
+            .iter()
+            .map(|s| s.logprob)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = scores.iter().map(|s| (s.logprob - max).exp()).sum();
+        for s in &mut scores {
+            s.prob = (s.logprob - max).exp() / sum;
+        }
+        trace(TraceEvent::Labels {
+            scores: scores.clone(),
+        });
+        let best = scores
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.logprob.total_cmp(&b.1.logprob))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let l = &task.labels[best];
+        Ok(Classification {
+            label: Some(l.id.clone()),
+            display: l.display(lang).to_string(),
+            emoji: l.emoji.clone(),
+            confidence: scores[best].prob,
+            scores,
+            raw: None,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    /// Runs a text or list task, streaming text pieces to `on_text` (return `false` to stop).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate(
+        &mut self,
+        task_name: &str,
+        text: &str,
+        lang: Lang,
+        vars: &BTreeMap<String, String>,
+        history: &[Message],
+        max_tokens: Option<usize>,
+        trace: &mut dyn FnMut(TraceEvent),
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<TextOutput> {
+        let start = Instant::now();
+        let task = self.library.task(task_name)?.clone();
+        let max_new = max_tokens.unwrap_or(task.max_tokens);
+        let (mut cache, rest) = self.prepare(&task, lang, vars, history, text, max_new, trace)?;
+        let prepared = start.elapsed();
+        let opts = GenerateOptions {
+            max_new_tokens: max_new,
+            sampling: SamplingParams {
+                temperature: task.temperature,
+                top_p: task.top_p,
+                repetition_penalty: task.repetition_penalty,
+                ..Default::default()
+            },
+            eos_ids: self.model.config.eos_token_ids.clone(),
+            top_candidates: 5,
+            ..Default::default()
+        };
+        let tok = self.tokenizer.clone();
+        let g = qwen2::generate(
+            &self.model,
+            &self.tokenizer,
+            &mut cache,
+            &rest,
+            &opts,
+            &mut |ev| {
+                if ev.id != u32::MAX {
+                    trace(TraceEvent::Token {
+                        id: ev.id,
+                        piece: tok.piece(ev.id),
+                        candidates: ev
+                            .candidates
+                            .iter()
+                            .map(|(i, l)| (tok.piece(*i), *l))
+                            .collect(),
+                    });
+                }
+                ev.text.is_empty() || on_text(ev.text)
+            },
+        )?;
+        Ok(TextOutput {
+            text: g.text.trim().to_string(),
+            ids: g.ids,
+            stop_reason: g.stop_reason,
+            first_token: prepared + g.first_token,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+/// The first label whose display name (either language) or id appears in `text`.
+pub fn find_label<'a>(task: &'a Task, text: &str) -> Option<&'a crate::library::Label> {
+    let lower = text.to_lowercase();
+    task.labels
+        .iter()
+        .filter_map(|l| {
+            [
+                l.zh.to_lowercase(),
+                l.en.to_lowercase(),
+                l.id.to_lowercase(),
+            ]
+            .iter()
+            .filter_map(|name| lower.find(name.as_str()))
+            .min()
+            .map(|pos| (pos, l))
+        })
+        .min_by_key(|(pos, _)| *pos)
+        .map(|(_, l)| l)
+}
+
+pub fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+    x.iter().map(|v| v - lse).collect()
+}
+
+/// Splits a list answer into items.
+pub fn split_list(text: &str) -> Vec<String> {
+    text.split([',', '，', '、', '\n', ';', '；'])
+        .map(|s| {
+            s.trim()
+                .trim_start_matches(|c: char| {
+                    c.is_ascii_digit() || c == '.' || c == '-' || c == '*'
+                })
+                .trim()
+        })
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}

@@ -1,0 +1,152 @@
+//! The real default model against transformers (tests/data/golden, made by tests/reference/make_golden.py
+//! from the same GGUF): tokenizer ids, chat template rendering, top-10 last-position logits within 1e-3,
+//! and greedy continuations identical up to the first near-tie — on the GGUF path and on the F32
+//! safetensors dir `duet convert` writes; the BF16 dir against transformers on bf16-rounded weights.
+
+use duet_e2e::{data_dir, default_model_path, ids, read_json};
+use qwen2::{GenerateOptions, KvCache, Logits, Message};
+use serde_json::Value;
+use std::sync::OnceLock;
+
+fn gguf_model() -> &'static qwen2::LoadedModel {
+    static M: OnceLock<qwen2::LoadedModel> = OnceLock::new();
+    M.get_or_init(|| qwen2::load(&default_model_path()).expect("load the default model"))
+}
+
+fn messages(case: &Value) -> Vec<Message> {
+    case["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect()
+}
+
+/// Runs every chat case of a golden file against a loaded model; returns a list of failures.
+fn check_chat_cases(m: &qwen2::LoadedModel, golden: &Value, label: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for case in golden["cases"].as_array().unwrap() {
+        let name = format!("{label}/{}", case["name"].as_str().unwrap());
+        let rendered = m.tokenizer.render_chat(&messages(case), true).unwrap();
+        if rendered != case["rendered"].as_str().unwrap() {
+            failures.push(format!(
+                "{name}: chat template renders differently:\n{rendered:?}\nvs\n{:?}",
+                case["rendered"]
+            ));
+            continue;
+        }
+        let prompt = m.tokenizer.encode(&rendered).unwrap();
+        if prompt != ids(&case["prompt_ids"]) {
+            failures.push(format!("{name}: prompt ids differ"));
+            continue;
+        }
+        let mut cache = KvCache::new(&m.model.config, prompt.len() + 40).unwrap();
+        let logits = m.model.forward(&prompt, &mut cache, Logits::Last).unwrap();
+        for t in case["top10"].as_array().unwrap() {
+            let (id, want) = (
+                t["id"].as_u64().unwrap() as usize,
+                t["logit"].as_f64().unwrap() as f32,
+            );
+            let d = (logits[id] - want).abs();
+            if d > 1e-3 {
+                failures.push(format!(
+                    "{name}: logit of token {id} is {} vs {want} (Δ {d})",
+                    logits[id]
+                ));
+            }
+        }
+        let want = ids(&case["greedy_ids"]);
+        let mut cache = KvCache::new(&m.model.config, prompt.len() + 40).unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: want.len().max(1),
+            eos_ids: vec![151645, 151643],
+            ..Default::default()
+        };
+        let g = qwen2::generate(
+            &m.model,
+            &m.tokenizer,
+            &mut cache,
+            &prompt,
+            &opts,
+            &mut |_| true,
+        )
+        .unwrap();
+        // Greedy paths may legitimately split where transformers' own top-2 margin is below 0.02.
+        // transformers lists the eos token it stopped on; we report it as the stop reason instead.
+        let mut got = g.ids.clone();
+        if g.stop_reason == qwen2::StopReason::Eos {
+            got.push(
+                *want
+                    .last()
+                    .filter(|&&id| id == 151645 || id == 151643)
+                    .unwrap_or(&151645),
+            );
+        }
+        let upto = case["first_near_tie_step"]
+            .as_u64()
+            .map_or(want.len(), |s| s as usize);
+        let n = upto.min(want.len());
+        if got.len() < n || got[..n] != want[..n] {
+            failures.push(format!(
+                "{name}: greedy ids differ before step {n}: {got:?} vs {want:?}"
+            ));
+        }
+    }
+    failures
+}
+
+#[test]
+fn tokenizer_matches_transformers() {
+    let m = gguf_model();
+    let golden = read_json(&data_dir().join("golden/tokenizer_cases.json"));
+    let cases = golden["cases"].as_array().unwrap();
+    assert!(cases.len() >= 30);
+    let mut failures = Vec::new();
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let got = m.tokenizer.encode(text).unwrap();
+        if got != ids(&c["input_ids"]) {
+            failures.push(format!(
+                "{}: {:?} → {got:?}, transformers {:?}",
+                c["name"], text, c["input_ids"]
+            ));
+        }
+        let decoded = m.tokenizer.decode(&got, false).unwrap();
+        if decoded != c["decoded"].as_str().unwrap() {
+            failures.push(format!(
+                "{}: decodes to {decoded:?}, transformers {:?}",
+                c["name"], c["decoded"]
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn gguf_path_matches_transformers() {
+    let golden = read_json(&data_dir().join("golden/chat_cases.json"));
+    assert!(golden["cases"].as_array().unwrap().len() >= 8);
+    let failures = check_chat_cases(gguf_model(), &golden, "gguf");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn converted_dirs_match_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = default_model_path();
+    for (dtype, golden_file) in [
+        (qwen2::convert::ConvertDType::F32, "golden/chat_cases.json"),
+        (
+            qwen2::convert::ConvertDType::BF16,
+            "golden/chat_cases_bf16.json",
+        ),
+    ] {
+        let out = dir.path().join(format!("{dtype:?}"));
+        qwen2::convert::convert_gguf(&src, &out, dtype, &mut |_, _| {}).unwrap();
+        let m = qwen2::load(&out).unwrap();
+        assert_eq!(m.format, "safetensors");
+        let golden = read_json(&data_dir().join(golden_file));
+        let failures = check_chat_cases(&m, &golden, &format!("{dtype:?}"));
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+}
