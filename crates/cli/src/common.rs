@@ -18,6 +18,12 @@ pub struct Global {
     /// Show the path of the request through the engine: prompt, tokens, cache use, candidates, timings.
     #[arg(long, global = true)]
     pub trace: bool,
+    /// Language of prompts and labels (default: detected from each text).
+    #[arg(long, global = true, value_parser = ["zh", "en"])]
+    pub lang: Option<String>,
+    /// A directory of task files that add to or override the shipped ones.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub tasks_dir: Option<PathBuf>,
 }
 
 impl Global {
@@ -34,6 +40,59 @@ pub fn load_model(g: &Global) -> Result<qwen2::LoadedModel> {
     let loaded = qwen2::load(&path).inspect_err(|_| eprintln!())?;
     eprintln!("done in {} ms", loaded.load_time.as_millis());
     Ok(loaded)
+}
+
+/// The model plus the task library: what the task commands work with.
+pub fn load_runner(g: &Global) -> Result<tasks::Runner> {
+    let mut dirs = vec![tasks::library::shipped_dir()];
+    dirs.extend(g.tasks_dir.clone());
+    let (library, errors) = tasks::Library::load(&dirs)?;
+    for e in errors {
+        eprintln!("duet: warning: {e}");
+    }
+    let m = load_model(g)?;
+    Ok(tasks::Runner::new(m.model, m.tokenizer, library))
+}
+
+/// The language for a text: --lang if given, else detected.
+pub fn lang_for(g: &Global, text: &str) -> tasks::Lang {
+    g.lang
+        .as_deref()
+        .and_then(tasks::Lang::parse)
+        .unwrap_or_else(|| tasks::Lang::detect(text))
+}
+
+/// Prints one trace event on stderr, named by the function that produced it.
+pub fn print_trace(e: &tasks::TraceEvent) {
+    use tasks::TraceEvent as T;
+    match e {
+        T::Prompt { task, text, prefix_chars } => {
+            eprintln!("[trace] prompt::build ({task}) → chat prompt, fixed prefix = first {prefix_chars} chars:");
+            for line in text.lines() {
+                eprintln!("[trace]   | {line}");
+            }
+        }
+        T::Cache { hit, prefix_tokens, cache_bytes, entries } => eprintln!(
+            "[trace] PromptCache::prepare → {} ({prefix_tokens} prefix tokens; cache holds {entries} prefixes, {:.1} MiB)",
+            if *hit { "hit" } else { "miss: prefix computed now" },
+            *cache_bytes as f64 / (1 << 20) as f64
+        ),
+        T::Tokens { ids, cached } => {
+            eprintln!("[trace] Tokenizer::encode → {} tokens ({cached} from the prefix cache, {} run now):", ids.len(), ids.len() - cached);
+            let shown: Vec<String> = ids[*cached..].iter().map(|(i, p)| format!("{i}:{p:?}")).collect();
+            eprintln!("[trace]   new: {}", shown.join(" "));
+        }
+        T::Labels { scores } => {
+            for s in scores {
+                eprintln!("[trace] Runner::classify → {:<10} log p = {:>8.4}  p = {:.4}", s.display, s.logprob, s.prob);
+            }
+        }
+        T::Token { id, piece, candidates } => {
+            let c: Vec<String> = candidates.iter().map(|(p, l)| format!("{p:?}={l:.2}")).collect();
+            eprintln!("[trace] Sampler::sample → {id:>7} {piece:?}   top: {}", c.join(" "));
+        }
+        T::Timing { stage, ms } => eprintln!("[trace] {stage}: {ms:.1} ms"),
+    }
 }
 
 pub fn print_error(e: &anyhow::Error) {

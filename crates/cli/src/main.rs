@@ -1,8 +1,17 @@
 //! `duet`: the command-line face of the engine. Parsing and presentation only — every decision about
 //! models, prompts and tasks lives in the `qwen2` and `tasks` crates.
 
+mod analyze;
+mod bench;
+mod chat;
 mod common;
+mod convert;
+mod eval;
+mod fetch;
 mod generate;
+mod input;
+mod interrupt;
+mod task;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -23,10 +32,26 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// The dual task: sentiment, then an empathetic reply (TEXT, or - for one text per stdin line).
+    Analyze(analyze::Args),
+    /// An interactive multi-turn chat with a sentiment tag on every turn.
+    Chat(chat::Args),
+    /// Run a task or pipeline by name (or let the router choose with --route).
+    Task(task::Args),
+    /// List the tasks and pipelines.
+    Tasks(task::ListArgs),
+    /// Accuracy and latency of a labels task over a labeled TSV file.
+    Eval(eval::Args),
     /// Generate text from a prompt or a chat message, streamed as it is produced.
     Generate(generate::Args),
     /// Print the token ids of a text.
     Tokenize(tokenize::Args),
+    /// Convert a GGUF file to a Hugging Face directory (safetensors).
+    Convert(convert::Args),
+    /// Download and verify the default model; prints its path.
+    Fetch,
+    /// Measure this machine and the engine: bandwidth, FMA peak, prefill, decode, dual-task latency.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,9 +65,19 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     qwen2::kernels::pool::init(cli.global.threads());
+    interrupt::install();
+    let g = &cli.global;
     let result = match &cli.command {
-        Command::Generate(a) => generate::run(&cli.global, a),
-        Command::Tokenize(a) => tokenize::run(&cli.global, a),
+        Command::Analyze(a) => analyze::run(g, a),
+        Command::Chat(a) => chat::run(g, a),
+        Command::Task(a) => task::run(g, a),
+        Command::Tasks(a) => task::list(g, a),
+        Command::Eval(a) => eval::run(g, a),
+        Command::Generate(a) => generate::run(g, a),
+        Command::Tokenize(a) => tokenize::run(g, a),
+        Command::Convert(a) => convert::run(a),
+        Command::Fetch => fetch::run(),
+        Command::Bench(a) => bench::run(g, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 //! `matrix` and `kernels` (the math over slices) → `model` (the forward pass) → `kv_cache` →
 //! `tokenizer` (text, ids, chat template) → `sampler` → `generate` (the decode loop) → `load`.
 
+pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod cpu;

@@ -1,0 +1,139 @@
+//! `duet bench`: the machine's read bandwidth and FMA peak, then the engine on the loaded model —
+//! load time, prefill and decode speed as fractions of those limits, dual-task latency, peak RSS.
+
+use crate::common::{load_runner, Global};
+use anyhow::Result;
+use qwen2::bench as qb;
+use std::collections::BTreeMap;
+use std::time::Instant;
+use tasks::{ClassifyMode, Lang};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    pub json: bool,
+    /// Repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub reps: u32,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(g: &Global, a: &Args) -> Result<()> {
+    let reps = a.reps as usize;
+    eprintln!("measuring read bandwidth …");
+    let bw = qb::read_bandwidth_gbs(512 << 20, reps.max(3));
+    eprintln!("measuring FMA peak …");
+    let peak = qb::fma_peak_gflops(reps.max(3));
+    let load_start = Instant::now();
+    let mut runner = load_runner(g)?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    let model = runner.model.clone();
+    let cfg = &model.config;
+    let bytes_per_token = model.weight_bytes_per_token() as f64;
+
+    let mut prefill = BTreeMap::new();
+    for n in [64usize, 128] {
+        let ids: Vec<u32> = (0..n as u32).map(|i| 1000 + i * 7).collect();
+        let times: Vec<f64> = (0..reps)
+            .map(|_| {
+                let mut c = qwen2::KvCache::new(cfg, n + 1).unwrap();
+                let t = Instant::now();
+                model.forward(&ids, &mut c, qwen2::Logits::Last).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        let s = median(times);
+        let flops = qb::forward_flops(cfg, n);
+        prefill.insert(n, (n as f64 / s, flops / s / 1e9));
+        eprintln!("prefill {n}: {:.1} tok/s", n as f64 / s);
+    }
+    let decode_n = 128;
+    let decode_times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let mut c = qwen2::KvCache::new(cfg, decode_n + 2).unwrap();
+            model.forward(&[1000], &mut c, qwen2::Logits::Last).unwrap();
+            let t = Instant::now();
+            for i in 0..decode_n as u32 {
+                model
+                    .forward(&[1000 + i], &mut c, qwen2::Logits::Last)
+                    .unwrap();
+            }
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    let decode_tok_s = decode_n as f64 / median(decode_times);
+    eprintln!("decode: {decode_tok_s:.1} tok/s");
+
+    // Dual task: warm the prefix cache once, then measure.
+    let mut dual = Vec::new();
+    for (name, text) in [
+        ("short (<50 chars)", "今天的实验终于成功了，太棒了！"),
+        ("~100 chars", "我上周在你们店里买的洗衣机今天送到了，可是安装师傅迟到了三个小时，而且装好以后机器一直漏水，打了好几次客服电话都没人接，真的很失望，希望尽快给我一个解决方案。"),
+    ] {
+        let run_once = |runner: &mut tasks::Runner| -> Result<(f64, f64, f64)> {
+            let t = Instant::now();
+            let c = runner.classify("sentiment", text, Lang::Zh, &BTreeMap::new(), ClassifyMode::Scoring, &mut |_| {})?;
+            let label_ms = t.elapsed().as_secs_f64() * 1e3;
+            let mut vars = BTreeMap::new();
+            vars.insert("sentiment".to_string(), c.display);
+            let mut first = None;
+            runner.generate("reply", text, Lang::Zh, &vars, &[], Some(64), &mut |_| {}, &mut |_| {
+                first.get_or_insert(t.elapsed().as_secs_f64() * 1e3);
+                true
+            })?;
+            Ok((label_ms, first.unwrap_or(0.0), t.elapsed().as_secs_f64() * 1e3))
+        };
+        run_once(&mut runner)?; // warm the prefix cache
+        let runs: Vec<(f64, f64, f64)> = (0..reps).map(|_| run_once(&mut runner)).collect::<Result<_>>()?;
+        let m = |f: fn(&(f64, f64, f64)) -> f64| median(runs.iter().map(f).collect());
+        dual.push((name, m(|r| r.0), m(|r| r.1), m(|r| r.2)));
+    }
+    let rss = qb::peak_rss_bytes();
+    let eff_bw = bytes_per_token * decode_tok_s / 1e9;
+    let report = serde_json::json!({
+        "machine": {"threads": qwen2::kernels::pool::threads(), "simd": qwen2::cpu::compiled_features(),
+                     "read_bandwidth_gbs": bw, "fma_peak_gflops": peak},
+        "model": {"path": g.model.as_ref().map(|p| p.display().to_string()), "weight_bytes_per_token": bytes_per_token,
+                  "form": model.embed_tokens.form()},
+        "load_s": load_s,
+        "prefill": prefill.iter().map(|(n, (tps, gf))| serde_json::json!({"tokens": n, "tok_s": tps, "gflops": gf,
+            "fraction_of_peak": gf / peak})).collect::<Vec<_>>(),
+        "decode": {"tokens": decode_n, "tok_s": decode_tok_s, "effective_gbs": eff_bw, "fraction_of_bandwidth": eff_bw / bw},
+        "dual_task": dual.iter().map(|(n, l, f, t)| serde_json::json!({"input": n, "sentiment_ms": l, "first_token_ms": f, "total_ms": t})).collect::<Vec<_>>(),
+        "peak_rss_bytes": rss,
+    });
+    if a.json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!(
+        "machine: {} threads, SIMD {:?}",
+        qwen2::kernels::pool::threads(),
+        qwen2::cpu::compiled_features()
+    );
+    println!("  read bandwidth      {bw:>8.1} GB/s");
+    println!("  FMA peak            {peak:>8.1} GFLOP/s");
+    println!(
+        "model: load {load_s:.2} s, {:.2} GB of weights read per token",
+        bytes_per_token / 1e9
+    );
+    for (n, (tps, gf)) in &prefill {
+        println!(
+            "  prefill {n:>3} tokens  {tps:>8.1} tok/s  {gf:>6.1} GFLOP/s ({:.0} % of peak)",
+            gf / peak * 100.0
+        );
+    }
+    println!("  decode              {decode_tok_s:>8.1} tok/s  {eff_bw:>6.1} GB/s ({:.0} % of bandwidth)", eff_bw / bw * 100.0);
+    for (n, l, f, t) in &dual {
+        println!("  dual task {n:<18} sentiment {l:>6.0} ms, first reply token {f:>6.0} ms, 64-token reply {t:>6.0} ms");
+    }
+    println!(
+        "  peak RSS            {:>8.0} MiB",
+        rss as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
