@@ -1,0 +1,459 @@
+//! The real `duet` binary, driven as a user would: every command, `--json` shapes, and every error case
+//! giving one line on stderr and a non-zero exit. Most cases use the tiny fixture model (fast); the
+//! dual task is also checked on the real default model (fetched if missing).
+
+use serde_json::Value;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tiny() -> PathBuf {
+    root().join("tests/data/tiny/qwen25-gqa-untied-f32")
+}
+
+fn duet(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
+    cmd.args(args)
+        .env_remove("DUET_MODEL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run duet");
+    {
+        let mut sin = child.stdin.take().unwrap();
+        if let Some(data) = stdin {
+            sin.write_all(data).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// A failing run: non-zero exit, its last stderr line is one `duet: error:` line, nothing panicked.
+fn assert_clean_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert!(o.status.code().is_some(), "killed by a signal");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("duet: error: "),
+        "last stderr line: {last:?}"
+    );
+    assert!(
+        last.to_lowercase().contains(&needle.to_lowercase()),
+        "{last:?} should mention {needle:?}"
+    );
+}
+
+fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(tiny().join("reference.json")).unwrap()).unwrap()
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn generate_json_matches_transformers_on_tiny_model() {
+    let r = reference();
+    let m = tiny();
+    let o = duet(
+        &[
+            "--model",
+            m.to_str().unwrap(),
+            "generate",
+            "--prompt",
+            r["prompt_text"].as_str().unwrap(),
+            "--max-new-tokens",
+            "16",
+            "--ignore-eos",
+            "--top-logits",
+            "3",
+            "--json",
+            "--exact",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(u32s(&v["prompt_ids"]), u32s(&r["prompt_ids"]));
+    assert_eq!(u32s(&v["ids"]), u32s(&r["greedy_ids"]));
+    assert_eq!(v["stop_reason"], "length");
+    assert_eq!(v["top_logits"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        v["top_logits"][0]["id"].as_u64().unwrap(),
+        r["prefill_argmax"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .as_u64()
+            .unwrap()
+    );
+    for k in [
+        "load_ms",
+        "prefill_ms",
+        "decode_ms",
+        "prefill_tok_s",
+        "decode_tok_s",
+    ] {
+        assert!(v["timings"][k].is_number(), "timings.{k}");
+    }
+}
+
+#[test]
+fn tokenize_json() {
+    let r = reference();
+    let o = duet(
+        &[
+            "--model",
+            tiny().to_str().unwrap(),
+            "tokenize",
+            "--json",
+            r["prompt_text"].as_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(u32s(&v["ids"]), u32s(&r["prompt_ids"]));
+}
+
+#[test]
+fn tasks_lists_tasks_and_pipelines() {
+    let o = duet(&["tasks", "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "sentiment",
+        "reply",
+        "intent",
+        "keywords",
+        "polish",
+        "grammar",
+        "style",
+        "summary",
+        "qa",
+        "analyze",
+        "summary-qa",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    for t in v.as_array().unwrap() {
+        assert!(t["description"].is_string() && t["output"].is_string());
+    }
+    let o = duet(&["tasks"], None);
+    assert!(stdout(&o).contains("Pipelines:"));
+}
+
+#[test]
+fn analyze_batch_keeps_every_line_and_reports_bad_ones() {
+    // The tiny model's answers are random, but their shape is not: one JSON line per input line.
+    let m = tiny();
+    let input = b"good day\n\xff\xfe broken\n\nlast one\n";
+    let o = duet(
+        &[
+            "--model",
+            m.to_str().unwrap(),
+            "analyze",
+            "-",
+            "--json",
+            "--max-new-tokens",
+            "4",
+        ],
+        Some(input),
+    );
+    assert_clean_error(&o, "failed");
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{}", stdout(&o));
+    assert_eq!(lines[0]["text"], "good day");
+    assert!(["positive", "negative"].contains(&lines[0]["sentiment"]["label"].as_str().unwrap()));
+    assert!(lines[0]["sentiment"]["confidence"].as_f64().unwrap() >= 0.5);
+    assert!(lines[0]["reply"].is_string());
+    for k in ["sentiment", "first_token", "total"] {
+        assert!(lines[0]["timings_ms"][k].is_number(), "{k}");
+    }
+    assert_eq!(lines[1]["line"], 2);
+    assert!(lines[1]["error"].as_str().unwrap().contains("UTF-8"));
+    assert_eq!(lines[2]["line"], 3);
+    assert_eq!(lines[3]["text"], "last one");
+    let err = stderr(&o);
+    assert!(
+        err.contains("line 2: invalid UTF-8") && err.contains("line 3: the text is empty"),
+        "{err}"
+    );
+}
+
+#[test]
+fn chat_through_a_pipe() {
+    let m = tiny();
+    let o = duet(
+        &[
+            "--model",
+            m.to_str().unwrap(),
+            "chat",
+            "--max-new-tokens",
+            "3",
+        ],
+        Some(b"hello there\n/trace on\nsecond turn\n/reset\n/bogus\n/quit\nnever read\n"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(
+        out.lines().filter(|l| l.contains("Sentiment:")).count(),
+        2,
+        "{out}"
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("[trace] prompt::build")
+            && err.contains("(conversation cleared)")
+            && err.contains("unknown command /bogus"),
+        "{err}"
+    );
+}
+
+#[test]
+fn task_runs_pipeline_and_router() {
+    let m = tiny();
+    let o = duet(
+        &[
+            "--model",
+            m.to_str().unwrap(),
+            "task",
+            "keywords-polish",
+            "some text here",
+            "--json",
+            "--max-new-tokens",
+            "3",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["steps"][0]["task"], "keywords");
+    assert!(v["steps"][0]["items"].is_array());
+    assert_eq!(v["steps"][1]["task"], "polish");
+    let o = duet(
+        &[
+            "--model",
+            m.to_str().unwrap(),
+            "task",
+            "--route",
+            "I want a refund please",
+            "--json",
+            "--max-new-tokens",
+            "2",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["target"], "intent-reply", "keyword rule routes refunds");
+}
+
+#[test]
+fn errors_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // A missing model path.
+    assert_clean_error(
+        &duet(
+            &["--model", "/nonexistent/model.gguf", "analyze", "hi"],
+            None,
+        ),
+        "no such file",
+    );
+    // A directory without config.json.
+    assert_clean_error(
+        &duet(&["--model", t.to_str().unwrap(), "analyze", "hi"], None),
+        "config.json",
+    );
+    // Bad JSON in config.json.
+    let bad = t.join("badjson");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(bad.join("config.json"), "{ not json").unwrap();
+    assert_clean_error(
+        &duet(
+            &[
+                "--model",
+                bad.to_str().unwrap(),
+                "generate",
+                "--prompt",
+                "hi",
+            ],
+            None,
+        ),
+        "invalid JSON",
+    );
+    // A truncated safetensors file.
+    let trunc = t.join("trunc");
+    std::fs::create_dir(&trunc).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(tiny().join(f), trunc.join(f)).unwrap();
+    }
+    let st = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    std::fs::write(trunc.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
+    assert_clean_error(
+        &duet(
+            &[
+                "--model",
+                trunc.to_str().unwrap(),
+                "generate",
+                "--prompt",
+                "hi",
+            ],
+            None,
+        ),
+        "safetensors",
+    );
+    // A shape that disagrees with the config.
+    let shape = t.join("shape");
+    std::fs::create_dir(&shape).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ] {
+        std::fs::copy(tiny().join(f), shape.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(tiny().join("config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 176", "\"intermediate_size\": 177");
+    assert!(cfg.contains("177"));
+    std::fs::write(shape.join("config.json"), cfg).unwrap();
+    assert_clean_error(
+        &duet(
+            &[
+                "--model",
+                shape.to_str().unwrap(),
+                "generate",
+                "--prompt",
+                "hi",
+            ],
+            None,
+        ),
+        "shape",
+    );
+    // A file that is neither GGUF nor a directory.
+    let junk = t.join("junk.bin");
+    std::fs::write(&junk, b"hello").unwrap();
+    assert_clean_error(
+        &duet(&["--model", junk.to_str().unwrap(), "analyze", "hi"], None),
+        "neither",
+    );
+    // Bad flags, empty text, unknown task.
+    assert_clean_error(&duet(&["analyze", "--bogus"], None), "--bogus");
+    assert_clean_error(
+        &duet(
+            &["--model", tiny().to_str().unwrap(), "analyze", "   "],
+            None,
+        ),
+        "empty",
+    );
+    assert_clean_error(
+        &duet(
+            &["--model", tiny().to_str().unwrap(), "task", "nope", "hi"],
+            None,
+        ),
+        "unknown task",
+    );
+    // Text longer than the context (the tiny model holds 512 positions): said, not truncated.
+    let long = "word ".repeat(2000);
+    assert_clean_error(
+        &duet(
+            &["--model", tiny().to_str().unwrap(), "analyze", &long],
+            None,
+        ),
+        "too long",
+    );
+    assert_clean_error(
+        &duet(
+            &[
+                "--model",
+                tiny().to_str().unwrap(),
+                "generate",
+                "--prompt",
+                &long,
+            ],
+            None,
+        ),
+        "context",
+    );
+}
+
+#[test]
+fn real_model_dual_task() {
+    let model = qwen2::fetch::resolve_model(None).unwrap();
+    let m = model.to_str().unwrap();
+    let o = duet(
+        &[
+            "--model",
+            m,
+            "analyze",
+            "今天的实验终于成功了，太棒了！",
+            "--json",
+            "--max-new-tokens",
+            "24",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["sentiment"]["label"], "positive");
+    assert_eq!(v["sentiment"]["display"], "正面");
+    assert!(!v["reply"].as_str().unwrap().is_empty());
+    let o = duet(
+        &[
+            "--model",
+            m,
+            "analyze",
+            "The package arrived broken and support never replied.",
+            "--no-reply",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Sentiment: negative"), "{}", stdout(&o));
+    // `duet fetch` prints the model's absolute path as its last stdout line.
+    let o = duet(&["fetch"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).lines().last().unwrap(),
+        qwen2::fetch::default_model_path().to_str().unwrap()
+    );
+}
