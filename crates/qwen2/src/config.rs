@@ -40,16 +40,24 @@ impl ModelConfig {
             .as_object()
             .ok_or_else(|| Error::Config("config.json is not a JSON object".into()))?;
         let archs: Vec<String> = match obj.get("architectures") {
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
             _ => vec![],
         };
         match archs.first() {
             Some(a) if a == "Qwen2ForCausalLM" => {}
             Some(a) => return Err(Error::Architecture { found: a.clone() }),
             None => {
-                let mt = obj.get("model_type").and_then(Value::as_str).unwrap_or("<none>");
+                let mt = obj
+                    .get("model_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("<none>");
                 if mt != "qwen2" {
-                    return Err(Error::Architecture { found: format!("model_type {mt}") });
+                    return Err(Error::Architecture {
+                        found: format!("model_type {mt}"),
+                    });
                 }
             }
         }
@@ -97,14 +105,20 @@ impl ModelConfig {
                 .get("max_position_embeddings")
                 .and_then(Value::as_u64)
                 .unwrap_or(32768) as usize,
-            rms_norm_eps: obj.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32,
+            rms_norm_eps: obj
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6) as f32,
             rope_theta,
             tie_word_embeddings: obj
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             eos_token_ids: eos,
-            bos_token_id: obj.get("bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
+            bos_token_id: obj
+                .get("bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|v| v as u32),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -137,7 +151,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+            return bad(format!(
+                "head_dim ({}) must be even for rotary embeddings",
+                self.head_dim
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
             return bad("rms_norm_eps must be a non-negative number".into());
@@ -200,7 +217,10 @@ fn collect_ids(v: Option<&Value>, out: &mut Vec<u32>) {
 
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), message: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -128,7 +128,9 @@ pub struct TensorStore {
 
 impl TensorStore {
     pub fn get(&self, name: &str) -> Result<&RawTensor> {
-        self.tensors.get(name).ok_or_else(|| Error::tensor(name, "missing from the checkpoint"))
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::tensor(name, "missing from the checkpoint"))
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -141,7 +143,10 @@ impl TensorStore {
         if t.shape != shape {
             return Err(Error::tensor(
                 name,
-                format!("shape {:?} disagrees with the config, which implies {:?}", t.shape, shape),
+                format!(
+                    "shape {:?} disagrees with the config, which implies {:?}",
+                    t.shape, shape
+                ),
             ));
         }
         Ok(t)
@@ -153,10 +158,20 @@ pub fn to_f32_vec(name: &str, t: &RawTensor) -> Result<Vec<f32>> {
     let n = t.elements();
     let bytes = t.bytes.as_slice();
     if t.dtype.bytes_for(n) != Some(bytes.len()) {
-        return Err(Error::tensor(name, format!("{} bytes do not hold {n} {} values", bytes.len(), t.dtype.name())));
+        return Err(Error::tensor(
+            name,
+            format!(
+                "{} bytes do not hold {n} {} values",
+                bytes.len(),
+                t.dtype.name()
+            ),
+        ));
     }
     Ok(match t.dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
         DType::BF16 => bytes
             .chunks_exact(2)
             .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
