@@ -78,6 +78,7 @@ impl Runner {
         self.model.config.max_position_embeddings
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// Renders and tokenizes a task's prompt, and readies a KV cache holding its cached prefix.
     /// Returns the cache and the ids still to run.
     fn prepare(

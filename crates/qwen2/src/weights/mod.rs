@@ -41,7 +41,7 @@ impl DType {
     /// Bytes needed for `n` elements, or `None` if `n` is not a whole number of blocks or overflows.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let (elems, bytes) = self.block();
-        if n % elems != 0 {
+        if !n.is_multiple_of(elems) {
             return None;
         }
         (n / elems).checked_mul(bytes)
