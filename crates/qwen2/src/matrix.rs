@@ -1,16 +1,48 @@
 //! `Matrix`: a weight matrix in the form the kernels read it — mapped F32/BF16/F16 bytes straight from the
-//! checkpoint (no copy), or owned F32 values (dequantized GGUF blocks, or a mapping that was misaligned).
+//! checkpoint (no copy), owned F32 values (dequantized GGUF blocks, or a mapping that was misaligned), or
+//! GGUF quantized blocks left in the mapping (the [`WeightForm::Fast`] form).
 
 use crate::error::{Error, Result};
+use crate::kernels::quantized::{self, QuantSlice};
 use crate::kernels::{matmul, WeightSlice};
-use crate::weights::{to_f32_vec, Bytes, DType, RawTensor};
+use crate::weights::{quant, to_f32_vec, Bytes, DType, RawTensor};
 use half::{bf16, f16};
+
+/// How a checkpoint's block-quantized tensors (GGUF Q8_0, Q5_0, Q4_K, Q6_K) are held and multiplied.
+/// F32, BF16 and F16 tensors are exact in either form (mapped, widened to f32 in registers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightForm {
+    /// f32 arithmetic on the stored values: quantized blocks are dequantized to f32 at load (4 bytes a
+    /// weight in memory). What the golden tests check.
+    #[default]
+    Exact,
+    /// Quantized blocks stay in the mapping (no copy); each product quantizes the activations to 8 bits
+    /// per 32 values and multiplies with integer multiply-adds. Approximate: the activations are rounded.
+    /// A matrix whose rows do not hold whole blocks falls back to `Exact`.
+    Fast,
+}
 
 enum Storage {
     Owned(Vec<f32>),
     MappedF32(Bytes),
     MappedBF16(Bytes),
     MappedF16(Bytes),
+    /// Block-quantized rows (`dtype` is Q8_0, Q5_0, Q4_K or Q6_K; each row a whole number of blocks).
+    Quant(DType, QuantBytes),
+}
+
+enum QuantBytes {
+    Mapped(Bytes),
+    Owned(Vec<u8>),
+}
+
+impl QuantBytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            QuantBytes::Mapped(b) => b.as_slice(),
+            QuantBytes::Owned(v) => v,
+        }
+    }
 }
 
 pub struct Matrix {
@@ -29,8 +61,19 @@ fn cast<T: Copy>(bytes: &[u8]) -> Option<&[T]> {
 
 impl Matrix {
     /// Takes a checkpoint tensor as a `rows × cols` matrix. F32/BF16/F16 stay in the mapping; block-quantized
-    /// types are dequantized to exact f32 values.
+    /// types are dequantized to exact f32 values (the [`WeightForm::Exact`] form).
     pub fn from_raw(name: &str, t: &RawTensor, rows: usize, cols: usize) -> Result<Self> {
+        Self::from_raw_with(name, t, rows, cols, WeightForm::Exact)
+    }
+
+    /// Like [`Matrix::from_raw`], in the given form.
+    pub fn from_raw_with(
+        name: &str,
+        t: &RawTensor,
+        rows: usize,
+        cols: usize,
+        form: WeightForm,
+    ) -> Result<Self> {
         if t.shape != [rows, cols] {
             return Err(Error::tensor(
                 name,
@@ -51,6 +94,9 @@ impl Matrix {
             DType::F32 if cast::<f32>(b).is_some() => Storage::MappedF32(t.bytes.clone()),
             DType::BF16 if cast::<bf16>(b).is_some() => Storage::MappedBF16(t.bytes.clone()),
             DType::F16 if cast::<f16>(b).is_some() => Storage::MappedF16(t.bytes.clone()),
+            q if form == WeightForm::Fast && quantized::row_bytes(q, cols).is_some() => {
+                Storage::Quant(q, QuantBytes::Mapped(t.bytes.clone()))
+            }
             _ => Storage::Owned(to_f32_vec(name, t)?),
         };
         Ok(Matrix {
@@ -69,6 +115,25 @@ impl Matrix {
         }
     }
 
+    /// Block-quantized rows held in memory (tests, benchmarks, converted weights), multiplied as in
+    /// [`WeightForm::Fast`]. `bytes` must hold exactly `rows × cols` values of `dtype`, whole blocks per row.
+    pub fn from_quantized(dtype: DType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
+        let what = format!("{} matrix {rows}x{cols}", dtype.name());
+        let rb = quantized::row_bytes(dtype, cols)
+            .ok_or_else(|| Error::tensor(&what, "rows are not whole quantized blocks"))?;
+        if rows.checked_mul(rb) != Some(bytes.len()) {
+            return Err(Error::tensor(
+                &what,
+                "byte length does not match its shape and type",
+            ));
+        }
+        Ok(Matrix {
+            rows,
+            cols,
+            storage: Storage::Quant(dtype, QuantBytes::Owned(bytes)),
+        })
+    }
+
     pub fn weights(&self) -> WeightSlice<'_> {
         // The casts were checked at construction; a failure here would be a bug, not bad input.
         let bad = "alignment checked at construction";
@@ -77,6 +142,10 @@ impl Matrix {
             Storage::MappedF32(b) => WeightSlice::F32(cast(b.as_slice()).expect(bad)),
             Storage::MappedBF16(b) => WeightSlice::BF16(cast(b.as_slice()).expect(bad)),
             Storage::MappedF16(b) => WeightSlice::F16(cast(b.as_slice()).expect(bad)),
+            Storage::Quant(dtype, b) => WeightSlice::Quant(QuantSlice {
+                dtype: *dtype,
+                bytes: b.as_slice(),
+            }),
         }
     }
 
@@ -87,6 +156,14 @@ impl Matrix {
             Storage::MappedF32(_) => "f32 (mapped)",
             Storage::MappedBF16(_) => "bf16 (mapped)",
             Storage::MappedF16(_) => "f16 (mapped)",
+            Storage::Quant(d, b) => match (d, b) {
+                (DType::Q8_0, QuantBytes::Mapped(_)) => "q8_0 (mapped)",
+                (DType::Q5_0, QuantBytes::Mapped(_)) => "q5_0 (mapped)",
+                (DType::Q4K, QuantBytes::Mapped(_)) => "q4_k (mapped)",
+                (DType::Q6K, QuantBytes::Mapped(_)) => "q6_k (mapped)",
+                (_, QuantBytes::Mapped(_)) => "quantized (mapped)",
+                (_, QuantBytes::Owned(_)) => "quantized (owned)",
+            },
         }
     }
 
@@ -95,6 +172,7 @@ impl Matrix {
         match &self.storage {
             Storage::Owned(v) => v.len() * 4,
             Storage::MappedF32(b) | Storage::MappedBF16(b) | Storage::MappedF16(b) => b.len(),
+            Storage::Quant(_, b) => b.as_slice().len(),
         }
     }
 
@@ -111,6 +189,11 @@ impl Matrix {
                 .iter_mut()
                 .zip(&w[r * c..(r + 1) * c])
                 .for_each(|(o, v)| *o = v.to_f32()),
+            WeightSlice::Quant(q) => {
+                let rb = q.bytes.len() / self.rows;
+                quant::dequantize_into(q.dtype, &q.bytes[r * rb..(r + 1) * rb], out)
+                    .expect("row length checked at construction");
+            }
         }
     }
 
@@ -122,6 +205,9 @@ impl Matrix {
     /// Only the listed rows: `out[t][i] = row(ids[i]) · x[t]` (label scoring needs a handful of vocab rows).
     pub fn matmul_rows(&self, ids: &[usize], x: &[f32], t: usize, out: &mut [f32]) {
         use crate::kernels::matmul::dot;
+        if let WeightSlice::Quant(q) = self.weights() {
+            return quantized::matmul_rows(q, self.rows, self.cols, ids, x, t, out);
+        }
         let c = self.cols;
         for ti in 0..t {
             let xr = &x[ti * c..(ti + 1) * c];
@@ -130,8 +216,114 @@ impl Matrix {
                     WeightSlice::F32(w) => dot(&w[r * c..(r + 1) * c], xr),
                     WeightSlice::BF16(w) => dot(&w[r * c..(r + 1) * c], xr),
                     WeightSlice::F16(w) => dot(&w[r * c..(r + 1) * c], xr),
+                    WeightSlice::Quant(_) => unreachable!("handled above"),
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::quantized::reference_quantizer::{quantize, random_blocks};
+    use crate::weights::MappedFile;
+    use std::io::Write;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A tensor of `bytes` as a loader would hand it over: a range of a mapped file (at an odd offset, as
+    /// GGUF blocks may be).
+    fn mapped(
+        dtype: DType,
+        shape: [usize; 2],
+        bytes: &[u8],
+    ) -> (tempfile::NamedTempFile, RawTensor) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[7u8; 3]).unwrap();
+        f.write_all(bytes).unwrap();
+        f.flush().unwrap();
+        let file = MappedFile::open(f.path()).unwrap();
+        let t = RawTensor {
+            dtype,
+            shape: shape.to_vec(),
+            bytes: Bytes::new(file, 3, bytes.len()).unwrap(),
+        };
+        (f, t)
+    }
+
+    fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+    }
+
+    #[test]
+    fn fast_form_keeps_blocks_mapped_and_agrees_with_exact() {
+        for (dtype, rows, cols) in [
+            (DType::Q8_0, 5, 64),
+            (DType::Q5_0, 7, 96),
+            (DType::Q4K, 3, 512),
+            (DType::Q6K, 9, 256),
+        ] {
+            let q = quantize(dtype, &data(rows * cols, rows as u32));
+            let (_f, t) = mapped(dtype, [rows, cols], &q);
+            let exact = Matrix::from_raw("w", &t, rows, cols).unwrap();
+            let fast = Matrix::from_raw_with("w", &t, rows, cols, WeightForm::Fast).unwrap();
+            assert_eq!(exact.form(), "f32 (owned)");
+            assert!(fast.form().ends_with("(mapped)"), "{}", fast.form());
+            assert_eq!(fast.bytes(), q.len());
+            assert_eq!(exact.bytes(), rows * cols * 4);
+
+            for tokens in [1, 6] {
+                let x = data(tokens * cols, 3);
+                let mut e = vec![0f32; tokens * rows];
+                let mut f = vec![0f32; tokens * rows];
+                exact.matmul(&x, tokens, &mut e);
+                fast.matmul(&x, tokens, &mut f);
+                assert!(max_rel_diff(&f, &e) < 0.02, "{dtype:?} t={tokens}");
+
+                let ids = [rows - 1, 0];
+                let mut sel = vec![0f32; tokens * 2];
+                fast.matmul_rows(&ids, &x, tokens, &mut sel);
+                for ti in 0..tokens {
+                    assert_eq!(sel[ti * 2], f[ti * rows + rows - 1]);
+                    assert_eq!(sel[ti * 2 + 1], f[ti * rows]);
+                }
+            }
+            // Embedding rows come out exactly dequantized in both forms.
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            exact.row_into(rows - 1, &mut a);
+            fast.row_into(rows - 1, &mut b);
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn fast_form_falls_back_when_rows_are_not_whole_blocks() {
+        // 2 × 128 Q4_K values are one 256-value super-block spanning both rows.
+        let q = random_blocks(DType::Q4K, 1, 5);
+        let (_f, t) = mapped(DType::Q4K, [2, 128], &q);
+        let m = Matrix::from_raw_with("w", &t, 2, 128, WeightForm::Fast).unwrap();
+        assert_eq!(m.form(), "f32 (owned)");
+    }
+
+    #[test]
+    fn from_quantized_checks_its_shape() {
+        let q = random_blocks(DType::Q8_0, 4, 1);
+        assert!(Matrix::from_quantized(DType::Q8_0, 2, 64, q.clone()).is_ok());
+        assert!(Matrix::from_quantized(DType::Q8_0, 4, 64, q.clone()).is_err());
+        assert!(Matrix::from_quantized(DType::Q8_0, 8, 16, q).is_err());
     }
 }

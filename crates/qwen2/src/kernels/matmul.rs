@@ -5,7 +5,8 @@
 //! accumulation is f32, so BF16/F16 weights give exactly the products of their f32 values (up to summation
 //! order).
 
-use half::{bf16, f16};
+/// The element types of [`WeightSlice`], re-exported so callers need no `half` dependency of their own.
+pub use half::{bf16, f16};
 use rayon::prelude::*;
 use wide::f32x8;
 
@@ -67,6 +68,8 @@ pub enum WeightSlice<'a> {
     F32(&'a [f32]),
     BF16(&'a [bf16]),
     F16(&'a [f16]),
+    /// Block-quantized rows, multiplied with quantized activations (see `quantized.rs`).
+    Quant(super::quantized::QuantSlice<'a>),
 }
 
 #[inline(always)]
@@ -216,6 +219,7 @@ pub fn matmul(w: WeightSlice, rows: usize, cols: usize, x: &[f32], t: usize, out
         WeightSlice::F32(w) => matmul_typed(w, rows, cols, x, t, out),
         WeightSlice::BF16(w) => matmul_typed(w, rows, cols, x, t, out),
         WeightSlice::F16(w) => matmul_typed(w, rows, cols, x, t, out),
+        WeightSlice::Quant(w) => super::quantized::matmul(w, rows, cols, x, t, out),
     }
 }
 

@@ -9,6 +9,9 @@ pub mod attention;
 pub mod matmul;
 pub mod norm;
 pub mod pool;
+pub mod quantized;
+#[cfg(target_arch = "x86_64")]
+mod quantized_x86;
 pub mod rope;
 
 pub use activation::{silu_mul, softmax};

@@ -1,0 +1,186 @@
+//! Kernel benchmarks on synthetic weights (no model file needed): matrix-vector products (decode) for each
+//! weight form at Qwen2.5-0.5B's real shapes, and matrix-matrix products (prefill) at 64 and 128 tokens.
+//!
+//! Matvec throughput is reported in bytes of weights per second (effective bandwidth: compare with the
+//! machine's read bandwidth); matmul throughput in elements per second where one element is one flop
+//! (2 per multiply-add), so `Gelem/s` reads as GFLOP/s.
+//!
+//! `cargo bench --bench kernels -- matvec/q8_0` runs a subset; `DUET_BENCH_QUICK=1` shortens every run.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use qwen2::kernels::matmul::{bf16, f16, matmul, WeightSlice};
+use qwen2::kernels::quantized::{self, reference_quantizer, Backend, QuantSlice};
+use qwen2::weights::DType;
+use std::time::Duration;
+
+/// (rows, cols) of every matrix one decode step multiplies: q/o, k/v, gate/up, down, output.
+const SHAPES: [(usize, usize); 5] = [
+    (896, 896),
+    (128, 896),
+    (4864, 896),
+    (896, 4864),
+    (151936, 896),
+];
+
+/// Varied values (identical pages could be merged by the host and read from cache).
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+enum Weights {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+    Quant(DType, Vec<u8>),
+}
+
+impl Weights {
+    fn make(form: &str, rows: usize, cols: usize) -> Option<Weights> {
+        let n = rows * cols;
+        let q = |dtype: DType| {
+            let (vals, _) = dtype.block();
+            (cols % vals == 0).then(|| {
+                Weights::Quant(
+                    dtype,
+                    reference_quantizer::random_blocks(dtype, n / vals, n as u64),
+                )
+            })
+        };
+        match form {
+            "f32" => Some(Weights::F32(data(n, 1))),
+            "bf16" => Some(Weights::Bf16(
+                data(n, 2).into_iter().map(bf16::from_f32).collect(),
+            )),
+            "f16" => Some(Weights::F16(
+                data(n, 3).into_iter().map(f16::from_f32).collect(),
+            )),
+            "q8_0" => q(DType::Q8_0),
+            "q5_0" => q(DType::Q5_0),
+            "q4_k" => q(DType::Q4K),
+            "q6_k" => q(DType::Q6K),
+            _ => None,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len() * 4,
+            Weights::Bf16(w) => w.len() * 2,
+            Weights::F16(w) => w.len() * 2,
+            Weights::Quant(_, b) => b.len(),
+        }
+    }
+
+    fn run(
+        &self,
+        backend: Backend,
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        t: usize,
+        out: &mut [f32],
+    ) {
+        match self {
+            Weights::F32(w) => matmul(WeightSlice::F32(w), rows, cols, x, t, out),
+            Weights::Bf16(w) => matmul(WeightSlice::BF16(w), rows, cols, x, t, out),
+            Weights::F16(w) => matmul(WeightSlice::F16(w), rows, cols, x, t, out),
+            Weights::Quant(dtype, b) => {
+                let w = QuantSlice {
+                    dtype: *dtype,
+                    bytes: b,
+                };
+                quantized::matmul_with(backend, w, rows, cols, x, t, out)
+            }
+        }
+    }
+}
+
+const FORMS: [&str; 7] = ["f32", "bf16", "f16", "q8_0", "q5_0", "q4_k", "q6_k"];
+
+fn config() -> Criterion {
+    let c = Criterion::default();
+    if std::env::var_os("DUET_BENCH_QUICK").is_some() {
+        c.warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+    } else {
+        c
+    }
+}
+
+fn matvec(c: &mut Criterion) {
+    let best = Backend::best();
+    for form in FORMS {
+        let mut g = c.benchmark_group(format!("matvec/{form}"));
+        for (rows, cols) in SHAPES {
+            let Some(w) = Weights::make(form, rows, cols) else {
+                continue;
+            };
+            let x = data(cols, 9);
+            let mut out = vec![0f32; rows];
+            g.throughput(Throughput::Bytes(w.bytes() as u64));
+            if rows * cols > 10_000_000 {
+                g.sample_size(10);
+            }
+            g.bench_function(BenchmarkId::from_parameter(format!("{rows}x{cols}")), |b| {
+                b.iter(|| w.run(best, rows, cols, &x, 1, &mut out))
+            });
+        }
+        g.finish();
+    }
+}
+
+fn matmul_prefill(c: &mut Criterion) {
+    let best = Backend::best();
+    for form in FORMS {
+        let mut g = c.benchmark_group(format!("matmul/{form}"));
+        g.sample_size(10);
+        for (rows, cols) in [(4864, 896), (896, 4864)] {
+            let Some(w) = Weights::make(form, rows, cols) else {
+                continue;
+            };
+            for t in [64, 128] {
+                let x = data(t * cols, 9);
+                let mut out = vec![0f32; t * rows];
+                g.throughput(Throughput::Elements((2 * rows * cols * t) as u64));
+                g.bench_function(
+                    BenchmarkId::from_parameter(format!("{rows}x{cols}/t{t}")),
+                    |b| b.iter(|| w.run(best, rows, cols, &x, t, &mut out)),
+                );
+            }
+        }
+        g.finish();
+    }
+}
+
+/// The quantized kernels on every backend this CPU has, at the shape that dominates decode.
+fn backends(c: &mut Criterion) {
+    let mut g = c.benchmark_group("backends");
+    let (rows, cols) = (4864, 896);
+    for form in ["q8_0", "q5_0"] {
+        let w = Weights::make(form, rows, cols).unwrap();
+        let x = data(cols, 9);
+        let mut out = vec![0f32; rows];
+        g.throughput(Throughput::Bytes(w.bytes() as u64));
+        for backend in Backend::available() {
+            g.bench_function(format!("{form}/{}/{rows}x{cols}", backend.name()), |b| {
+                b.iter(|| w.run(backend, rows, cols, &x, 1, &mut out))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = matvec, matmul_prefill, backends
+}
+criterion_main!(benches);

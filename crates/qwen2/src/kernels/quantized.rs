@@ -1,0 +1,922 @@
+//! Products with weights kept in ggml's block-quantized forms (Q8_0, Q5_0, Q4_K, Q6_K), straight from the
+//! mapped file bytes.
+//!
+//! The activations are quantized once per product to 8-bit blocks of 32 values with one f32 scale each
+//! ([`QuantizedActs`]); each 32-value piece of a weight row is then multiplied with integer multiply-adds and
+//! scaled once in f32. That is an approximation of the exact product (the activations lose precision; the
+//! weights do not), which is why it is a separate weight form: see `WeightForm` in `matrix.rs`.
+//!
+//! What every format contributes per 32-value piece `j` of a row, with `a_j = dx_j · qx` the dequantized
+//! activations and `S_j = dx_j · Σ qx` their sum:
+//! - Q8_0: `d · dx_j · Σ q·qx`, `q` the stored i8;
+//! - Q5_0: `d · dx_j · Σ (q − 16)·qx`, `q` the 5-bit value;
+//! - Q4_K: `d·sc_j · dx_j · Σ q·qx − dmin·m_j · S_j`, `q` the nibble, `sc_j`, `m_j` the 6-bit scale and min;
+//! - Q6_K: `d · dx_j · (sc_a · Σ_{first 16} (q − 32)·qx + sc_b · Σ_{last 16} (q − 32)·qx)`.
+//!
+//! Three implementations compute the same integer sums: a portable one here (also the integer reference),
+//! AVX2 (`maddubs`) and AVX-512 VNNI (`vpdpbusd`) in `quantized_x86.rs`, chosen at run time. The
+//! definition they are all tested against is [`matmul_reference`]: dequantize both sides to f32 and dot.
+
+use crate::weights::{quant, DType};
+use rayon::prelude::*;
+
+/// Values per activation block (and per weight piece that gets one f32 scale).
+pub const BLOCK: usize = 32;
+
+/// A block-quantized weight matrix as stored: `rows` rows of `cols / values_per_block` blocks each.
+#[derive(Clone, Copy)]
+pub struct QuantSlice<'a> {
+    pub dtype: DType,
+    pub bytes: &'a [u8],
+}
+
+/// `(values, bytes)` of one (super-)block for the types this module multiplies; `None` for the others.
+pub fn block_shape(dtype: DType) -> Option<(usize, usize)> {
+    match dtype {
+        DType::Q8_0 | DType::Q5_0 | DType::Q4K | DType::Q6K => Some(dtype.block()),
+        _ => None,
+    }
+}
+
+/// Bytes of one row of `cols` values, if `dtype` is a quantized type this module multiplies and a row is a
+/// whole number of blocks (rows must start on a block boundary to be multiplied in place).
+pub fn row_bytes(dtype: DType, cols: usize) -> Option<usize> {
+    let (vals, bytes) = block_shape(dtype)?;
+    (cols.is_multiple_of(vals) && cols > 0).then(|| cols / vals * bytes)
+}
+
+/// Activations quantized to 8 bits: for each of `t` rows of `cols` values (`cols` a multiple of 32), the
+/// i8 values, one scale per 32 values and the dequantized sum of each block (used by Q4_K's mins).
+pub struct QuantizedActs {
+    pub t: usize,
+    pub cols: usize,
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    pub sums: Vec<f32>,
+}
+
+impl QuantizedActs {
+    /// Row `i` as a view.
+    #[inline]
+    pub fn row(&self, i: usize) -> ActRow<'_> {
+        let nb = self.cols / BLOCK;
+        ActRow {
+            qs: &self.qs[i * self.cols..(i + 1) * self.cols],
+            d: &self.d[i * nb..(i + 1) * nb],
+            sums: &self.sums[i * nb..(i + 1) * nb],
+        }
+    }
+
+    /// The dequantized values (what the integer products effectively multiply with).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.qs
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * self.d[i / BLOCK])
+            .collect()
+    }
+}
+
+/// One token's quantized activations.
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub sums: &'a [f32],
+}
+
+/// Quantizes one block of 32 values: scale `amax / 127`, values rounded to nearest (ties to even), so
+/// every value is in −127..=127 (never −128, which the sign trick in the SIMD kernels relies on).
+/// A block holding a NaN or an infinity gets a NaN scale, so the product is NaN as the exact one would be.
+/// Returns the scale and the dequantized sum of the block.
+pub fn quantize_block_scalar(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32) {
+    if !x.iter().all(|v| v.is_finite()) {
+        q.fill(0);
+        return (f32::NAN, f32::NAN);
+    }
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (d, id) = scales(amax);
+    let mut sum = 0i32;
+    for (qi, &v) in q.iter_mut().zip(x) {
+        let r = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *qi = r;
+        sum += r as i32;
+    }
+    (d, d * sum as f32)
+}
+
+/// A block's scale and inverse scale from its largest magnitude. Blocks below 1e-30 (where `127 / amax`
+/// would overflow) count as zeros: their contribution is far below f32 resolution of any real product.
+#[inline]
+pub(crate) fn scales(amax: f32) -> (f32, f32) {
+    if amax > 1e-30 {
+        (amax / 127.0, 127.0 / amax)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+/// [`quantize_block_scalar`], with SIMD where available (bit-identical results).
+#[inline]
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+    let (Ok(x), Ok(q)) = (<&[f32; 32]>::try_from(x), <&mut [i8; 32]>::try_from(q)) else {
+        unreachable!("blocks are 32 values")
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let Some(r) = super::quantized_x86::quantize_block(x, q) {
+        return r;
+    }
+    quantize_block_scalar(x, q)
+}
+
+/// Quantizes `t` rows of `cols` values (`cols` a multiple of 32). Large inputs are split across threads.
+pub fn quantize_acts(x: &[f32], t: usize, cols: usize) -> QuantizedActs {
+    assert!(cols.is_multiple_of(BLOCK) && x.len() == t * cols);
+    let nb = cols / BLOCK;
+    let mut qs = vec![0i8; t * cols];
+    let mut d = vec![0f32; t * nb];
+    let mut sums = vec![0f32; t * nb];
+    type Block<'a> = (&'a [f32], (&'a mut [i8], (&'a mut [f32], &'a mut [f32])));
+    let work = |(x, (q, (d, s))): Block| {
+        (d[0], s[0]) = quantize_block(x, q);
+    };
+    if t * cols >= 1 << 16 {
+        x.par_chunks_exact(BLOCK)
+            .zip(
+                qs.par_chunks_exact_mut(BLOCK)
+                    .zip(d.par_chunks_exact_mut(1).zip(sums.par_chunks_exact_mut(1))),
+            )
+            .with_min_len(256)
+            .for_each(work);
+    } else {
+        x.chunks_exact(BLOCK)
+            .zip(
+                qs.chunks_exact_mut(BLOCK)
+                    .zip(d.chunks_exact_mut(1).zip(sums.chunks_exact_mut(1))),
+            )
+            .for_each(work);
+    }
+    QuantizedActs {
+        t,
+        cols,
+        qs,
+        d,
+        sums,
+    }
+}
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// The 6-bit (scale, min) of sub-block `j` of a Q4_K super-block's 12 packed bytes (ggml's layout:
+/// bytes 0..4 low 6 bits of scales 0..4, bytes 4..8 low 6 bits of mins 0..4, bytes 8..12 the low nibbles
+/// of scales/mins 4..8, whose top 2 bits sit in the spare top bits of bytes 0..8).
+#[inline]
+pub(crate) fn q4k_scale_min(s: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Portable integer dot of one weight row with one token: the same integer sums and scalings the SIMD
+/// kernels compute, in plain Rust (it auto-vectorises reasonably and serves where no SIMD path exists).
+pub fn dot_portable(dtype: DType, w: &[u8], a: ActRow) -> f32 {
+    let idot = |w: &[i8; 32], x: &[i8]| -> i32 {
+        w.iter()
+            .zip(x)
+            .map(|(&a, &b)| a as i32 * b as i32)
+            .sum::<i32>()
+    };
+    let mut acc = 0f32;
+    let mut wv = [0i8; 32];
+    match dtype {
+        DType::Q8_0 => {
+            for (b, blk) in w.chunks_exact(34).enumerate() {
+                for (o, &q) in wv.iter_mut().zip(&blk[2..]) {
+                    *o = q as i8;
+                }
+                let s = idot(&wv, &a.qs[b * 32..b * 32 + 32]);
+                acc += f16_at(blk, 0) * a.d[b] * s as f32;
+            }
+        }
+        DType::Q5_0 => {
+            for (b, blk) in w.chunks_exact(22).enumerate() {
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                for i in 0..16 {
+                    let lo = (blk[6 + i] & 0x0F) | ((((qh >> i) & 1) as u8) << 4);
+                    let hi = (blk[6 + i] >> 4) | ((((qh >> (i + 16)) & 1) as u8) << 4);
+                    wv[i] = lo as i8 - 16;
+                    wv[i + 16] = hi as i8 - 16;
+                }
+                let s = idot(&wv, &a.qs[b * 32..b * 32 + 32]);
+                acc += f16_at(blk, 0) * a.d[b] * s as f32;
+            }
+        }
+        DType::Q4K => {
+            for (sb, blk) in w.chunks_exact(144).enumerate() {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let scales = &blk[4..16];
+                for j in 0..8 {
+                    let (sc, m) = q4k_scale_min(scales, j);
+                    let q = &blk[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+                    for (o, &v) in wv.iter_mut().zip(q) {
+                        *o = if j % 2 == 0 { v & 0x0F } else { v >> 4 } as i8;
+                    }
+                    let b = sb * 8 + j;
+                    let s = idot(&wv, &a.qs[b * 32..b * 32 + 32]);
+                    acc += d * sc as f32 * a.d[b] * s as f32;
+                    acc -= dmin * m as f32 * a.sums[b];
+                }
+            }
+        }
+        DType::Q6K => {
+            for (sb, blk) in w.chunks_exact(210).enumerate() {
+                let d = f16_at(blk, 208);
+                for j in 0..8 {
+                    let (h, k) = (j / 4, j % 4);
+                    let ql = &blk[64 * h + 32 * (k & 1)..][..32];
+                    let qh = &blk[128 + 32 * h..][..32];
+                    for l in 0..32 {
+                        let lo = if k < 2 { ql[l] & 0x0F } else { ql[l] >> 4 };
+                        let hi = ((qh[l] >> (2 * k)) & 3) << 4;
+                        wv[l] = (lo | hi) as i8 - 32;
+                    }
+                    let sc_a = blk[192 + 8 * h + 2 * k] as i8 as i32;
+                    let sc_b = blk[192 + 8 * h + 2 * k + 1] as i8 as i32;
+                    let b = sb * 8 + j;
+                    let x = &a.qs[b * 32..b * 32 + 32];
+                    let (w0, w1) = wv.split_at(16);
+                    let s0: i32 = w0
+                        .iter()
+                        .zip(&x[..16])
+                        .map(|(&p, &q)| p as i32 * q as i32)
+                        .sum();
+                    let s1: i32 = w1
+                        .iter()
+                        .zip(&x[16..])
+                        .map(|(&p, &q)| p as i32 * q as i32)
+                        .sum();
+                    acc += d * a.d[b] * (sc_a * s0 + sc_b * s1) as f32;
+                }
+            }
+        }
+        _ => unreachable!("not a block-quantized type: {dtype:?}"),
+    }
+    acc
+}
+
+/// Which implementation of the integer products runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Plain Rust.
+    Portable,
+    /// AVX2 `vpmaddubsw` (x86-64 with AVX2, FMA, F16C).
+    Avx2,
+    /// AVX-512 VNNI `vpdpbusd` (x86-64 with AVX-512 F/BW/VL/VNNI, F16C).
+    Avx512Vnni,
+}
+
+impl Backend {
+    /// Whether this CPU can run it.
+    pub fn is_available(self) -> bool {
+        match self {
+            Backend::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => super::quantized_x86::has_avx2(),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512Vnni => super::quantized_x86::has_avx512vnni(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every backend this CPU can run, fastest last.
+    pub fn available() -> Vec<Backend> {
+        [Backend::Portable, Backend::Avx2, Backend::Avx512Vnni]
+            .into_iter()
+            .filter(|b| b.is_available())
+            .collect()
+    }
+
+    /// The fastest available backend (detected once).
+    pub fn best() -> Backend {
+        static BEST: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Backend::available().last().unwrap_or(&Backend::Portable))
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Portable => "portable",
+            Backend::Avx2 => "avx2",
+            Backend::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// Computes a tile of `R` weight rows × `T` tokens: `out[r][t] = w[r] · a[t]`.
+/// `R` ≤ 4 and `T` ≤ 4 (the SIMD tiles are instantiated for a few shapes only).
+#[inline]
+fn tile<const R: usize, const T: usize>(
+    backend: Backend,
+    dtype: DType,
+    w: [&[u8]; R],
+    a: [ActRow; T],
+) -> [[f32; T]; R] {
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 | Backend::Avx512Vnni => {
+            super::quantized_x86::tile::<R, T>(backend, dtype, w, a)
+        }
+        _ => {
+            let mut out = [[0f32; T]; R];
+            for r in 0..R {
+                for t in 0..T {
+                    out[r][t] = dot_portable(dtype, w[r], a[t]);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Rows per parallel task such that tasks are big enough to amortise scheduling (≥ ~16 KiB of weights)
+/// and there are several per thread, so the threads finish together. Always even.
+fn rows_per_task(rows: usize, row_bytes: usize, t: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let min_rows = (16384 / (row_bytes * t.max(1)).max(1)).max(2);
+    let per = rows.div_ceil(threads * 8).max(min_rows);
+    (per + 1) & !1
+}
+
+/// Checks shapes and returns the row stride in bytes.
+fn check(w: &QuantSlice, rows: usize, cols: usize) -> usize {
+    let rb =
+        row_bytes(w.dtype, cols).unwrap_or_else(|| panic!("{:?} rows of {cols} values", w.dtype));
+    assert_eq!(w.bytes.len(), rows * rb, "weight bytes vs shape");
+    rb
+}
+
+/// `out (t × rows) = x (t × cols) · wᵀ` with the best backend.
+pub fn matmul(w: QuantSlice, rows: usize, cols: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    matmul_with(Backend::best(), w, rows, cols, x, t, out)
+}
+
+/// [`matmul`] with a chosen backend (tests and benches compare them).
+pub fn matmul_with(
+    backend: Backend,
+    w: QuantSlice,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    t: usize,
+    out: &mut [f32],
+) {
+    assert!(x.len() == t * cols && out.len() == t * rows);
+    let acts = quantize_acts(x, t, cols);
+    matmul_acts(backend, w, rows, cols, &acts, out);
+}
+
+/// The product with activations already quantized (one quantization can serve several matrices).
+pub fn matmul_acts(
+    backend: Backend,
+    w: QuantSlice,
+    rows: usize,
+    cols: usize,
+    acts: &QuantizedActs,
+    out: &mut [f32],
+) {
+    assert!(backend.is_available(), "{backend:?} is not available here");
+    let rb = check(&w, rows, cols);
+    let t = acts.t;
+    assert!(acts.cols == cols && out.len() == t * rows);
+    let dtype = w.dtype;
+    let wrow = |r: usize| &w.bytes[r * rb..(r + 1) * rb];
+    let per = rows_per_task(rows, rb, t);
+    if t == 1 {
+        // Decode: four rows at a time share each activation load; rows are independent streams.
+        let a = acts.row(0);
+        out.par_chunks_mut(per).enumerate().for_each(|(c, o)| {
+            let r0 = c * per;
+            let mut i = 0;
+            while i + 4 <= o.len() {
+                let r = r0 + i;
+                let res = tile::<4, 1>(
+                    backend,
+                    dtype,
+                    [wrow(r), wrow(r + 1), wrow(r + 2), wrow(r + 3)],
+                    [a],
+                );
+                for k in 0..4 {
+                    o[i + k] = res[k][0];
+                }
+                i += 4;
+            }
+            for (k, y) in o.iter_mut().enumerate().skip(i) {
+                *y = tile::<1, 1>(backend, dtype, [wrow(r0 + k)], [a])[0][0];
+            }
+        });
+        return;
+    }
+    // Prefill: each task owns a block of rows and writes them for every token into a transposed buffer
+    // (rows × t), so tasks never share output cache lines. Within a task, tiles of 2 rows × 4 tokens:
+    // each decoded weight block serves four tokens. Tokens are taken in groups whose activations fit in L2.
+    let mut out_t = vec![0f32; rows * t];
+    let tok_group = (262144 / cols).clamp(4, 256) & !3;
+    out_t
+        .par_chunks_mut(per * t)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let r0 = c * per;
+            let nrows = o.len() / t;
+            for g0 in (0..t).step_by(tok_group) {
+                let g1 = (g0 + tok_group).min(t);
+                let mut r = 0;
+                while r < nrows {
+                    let two = r + 2 <= nrows;
+                    let mut ti = g0;
+                    while ti + 4 <= g1 {
+                        let a = [
+                            acts.row(ti),
+                            acts.row(ti + 1),
+                            acts.row(ti + 2),
+                            acts.row(ti + 3),
+                        ];
+                        if two {
+                            let res =
+                                tile::<2, 4>(backend, dtype, [wrow(r0 + r), wrow(r0 + r + 1)], a);
+                            o[r * t + ti..r * t + ti + 4].copy_from_slice(&res[0]);
+                            o[(r + 1) * t + ti..(r + 1) * t + ti + 4].copy_from_slice(&res[1]);
+                        } else {
+                            let res = tile::<1, 4>(backend, dtype, [wrow(r0 + r)], a);
+                            o[r * t + ti..r * t + ti + 4].copy_from_slice(&res[0]);
+                        }
+                        ti += 4;
+                    }
+                    for ti in ti..g1 {
+                        let a = [acts.row(ti)];
+                        if two {
+                            let res =
+                                tile::<2, 1>(backend, dtype, [wrow(r0 + r), wrow(r0 + r + 1)], a);
+                            o[r * t + ti] = res[0][0];
+                            o[(r + 1) * t + ti] = res[1][0];
+                        } else {
+                            o[r * t + ti] = tile::<1, 1>(backend, dtype, [wrow(r0 + r)], a)[0][0];
+                        }
+                    }
+                    r += if two { 2 } else { 1 };
+                }
+            }
+        });
+    for r in 0..rows {
+        for ti in 0..t {
+            out[ti * rows + r] = out_t[r * t + ti];
+        }
+    }
+}
+
+/// Only the listed rows: `out[t][i] = row(ids[i]) · x[t]`.
+pub fn matmul_rows(
+    w: QuantSlice,
+    rows: usize,
+    cols: usize,
+    ids: &[usize],
+    x: &[f32],
+    t: usize,
+    out: &mut [f32],
+) {
+    let rb = check(&w, rows, cols);
+    assert!(x.len() == t * cols && out.len() == t * ids.len());
+    let acts = quantize_acts(x, t, cols);
+    let backend = Backend::best();
+    for ti in 0..t {
+        for (i, &r) in ids.iter().enumerate() {
+            let wr = &w.bytes[r * rb..(r + 1) * rb];
+            out[ti * ids.len() + i] = tile::<1, 1>(backend, w.dtype, [wr], [acts.row(ti)])[0][0];
+        }
+    }
+}
+
+/// The definition, in the plainest way: dequantize the weights exactly (`weights::quant`) and take f32
+/// dot products (accumulated in f64) with `x`. Pass `quantized_x = true` to first round `x` as the fast
+/// kernels do: then only summation order separates them.
+pub fn matmul_reference(
+    w: QuantSlice,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    t: usize,
+    quantized_x: bool,
+    out: &mut [f32],
+) {
+    let rb = check(&w, rows, cols);
+    let xs = if quantized_x {
+        quantize_acts(x, t, cols).dequantize()
+    } else {
+        x.to_vec()
+    };
+    let mut wr = vec![0f32; cols];
+    for r in 0..rows {
+        quant::dequantize_into(w.dtype, &w.bytes[r * rb..(r + 1) * rb], &mut wr)
+            .expect("row length checked");
+        for ti in 0..t {
+            let xr = &xs[ti * cols..(ti + 1) * cols];
+            out[ti * rows + r] = wr
+                .iter()
+                .zip(xr)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+}
+
+/// Simple quantizers producing valid blocks of each type from f32 values, for tests and benchmarks
+/// (weights with realistic block structure without needing a model file). They are not ggml's
+/// quantizers and make no claim to its rounding choices; the kernels only need valid blocks.
+pub mod reference_quantizer {
+    use crate::weights::DType;
+    use half::f16;
+
+    fn put_f16(out: &mut Vec<u8>, v: f32) {
+        out.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+    }
+
+    fn amax(x: &[f32]) -> f32 {
+        x.iter().fold(0f32, |m, v| m.max(v.abs()))
+    }
+
+    /// Quantizes `values` (a whole number of blocks) to `dtype`.
+    pub fn quantize(dtype: DType, values: &[f32]) -> Vec<u8> {
+        let (vals, bytes) = dtype.block();
+        assert!(values.len().is_multiple_of(vals));
+        let mut out = Vec::with_capacity(values.len() / vals * bytes);
+        for x in values.chunks_exact(vals) {
+            match dtype {
+                DType::Q8_0 => {
+                    let d = amax(x) / 127.0;
+                    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    put_f16(&mut out, d);
+                    out.extend(x.iter().map(|v| ((v * id).round() as i8) as u8));
+                }
+                DType::Q5_0 => {
+                    let d = amax(x) / 15.0;
+                    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    let q: Vec<u8> = x
+                        .iter()
+                        .map(|v| ((v * id).round() + 16.0).clamp(0.0, 31.0) as u8)
+                        .collect();
+                    put_f16(&mut out, d);
+                    let mut qh = 0u32;
+                    for (i, &v) in q.iter().enumerate() {
+                        qh |= ((v >> 4) as u32 & 1) << i;
+                    }
+                    out.extend_from_slice(&qh.to_le_bytes());
+                    out.extend((0..16).map(|i| (q[i] & 0x0F) | ((q[i + 16] & 0x0F) << 4)));
+                }
+                DType::Q4K => {
+                    // Per 32: value ≈ scale·q − min with q in 0..=15; scales and mins as 6-bit multiples
+                    // of two f16 super-scales.
+                    let mut sc = [0f32; 8];
+                    let mut mn = [0f32; 8];
+                    for j in 0..8 {
+                        let s = &x[32 * j..32 * j + 32];
+                        let lo = s.iter().fold(f32::INFINITY, |m, &v| m.min(v)).min(0.0);
+                        let hi = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                        sc[j] = (hi - lo) / 15.0;
+                        mn[j] = -lo;
+                    }
+                    let d = sc.iter().fold(0f32, |m, &v| m.max(v)) / 63.0;
+                    let dmin = mn.iter().fold(0f32, |m, &v| m.max(v)) / 63.0;
+                    let (d, dmin) = (f16::from_f32(d).to_f32(), f16::from_f32(dmin).to_f32());
+                    let q6 = |v: f32, s: f32| -> u8 {
+                        if s > 0.0 {
+                            (v / s).round().clamp(0.0, 63.0) as u8
+                        } else {
+                            0
+                        }
+                    };
+                    let isc: Vec<u8> = sc.iter().map(|&v| q6(v, d)).collect();
+                    let imn: Vec<u8> = mn.iter().map(|&v| q6(v, dmin)).collect();
+                    put_f16(&mut out, d);
+                    put_f16(&mut out, dmin);
+                    let mut p = [0u8; 12];
+                    for j in 0..4 {
+                        p[j] = isc[j] | ((isc[j + 4] >> 4) << 6);
+                        p[j + 4] = imn[j] | ((imn[j + 4] >> 4) << 6);
+                        p[j + 8] = (isc[j + 4] & 0x0F) | ((imn[j + 4] & 0x0F) << 4);
+                    }
+                    out.extend_from_slice(&p);
+                    let mut q = [0u8; 256];
+                    for j in 0..8 {
+                        let s = d * isc[j] as f32;
+                        let m = dmin * imn[j] as f32;
+                        for l in 0..32 {
+                            let v = x[32 * j + l] + m;
+                            q[32 * j + l] = if s > 0.0 {
+                                (v / s).round().clamp(0.0, 15.0) as u8
+                            } else {
+                                0
+                            };
+                        }
+                    }
+                    for c in 0..4 {
+                        for l in 0..32 {
+                            out.push(q[64 * c + l] | (q[64 * c + 32 + l] << 4));
+                        }
+                    }
+                }
+                DType::Q6K => {
+                    let mut sc = [0f32; 16];
+                    for g in 0..16 {
+                        sc[g] = amax(&x[16 * g..16 * g + 16]) / 31.0;
+                    }
+                    let d = f16::from_f32(amax(&sc) / 127.0).to_f32();
+                    let isc: Vec<i8> = sc
+                        .iter()
+                        .map(|&s| {
+                            if d > 0.0 {
+                                (s / d).round().clamp(-127.0, 127.0) as i8
+                            } else {
+                                0
+                            }
+                        })
+                        .collect();
+                    let mut q = [0u8; 256];
+                    for (i, qi) in q.iter_mut().enumerate() {
+                        let s = d * isc[i / 16] as f32;
+                        *qi = if s != 0.0 {
+                            ((x[i] / s).round() + 32.0).clamp(0.0, 63.0) as u8
+                        } else {
+                            32
+                        };
+                    }
+                    let mut ql = [0u8; 128];
+                    let mut qh = [0u8; 64];
+                    for h in 0..2 {
+                        for l in 0..32 {
+                            let y = |k: usize| q[128 * h + 32 * k + l];
+                            ql[64 * h + l] = (y(0) & 0x0F) | ((y(2) & 0x0F) << 4);
+                            ql[64 * h + l + 32] = (y(1) & 0x0F) | ((y(3) & 0x0F) << 4);
+                            qh[32 * h + l] = (y(0) >> 4)
+                                | ((y(1) >> 4) << 2)
+                                | ((y(2) >> 4) << 4)
+                                | ((y(3) >> 4) << 6);
+                        }
+                    }
+                    out.extend_from_slice(&ql);
+                    out.extend_from_slice(&qh);
+                    out.extend(isc.iter().map(|&s| s as u8));
+                    put_f16(&mut out, d);
+                }
+                _ => panic!("{dtype:?} is not block-quantized"),
+            }
+        }
+        out
+    }
+
+    /// Blocks of arbitrary bits with sane f16 scales: every packed integer field takes all its values
+    /// (Q8_0 −128, Q6_K scale −128, 6-bit Q4_K scales/mins of 63 …), which quantizers rarely produce.
+    pub fn random_blocks(dtype: DType, blocks: usize, seed: u64) -> Vec<u8> {
+        let (_, bytes) = dtype.block();
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut out = vec![0u8; blocks * bytes];
+        out.iter_mut().for_each(|b| *b = next() as u8);
+        let scale = |r: u64| {
+            f16::from_f32((r % 1000) as f32 / 1000.0 * 0.02 + 1e-4)
+                .to_bits()
+                .to_le_bytes()
+        };
+        for blk in out.chunks_exact_mut(bytes) {
+            match dtype {
+                DType::Q8_0 | DType::Q5_0 => blk[..2].copy_from_slice(&scale(next())),
+                DType::Q4K => {
+                    blk[..2].copy_from_slice(&scale(next()));
+                    blk[2..4].copy_from_slice(&scale(next()));
+                }
+                DType::Q6K => blk[208..210].copy_from_slice(&scale(next())),
+                _ => panic!("{dtype:?} is not block-quantized"),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference_quantizer::{quantize, random_blocks};
+    use super::*;
+
+    const TYPES: [DType; 4] = [DType::Q8_0, DType::Q5_0, DType::Q4K, DType::Q6K];
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                // Varied magnitudes per block, and an outlier now and then, like real activations.
+                let v = (s as f32 / u32::MAX as f32) * 2.0 - 1.0;
+                let m = if i % 97 == 0 {
+                    8.0
+                } else {
+                    1.0 + (i / 32 % 5) as f32
+                };
+                v * m
+            })
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= rel * scale,
+                "{what}: at {i}: {g} vs {w} (scale {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn activation_quantization_round_trips_within_half_a_step() {
+        let x = data(5 * 96, 7);
+        let a = quantize_acts(&x, 5, 96);
+        let back = a.dequantize();
+        for (b, blk) in x.chunks(32).enumerate() {
+            let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(a.d[b], amax / 127.0);
+            let sum: i32 = a.qs[b * 32..b * 32 + 32].iter().map(|&q| q as i32).sum();
+            assert_eq!(a.sums[b], a.d[b] * sum as f32);
+            for i in 0..32 {
+                assert!((back[b * 32 + i] - blk[i]).abs() <= a.d[b] * 0.5 + 1e-6);
+                assert!(a.qs[b * 32 + i] != -128);
+            }
+        }
+        // All zeros: zero scale, zero values.
+        let z = quantize_acts(&[0.0; 32], 1, 32);
+        assert_eq!((z.d[0], z.qs[0]), (0.0, 0));
+        // A NaN poisons its block only.
+        let mut y = vec![1.0f32; 64];
+        y[3] = f32::NAN;
+        let q = quantize_acts(&y, 1, 64);
+        assert!(q.d[0].is_nan() && q.d[1] == 1.0 / 127.0);
+    }
+
+    #[test]
+    fn simd_activation_quantization_is_bit_identical() {
+        let mut blocks: Vec<[f32; 32]> = data(32 * 64, 21)
+            .chunks(32)
+            .map(|c| c.try_into().unwrap())
+            .collect();
+        blocks.push([0.0; 32]);
+        blocks.push([-0.0; 32]);
+        let mut ties = [0.0f32; 32];
+        for (i, v) in ties.iter_mut().enumerate() {
+            // amax 127 makes id exactly 1: values at .5 exercise ties-to-even.
+            *v = if i == 0 { 127.0 } else { i as f32 * 0.5 - 8.0 };
+        }
+        blocks.push(ties);
+        let mut huge = [1e38f32; 32];
+        huge[5] = -3e38;
+        blocks.push(huge);
+        let mut tiny = [1e-40f32; 32];
+        tiny[1] = -1e-39;
+        tiny[2] = 0.0;
+        blocks.push(tiny);
+        let mut small = [1e-29f32; 32];
+        small[3] = 0.0;
+        blocks.push(small);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut b = [1.0f32; 32];
+            b[31] = bad;
+            blocks.push(b);
+        }
+        for b in &blocks {
+            let (mut q1, mut q2) = ([0i8; 32], [0i8; 32]);
+            let r1 = quantize_block_scalar(b, &mut q1);
+            let r2 = quantize_block(b, &mut q2);
+            assert_eq!(q1, q2, "{b:?}");
+            assert_eq!(r1.0.to_bits(), r2.0.to_bits(), "{b:?}");
+            assert_eq!(r1.1.to_bits(), r2.1.to_bits(), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn parallel_quantization_matches_serial() {
+        let (t, cols) = (70, 1024); // ≥ 65536 values: the parallel path
+        let x = data(t * cols, 3);
+        let a = quantize_acts(&x, t, cols);
+        for i in [0, 33, 69] {
+            let one = quantize_acts(&x[i * cols..(i + 1) * cols], 1, cols);
+            assert_eq!(one.qs, a.row(i).qs);
+            assert_eq!(one.d, a.row(i).d);
+        }
+    }
+
+    /// Every backend against the definition (dequantize + f32 dot with the same rounded activations), on
+    /// random bit patterns and on quantized smooth data, for shapes that are not multiples of any tile.
+    #[test]
+    fn all_backends_match_the_reference() {
+        for dtype in TYPES {
+            let (vals, _) = dtype.block();
+            for &(rows, nblk, t) in &[
+                (1, 1, 1),
+                (3, 2, 1),
+                (5, 3, 2),
+                (7, 1, 5),
+                (9, 4, 6),
+                (18, 2, 9),
+                (33, 3, 1),
+            ] {
+                let cols = nblk * vals;
+                for (kind, w) in [
+                    (
+                        "random bits",
+                        random_blocks(dtype, rows * nblk, (rows * 31 + t) as u64),
+                    ),
+                    (
+                        "quantized",
+                        quantize(dtype, &data(rows * cols, rows as u32)),
+                    ),
+                ] {
+                    let w = QuantSlice { dtype, bytes: &w };
+                    let x = data(t * cols, 11 + t as u32);
+                    let mut want = vec![0f32; t * rows];
+                    matmul_reference(w, rows, cols, &x, t, true, &mut want);
+                    for backend in Backend::available() {
+                        let mut got = vec![f32::NAN; t * rows];
+                        matmul_with(backend, w, rows, cols, &x, t, &mut got);
+                        let what =
+                            format!("{dtype:?} {kind} {backend:?} rows={rows} cols={cols} t={t}");
+                        assert_close(&got, &want, 2e-5, &what);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Against the exact product (unrounded activations): the activation rounding costs well under 1 %.
+    #[test]
+    fn close_to_the_exact_product() {
+        for dtype in TYPES {
+            let (rows, cols, t) = (24, 512, 3);
+            let wq = quantize(dtype, &data(rows * cols, 5));
+            let w = QuantSlice { dtype, bytes: &wq };
+            let x = data(t * cols, 6);
+            let mut exact = vec![0f32; t * rows];
+            let mut fast = vec![0f32; t * rows];
+            matmul_reference(w, rows, cols, &x, t, false, &mut exact);
+            matmul(w, rows, cols, &x, t, &mut fast);
+            assert_close(&fast, &exact, 1e-2, &format!("{dtype:?}"));
+        }
+    }
+
+    #[test]
+    fn reference_quantizer_round_trips() {
+        for dtype in TYPES {
+            let x = data(512, 9);
+            let q = quantize(dtype, &x);
+            let back = quant::dequantize(dtype, &q, 512).unwrap();
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let tol = match dtype {
+                DType::Q8_0 => 0.01,
+                DType::Q5_0 | DType::Q6K => 0.07,
+                _ => 0.2,
+            };
+            for (a, b) in x.iter().zip(&back) {
+                assert!((a - b).abs() <= tol * amax, "{dtype:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_rows_matches_full_product() {
+        let dtype = DType::Q5_0;
+        let (rows, cols, t) = (40, 64, 2);
+        let wq = random_blocks(dtype, rows * 2, 4);
+        let w = QuantSlice { dtype, bytes: &wq };
+        let x = data(t * cols, 8);
+        let mut full = vec![0f32; t * rows];
+        matmul(w, rows, cols, &x, t, &mut full);
+        let ids = [39, 0, 17];
+        let mut some = vec![0f32; t * 3];
+        matmul_rows(w, rows, cols, &ids, &x, t, &mut some);
+        for ti in 0..t {
+            for (i, &r) in ids.iter().enumerate() {
+                assert_eq!(some[ti * 3 + i], full[ti * rows + r]);
+            }
+        }
+    }
+}

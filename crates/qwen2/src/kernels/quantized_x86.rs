@@ -1,0 +1,467 @@
+//! x86-64 tiles for `quantized.rs`: `R` weight rows × `T` tokens of integer dot products.
+//!
+//! Each weight format decodes a 32-value piece of a row into one 256-bit register of bytes (signed for
+//! Q8_0/Q5_0/Q6_K after removing their offsets, unsigned nibbles for Q4_K) plus an f32 scale vector. The
+//! multiply is `vpmaddubsw` (u8 × i8 → i16 pairs) + `vpmaddwd` with ones (→ i32) on AVX2, or one
+//! `vpdpbusd` on AVX-512 VNNI. Both need an unsigned left operand, so signed weights use the sign trick:
+//! `|w| · (x · sign w)`. No i16 pair can saturate: activations are within ±127 and `|w| ≤ 128` gives at
+//! most 2 · 128 · 127 = 32512. Each piece's i32 sums are then converted and scaled once in f32.
+//!
+//! The AVX-512 VNNI variant differs from the AVX2 one only in that multiply (one macro, two expansions),
+//! so the AVX2 tests cover the rest of its logic.
+
+use super::quantized::{ActRow, Backend};
+use crate::weights::DType;
+use std::arch::x86_64::*;
+
+pub fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+pub fn has_avx512vnni() -> bool {
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// One token's activations as raw pointers (lengths checked by [`tile`]).
+#[derive(Clone, Copy)]
+struct ActPtr {
+    qs: *const i8,
+    d: *const f32,
+    sums: *const f32,
+}
+
+/// A weight format, as the tiles see it. Methods are `unsafe`: `p` must point at a whole super-block and
+/// the CPU must have AVX2, FMA and F16C.
+trait Fmt {
+    /// Values and bytes per super-block; 32-value pieces per super-block.
+    const SB_VALS: usize;
+    const SB_BYTES: usize;
+    const SUBS: usize = Self::SB_VALS / 32;
+    /// Whether `sub` returns signed bytes (multiplied with the sign trick) rather than unsigned ones.
+    const SIGNED: bool;
+    /// Whether the format subtracts per-piece mins (`mins` is then used).
+    const MINS: bool;
+    /// What a super-block's header decodes to, once per row and super-block.
+    type Hdr: Copy + Default;
+    unsafe fn header(p: *const u8) -> Self::Hdr;
+    /// Piece `j`: 32 weights as bytes, and the f32 scale of each of the eight i32 lanes of their sums.
+    unsafe fn sub(p: *const u8, h: &Self::Hdr, j: usize) -> (__m256i, __m256);
+    /// `dmin · m_j` for the eight pieces (formats with mins only).
+    unsafe fn mins(h: &Self::Hdr) -> __m256;
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes at p; read_unaligned has no alignment requirement.
+    let bits = unsafe { (p as *const u16).read_unaligned() };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load32(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes at p; loadu has no alignment requirement.
+    unsafe { _mm256_loadu_si256(p as *const __m256i) }
+}
+
+/// Byte `j` of the result is 0xFF if bit `j` of `bits` is set, else 0.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn bits_to_bytes(bits: u32) -> __m256i {
+    let b = _mm256_set1_epi32(bits as i32);
+    // Byte j takes byte j / 8 of `bits` (shuffles stay within 128-bit lanes; every lane holds `bits`).
+    let idx = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let sel = _mm256_shuffle_epi8(b, idx);
+    // …and keeps bit j % 8 of it.
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(sel, bit), bit)
+}
+
+struct Q8_0;
+impl Fmt for Q8_0 {
+    const SB_VALS: usize = 32;
+    const SB_BYTES: usize = 34;
+    const SIGNED: bool = true;
+    const MINS: bool = false;
+    type Hdr = ();
+    #[inline]
+    unsafe fn header(_p: *const u8) {}
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sub(p: *const u8, _h: &(), _j: usize) -> (__m256i, __m256) {
+        // SAFETY: p points at a whole 34-byte block: f16 scale, then 32 i8.
+        unsafe { (load32(p.add(2)), _mm256_set1_ps(f16_at(p))) }
+    }
+    #[inline]
+    unsafe fn mins(_h: &()) -> __m256 {
+        unreachable!()
+    }
+}
+
+struct Q5_0;
+impl Fmt for Q5_0 {
+    const SB_VALS: usize = 32;
+    const SB_BYTES: usize = 22;
+    const SIGNED: bool = true;
+    const MINS: bool = false;
+    type Hdr = ();
+    #[inline]
+    unsafe fn header(_p: *const u8) {}
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sub(p: *const u8, _h: &(), _j: usize) -> (__m256i, __m256) {
+        // SAFETY: p points at a whole 22-byte block: f16 scale, u32 fifth bits, 16 bytes of nibbles.
+        let (d, qh, qs) = unsafe {
+            (
+                f16_at(p),
+                (p.add(2) as *const u32).read_unaligned(),
+                _mm_loadu_si128(p.add(6) as *const __m128i),
+            )
+        };
+        let m4 = _mm_set1_epi8(0x0F);
+        // Values 0..16 are the low nibbles, 16..32 the high ones.
+        let v = _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16(qs, 4), m4),
+            _mm_and_si128(qs, m4),
+        );
+        // (v | fifth bit << 4) − 16  ==  v − (16 where the fifth bit is clear).
+        let v = _mm256_sub_epi8(
+            v,
+            _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(16)),
+        );
+        (v, _mm256_set1_ps(d))
+    }
+    #[inline]
+    unsafe fn mins(_h: &()) -> __m256 {
+        unreachable!()
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Q4KHdr {
+    /// `d · sc_j` and `dmin · m_j` for the eight pieces.
+    sc: [f32; 8],
+    mins: [f32; 8],
+}
+
+struct Q4K;
+impl Fmt for Q4K {
+    const SB_VALS: usize = 256;
+    const SB_BYTES: usize = 144;
+    const SIGNED: bool = false;
+    const MINS: bool = true;
+    type Hdr = Q4KHdr;
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn header(p: *const u8) -> Q4KHdr {
+        // SAFETY: p points at a whole 144-byte super-block: d, dmin, 12 bytes of scales, 128 of nibbles.
+        let (d, dmin, s) = unsafe {
+            (
+                f16_at(p),
+                f16_at(p.add(2)),
+                std::slice::from_raw_parts(p.add(4), 12),
+            )
+        };
+        let mut h = Q4KHdr::default();
+        for j in 0..8 {
+            let (sc, m) = super::quantized::q4k_scale_min(s, j);
+            h.sc[j] = d * sc as f32;
+            h.mins[j] = dmin * m as f32;
+        }
+        h
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sub(p: *const u8, h: &Q4KHdr, j: usize) -> (__m256i, __m256) {
+        // SAFETY: nibble bytes 16 + 32·(j/2) .. +32 lie within the 144-byte super-block (j < 8).
+        let q = unsafe { load32(p.add(16 + 32 * (j / 2))) };
+        let q = if j.is_multiple_of(2) {
+            q
+        } else {
+            _mm256_srli_epi16(q, 4)
+        };
+        (
+            _mm256_and_si256(q, _mm256_set1_epi8(0x0F)),
+            _mm256_set1_ps(h.sc[j]),
+        )
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn mins(h: &Q4KHdr) -> __m256 {
+        // SAFETY: reads the eight f32 of an array.
+        unsafe { _mm256_loadu_ps(h.mins.as_ptr()) }
+    }
+}
+
+struct Q6K;
+impl Fmt for Q6K {
+    const SB_VALS: usize = 256;
+    const SB_BYTES: usize = 210;
+    const SIGNED: bool = true;
+    const MINS: bool = false;
+    type Hdr = f32;
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn header(p: *const u8) -> f32 {
+        // SAFETY: d is the last two bytes of the 210-byte super-block.
+        unsafe { f16_at(p.add(208)) }
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sub(p: *const u8, d: &f32, j: usize) -> (__m256i, __m256) {
+        // Piece j = 32k + 128h of the super-block: low 4 bits from ql[64h + 32(k & 1)..] (low nibble for
+        // k < 2, high for k ≥ 2), high 2 bits from bits 2k, 2k+1 of qh[32h..]; scales 8h + 2k (values
+        // 0..16) and 8h + 2k + 1 (values 16..32).
+        let (h, k) = (j / 4, j % 4);
+        // SAFETY: ql (0..128), qh (128..192) and scales (192..208) offsets below stay within the block.
+        let (ql, qh, sa, sb) = unsafe {
+            (
+                load32(p.add(64 * h + 32 * (k & 1))),
+                load32(p.add(128 + 32 * h)),
+                *p.add(192 + 8 * h + 2 * k) as i8,
+                *p.add(192 + 8 * h + 2 * k + 1) as i8,
+            )
+        };
+        let m4 = _mm256_set1_epi8(0x0F);
+        let lo = if k < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+        let lo = _mm256_and_si256(lo, m4);
+        let hi = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k as i32));
+        let hi = _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4);
+        let v = _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+        // The i32 lanes 0..4 hold values 0..16, lanes 4..8 values 16..32.
+        let scale = _mm256_set_m128(_mm_set1_ps(d * sb as f32), _mm_set1_ps(d * sa as f32));
+        (v, scale)
+    }
+    #[inline]
+    unsafe fn mins(_h: &f32) -> __m256 {
+        unreachable!()
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// The tile body, expanded once per instruction set: `$dot(u, s)` is the i32x8 of 4-byte dot products of
+/// unsigned bytes `u` with signed bytes `s`.
+macro_rules! tile_fn {
+    ($name:ident, $features:literal, |$u:ident, $s:ident| $dot:expr) => {
+        /// # Safety
+        /// Every `w[r]` points at `nsb` super-blocks; every activation row holds `nsb · SB_VALS` values,
+        /// their scales and sums; the CPU has the features named in `target_feature`.
+        #[target_feature(enable = $features)]
+        unsafe fn $name<F: Fmt, const R: usize, const T: usize>(
+            w: [*const u8; R],
+            a: [ActPtr; T],
+            nsb: usize,
+        ) -> [[f32; T]; R] {
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            for s in 0..nsb {
+                let mut hdr = [F::Hdr::default(); R];
+                let mut base = [std::ptr::null::<u8>(); R];
+                for r in 0..R {
+                    // SAFETY: s < nsb, so super-block s lies within row r.
+                    base[r] = unsafe { w[r].add(s * F::SB_BYTES) };
+                    // SAFETY: base[r] points at a whole super-block; features are enabled here.
+                    hdr[r] = unsafe { F::header(base[r]) };
+                }
+                for j in 0..F::SUBS {
+                    let b = s * F::SUBS + j;
+                    let mut wv = [_mm256_setzero_si256(); R];
+                    let mut mag = [_mm256_setzero_si256(); R];
+                    let mut sc = [_mm256_setzero_ps(); R];
+                    for r in 0..R {
+                        // SAFETY: as above; j < SUBS.
+                        let (v, scale) = unsafe { F::sub(base[r], &hdr[r], j) };
+                        wv[r] = v;
+                        sc[r] = scale;
+                        mag[r] = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
+                    }
+                    for t in 0..T {
+                        // SAFETY: block b < nsb · SUBS of each activation row: 32 values, one scale.
+                        let (xv, dx) = unsafe {
+                            (
+                                _mm256_loadu_si256(a[t].qs.add(32 * b) as *const __m256i),
+                                _mm256_broadcast_ss(&*a[t].d.add(b)),
+                            )
+                        };
+                        for r in 0..R {
+                            let xs = if F::SIGNED {
+                                _mm256_sign_epi8(xv, wv[r])
+                            } else {
+                                xv
+                            };
+                            let isum = {
+                                let ($u, $s) = (mag[r], xs);
+                                $dot
+                            };
+                            acc[r][t] = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(isum),
+                                _mm256_mul_ps(sc[r], dx),
+                                acc[r][t],
+                            );
+                        }
+                    }
+                }
+                if F::MINS {
+                    for r in 0..R {
+                        // SAFETY: hdr[r] came from this format's header.
+                        let mv = unsafe { F::mins(&hdr[r]) };
+                        for t in 0..T {
+                            // SAFETY: the eight block sums of super-block s exist in each row.
+                            let sx = unsafe { _mm256_loadu_ps(a[t].sums.add(8 * s)) };
+                            acc[r][t] = _mm256_fnmadd_ps(mv, sx, acc[r][t]);
+                        }
+                    }
+                }
+            }
+            let mut out = [[0f32; T]; R];
+            for r in 0..R {
+                for t in 0..T {
+                    out[r][t] = hsum(acc[r][t]);
+                }
+            }
+            out
+        }
+    };
+}
+
+tile_fn!(tile_avx2, "avx2,fma,f16c", |u, s| _mm256_madd_epi16(
+    _mm256_maddubs_epi16(u, s),
+    _mm256_set1_epi16(1)
+));
+tile_fn!(
+    tile_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    |u, s| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+);
+
+fn run<F: Fmt, const R: usize, const T: usize>(
+    backend: Backend,
+    w: [&[u8]; R],
+    a: [ActRow; T],
+) -> [[f32; T]; R] {
+    let nsb = w[0].len() / F::SB_BYTES;
+    let vals = nsb * F::SB_VALS;
+    // These checks make the raw-pointer reads in the tiles sound.
+    assert!(w.iter().all(|r| r.len() == nsb * F::SB_BYTES));
+    assert!(a
+        .iter()
+        .all(|a| a.qs.len() >= vals && a.d.len() >= vals / 32 && a.sums.len() >= vals / 32));
+    let wp = w.map(|r| r.as_ptr());
+    let ap = a.map(|a| ActPtr {
+        qs: a.qs.as_ptr(),
+        d: a.d.as_ptr(),
+        sums: a.sums.as_ptr(),
+    });
+    match backend {
+        Backend::Avx512Vnni => {
+            assert!(has_avx512vnni());
+            // SAFETY: lengths checked above; the CPU features were just checked.
+            unsafe { tile_vnni::<F, R, T>(wp, ap, nsb) }
+        }
+        _ => {
+            assert!(has_avx2());
+            // SAFETY: lengths checked above; the CPU features were just checked.
+            unsafe { tile_avx2::<F, R, T>(wp, ap, nsb) }
+        }
+    }
+}
+
+/// `out[r][t] = w[r] · a[t]` for rows of one quantized type (all rows the same length).
+#[inline]
+pub fn tile<const R: usize, const T: usize>(
+    backend: Backend,
+    dtype: DType,
+    w: [&[u8]; R],
+    a: [ActRow; T],
+) -> [[f32; T]; R] {
+    match dtype {
+        DType::Q8_0 => run::<Q8_0, R, T>(backend, w, a),
+        DType::Q5_0 => run::<Q5_0, R, T>(backend, w, a),
+        DType::Q4K => run::<Q4K, R, T>(backend, w, a),
+        DType::Q6K => run::<Q6K, R, T>(backend, w, a),
+        _ => panic!("{dtype:?} is not block-quantized"),
+    }
+}
+
+/// AVX2 version of `quantized::quantize_block`, bit for bit: the same scale, the same products
+/// `x · (127 / amax)`, the same rounding (to nearest, ties to even), the same clamp.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_block_avx2(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32) {
+    let p = x.as_ptr();
+    // SAFETY: x holds 32 f32: four loads of eight.
+    let v = unsafe {
+        [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ]
+    };
+    let sign = _mm256_set1_ps(-0.0);
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let mut amax = _mm256_setzero_ps();
+    let mut finite = -1i32;
+    for vi in v {
+        let a = _mm256_andnot_ps(sign, vi);
+        // NaN compares false, so a NaN or an infinity clears a mask bit.
+        finite &= _mm256_movemask_ps(_mm256_cmp_ps(a, inf, _CMP_LT_OQ)) | !0xFF;
+        amax = _mm256_max_ps(amax, a);
+    }
+    if finite & 0xFF != 0xFF {
+        q.fill(0);
+        return (f32::NAN, f32::NAN);
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let (d, id) = super::quantized::scales(amax);
+    let id = _mm256_set1_ps(id);
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let i = v.map(|vi| {
+        let r = _mm256_round_ps(
+            _mm256_mul_ps(vi, id),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+    });
+    let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)));
+    // Packing works within 128-bit lanes; the permute restores element order.
+    let p = _mm256_packs_epi16(
+        _mm256_packs_epi32(i[0], i[1]),
+        _mm256_packs_epi32(i[2], i[3]),
+    );
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: q holds 32 bytes; storeu needs no alignment.
+    unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, p) };
+    (d, d * s as f32)
+}
+
+/// Quantizes one 32-value activation block if AVX2 is present; `None` otherwise.
+#[inline]
+pub fn quantize_block(x: &[f32; 32], q: &mut [i8; 32]) -> Option<(f32, f32)> {
+    if has_avx2() {
+        // SAFETY: the CPU features were just checked.
+        Some(unsafe { quantize_block_avx2(x, q) })
+    } else {
+        None
+    }
+}
