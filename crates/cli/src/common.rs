@@ -21,6 +21,10 @@ pub struct Global {
     /// Language of prompts and labels (default: detected from each text).
     #[arg(long, global = true, value_parser = ["zh", "en"])]
     pub lang: Option<String>,
+    /// Keep GGUF weights quantized and multiply with 8-bit activations (faster, approximate).
+    /// The default is the exact path: f32 math on the stored weight values.
+    #[arg(long, global = true)]
+    pub fast: bool,
     /// A directory of task files that add to or override the shipped ones.
     #[arg(long, global = true, value_name = "DIR")]
     pub tasks_dir: Option<PathBuf>,
@@ -37,7 +41,12 @@ pub fn load_model(g: &Global) -> Result<qwen2::LoadedModel> {
     let path = qwen2::fetch::resolve_model(g.model.as_deref())?;
     eprint!("loading {} … ", path.display());
     let _ = std::io::stderr().flush();
-    let loaded = qwen2::load(&path).inspect_err(|_| eprintln!())?;
+    let form = if g.fast {
+        qwen2::matrix::WeightForm::Fast
+    } else {
+        qwen2::matrix::WeightForm::Exact
+    };
+    let loaded = qwen2::load::load_with(&path, form).inspect_err(|_| eprintln!())?;
     eprintln!("done in {} ms", loaded.load_time.as_millis());
     Ok(loaded)
 }

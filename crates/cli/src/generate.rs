@@ -52,6 +52,11 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
             "sampling options out of range: temperature ≥ 0, 0 < top-p ≤ 1, repetition-penalty > 0"
         );
     }
+    let mut g = g.clone();
+    if a.exact {
+        g.fast = false;
+    }
+    let g = &g;
     let m = load_model(g)?;
     let text = match &a.prompt {
         Some(p) => p.clone(),

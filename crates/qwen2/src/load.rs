@@ -3,6 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::matrix::WeightForm;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 use crate::weights;
@@ -18,7 +19,12 @@ pub struct LoadedModel {
     pub load_time: Duration,
 }
 
+/// Loads with the exact weight form (f32 math on the stored values): the reference path.
 pub fn load(path: &Path) -> Result<LoadedModel> {
+    load_with(path, WeightForm::Exact)
+}
+
+pub fn load_with(path: &Path, form: WeightForm) -> Result<LoadedModel> {
     let start = Instant::now();
     if !path.exists() {
         return Err(Error::Invalid(format!(
@@ -36,11 +42,19 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let config = ModelConfig::from_hf_dir(path)?;
         let store = weights::safetensors::load_dir(path)?;
         let tokenizer = Tokenizer::from_hf_dir(path)?;
-        (Model::from_store(config, &store)?, tokenizer, "safetensors")
+        (
+            Model::from_store_with(config, &store, form)?,
+            tokenizer,
+            "safetensors",
+        )
     } else if weights::is_gguf(path) {
         let g = weights::gguf::load(path)?;
         let tokenizer = Tokenizer::from_json(&g.tokenizer_json, g.chat_template.clone())?;
-        (Model::from_store(g.config, &g.store)?, tokenizer, "gguf")
+        (
+            Model::from_store_with(g.config, &g.store, form)?,
+            tokenizer,
+            "gguf",
+        )
     } else {
         return Err(Error::Invalid(format!(
             "{}: neither a GGUF file nor a Hugging Face model directory",

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::{attention, rmsnorm, rope, silu_mul, RopeTable};
 use crate::kv_cache::KvCache;
-use crate::matrix::Matrix;
+use crate::matrix::{Matrix, WeightForm};
 use crate::weights::{to_f32_vec, TensorStore};
 
 /// A linear layer with an optional bias (Qwen2 has biases on q, k and v only).
@@ -70,10 +70,20 @@ impl Model {
     /// Builds the network from checkpoint tensors, looked up here — and only here — by their
     /// Hugging Face names.
     pub fn from_store(config: ModelConfig, store: &TensorStore) -> Result<Self> {
+        Self::from_store_with(config, store, WeightForm::Exact)
+    }
+
+    /// Like `from_store`, choosing the form block-quantized weights are used in: `Exact` dequantizes them
+    /// to f32 values, `Fast` keeps them quantized and multiplies with 8-bit activations.
+    pub fn from_store_with(
+        config: ModelConfig,
+        store: &TensorStore,
+        form: WeightForm,
+    ) -> Result<Self> {
         let c = &config;
         let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-            Matrix::from_raw(name, store.get(name)?, rows, cols)
+            Matrix::from_raw_with(name, store.get(name)?, rows, cols, form)
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
             to_f32_vec(name, store.get_shaped(name, &[len])?)
