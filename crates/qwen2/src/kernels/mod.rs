@@ -6,6 +6,8 @@
 
 pub mod activation;
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod float_x86;
 pub mod matmul;
 pub mod norm;
 pub mod pool;
