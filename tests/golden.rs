@@ -28,7 +28,8 @@ fn check_chat_cases(m: &qwen2::LoadedModel, golden: &Value, label: &str) -> Vec<
     for case in golden["cases"].as_array().unwrap() {
         let name = format!("{label}/{}", case["name"].as_str().unwrap());
         let rendered = m.tokenizer.render_chat(&messages(case), true).unwrap();
-        if rendered != case["rendered"].as_str().unwrap() {
+        // (The bf16 file omits the rendered text; its prompt ids are checked below all the same.)
+        if case["rendered"].as_str().is_some_and(|r| r != rendered) {
             failures.push(format!(
                 "{name}: chat template renders differently:\n{rendered:?}\nvs\n{:?}",
                 case["rendered"]

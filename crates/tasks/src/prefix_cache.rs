@@ -26,6 +26,7 @@ pub struct Prepared {
 }
 
 impl PromptCache {
+    /// A cache bounded to `max_bytes`; 0 disables it (every request computes its whole prompt).
     pub fn new(max_bytes: usize) -> Self {
         PromptCache {
             entries: Vec::new(),
@@ -63,6 +64,13 @@ impl PromptCache {
         capacity: usize,
     ) -> Result<Prepared> {
         let mut cache = KvCache::new(&model.config, capacity)?;
+        if self.max_bytes == 0 {
+            return Ok(Prepared {
+                cache,
+                reused: 0,
+                hit: false,
+            }); // caching disabled
+        }
         // Keep at least one token of the request to run, so the caller always gets fresh logits.
         if prefix_ids.is_empty()
             || !full_ids.starts_with(prefix_ids)
