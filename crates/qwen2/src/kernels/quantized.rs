@@ -346,6 +346,32 @@ fn tile<const R: usize, const T: usize>(
     }
 }
 
+/// `out[r] = row r · a` for `out.len()` consecutive rows of `row_bytes` bytes in `w`.
+fn rows_dot(
+    backend: Backend,
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    a: ActRow,
+    out: &mut [f32],
+) {
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 | Backend::Avx512Vnni => {
+            super::quantized_x86::rows(backend, dtype, w, row_bytes, a, out)
+        }
+        _ => {
+            for (o, wr) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                *o = dot_portable(dtype, wr, a);
+            }
+        }
+    }
+}
+
+/// Below this many weight bytes a decode product runs on the calling thread: waking the pool costs more
+/// than the second core saves.
+const PARALLEL_MIN_BYTES: usize = 192 << 10;
+
 /// Rows per parallel task such that tasks are big enough to amortise scheduling (≥ ~16 KiB of weights)
 /// and there are several per thread, so the threads finish together. Always even.
 fn rows_per_task(rows: usize, row_bytes: usize, t: usize) -> usize {
@@ -400,28 +426,19 @@ pub fn matmul_acts(
     let wrow = |r: usize| &w.bytes[r * rb..(r + 1) * rb];
     let per = rows_per_task(rows, rb, t);
     if t == 1 {
-        // Decode: four rows at a time share each activation load; rows are independent streams.
+        // Decode: each task multiplies a run of consecutive rows, one sequential stream.
         let a = acts.row(0);
-        out.par_chunks_mut(per).enumerate().for_each(|(c, o)| {
-            let r0 = c * per;
-            let mut i = 0;
-            while i + 4 <= o.len() {
-                let r = r0 + i;
-                let res = tile::<4, 1>(
-                    backend,
-                    dtype,
-                    [wrow(r), wrow(r + 1), wrow(r + 2), wrow(r + 3)],
-                    [a],
-                );
-                for k in 0..4 {
-                    o[i + k] = res[k][0];
-                }
-                i += 4;
-            }
-            for (k, y) in o.iter_mut().enumerate().skip(i) {
-                *y = tile::<1, 1>(backend, dtype, [wrow(r0 + k)], [a])[0][0];
-            }
-        });
+        let run = |r0: usize, o: &mut [f32]| {
+            let w = &w.bytes[r0 * rb..(r0 + o.len()) * rb];
+            rows_dot(backend, dtype, w, rb, a, o);
+        };
+        if w.bytes.len() < PARALLEL_MIN_BYTES {
+            run(0, out);
+        } else {
+            out.par_chunks_mut(per)
+                .enumerate()
+                .for_each(|(c, o)| run(c * per, o));
+        }
         return;
     }
     // Prefill: each task owns a block of rows and writes them for every token into a transposed buffer
@@ -862,6 +879,28 @@ mod tests {
                             format!("{dtype:?} {kind} {backend:?} rows={rows} cols={cols} t={t}");
                         assert_close(&got, &want, 2e-5, &what);
                     }
+                }
+            }
+        }
+    }
+
+    /// Products big enough to be split across threads, with a row count no task size divides.
+    #[test]
+    fn threaded_products_match_the_reference() {
+        for dtype in TYPES {
+            let (vals, bytes) = dtype.block();
+            let cols = 4 * vals.max(256);
+            let rows = (PARALLEL_MIN_BYTES / (cols / vals * bytes)) * 2 + 3;
+            let wq = random_blocks(dtype, rows * cols / vals, 77);
+            let w = QuantSlice { dtype, bytes: &wq };
+            for t in [1, 5] {
+                let x = data(t * cols, 12);
+                let mut want = vec![0f32; t * rows];
+                matmul_reference(w, rows, cols, &x, t, true, &mut want);
+                for backend in Backend::available() {
+                    let mut got = vec![f32::NAN; t * rows];
+                    matmul_with(backend, w, rows, cols, &x, t, &mut got);
+                    assert_close(&got, &want, 2e-5, &format!("{dtype:?} {backend:?} t={t}"));
                 }
             }
         }

@@ -256,129 +256,260 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// The tile body, expanded once per instruction set: `$dot(u, s)` is the i32x8 of 4-byte dot products of
-/// unsigned bytes `u` with signed bytes `s`.
-macro_rules! tile_fn {
-    ($name:ident, $features:literal, |$u:ident, $s:ident| $dot:expr) => {
-        /// # Safety
-        /// Every `w[r]` points at `nsb` super-blocks; every activation row holds `nsb · SB_VALS` values,
-        /// their scales and sums; the CPU has the features named in `target_feature`.
-        #[target_feature(enable = $features)]
-        unsafe fn $name<F: Fmt, const R: usize, const T: usize>(
-            w: [*const u8; R],
-            a: [ActPtr; T],
-            nsb: usize,
-        ) -> [[f32; T]; R] {
-            let mut acc = [[_mm256_setzero_ps(); T]; R];
-            for s in 0..nsb {
-                let mut hdr = [F::Hdr::default(); R];
-                let mut base = [std::ptr::null::<u8>(); R];
-                for r in 0..R {
-                    // SAFETY: s < nsb, so super-block s lies within row r.
-                    base[r] = unsafe { w[r].add(s * F::SB_BYTES) };
-                    // SAFETY: base[r] points at a whole super-block; features are enabled here.
-                    hdr[r] = unsafe { F::header(base[r]) };
-                }
+/// The kernels of one instruction set: `$dot(u, s)` is the i32x8 of 4-byte dot products of unsigned
+/// bytes `u` with signed bytes `s`. Expanded once for AVX2 and once for AVX-512 VNNI.
+macro_rules! instruction_set {
+    ($m:ident, $features:literal, |$u:ident, $s:ident| $dot:expr) => {
+        mod $m {
+            use super::*;
+
+            /// Piece `j` of the super-block at `base` times the activations at block `b`: the i32 sums
+            /// converted to f32, and the f32 scale of each lane (weight scale × activation scale).
+            ///
+            /// # Safety
+            /// `base` points at a whole super-block, `a` holds block `b`; the CPU has `$features`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn piece<F: Fmt>(
+                base: *const u8,
+                hdr: &F::Hdr,
+                j: usize,
+                a: ActPtr,
+                b: usize,
+            ) -> (__m256, __m256) {
+                // SAFETY: as the caller guarantees.
+                let ((v, scale), xv, dx) = unsafe {
+                    (
+                        F::sub(base, hdr, j),
+                        _mm256_loadu_si256(a.qs.add(32 * b) as *const __m256i),
+                        _mm256_broadcast_ss(&*a.d.add(b)),
+                    )
+                };
+                let (mag, xs) = if F::SIGNED {
+                    (_mm256_sign_epi8(v, v), _mm256_sign_epi8(xv, v))
+                } else {
+                    (v, xv)
+                };
+                let isum = {
+                    let ($u, $s) = (mag, xs);
+                    $dot
+                };
+                (_mm256_cvtepi32_ps(isum), _mm256_mul_ps(scale, dx))
+            }
+
+            /// Super-block `s` of the row at `w` times the activations, added to `acc`.
+            ///
+            /// # Safety
+            /// The row holds super-block `s`, the activations its values; the CPU has `$features`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn superblock<F: Fmt>(w: *const u8, s: usize, a: ActPtr, acc: __m256) -> __m256 {
+                // SAFETY: super-block s lies within the row.
+                let base = unsafe { w.add(s * F::SB_BYTES) };
+                // SAFETY: base points at a whole super-block.
+                let hdr = unsafe { F::header(base) };
+                // Two chains, so a piece need not wait for the previous one's FMA.
+                let (mut p0, mut p1) = (acc, _mm256_setzero_ps());
                 for j in 0..F::SUBS {
-                    let b = s * F::SUBS + j;
-                    let mut wv = [_mm256_setzero_si256(); R];
-                    let mut mag = [_mm256_setzero_si256(); R];
-                    let mut sc = [_mm256_setzero_ps(); R];
-                    for r in 0..R {
-                        // SAFETY: as above; j < SUBS.
-                        let (v, scale) = unsafe { F::sub(base[r], &hdr[r], j) };
-                        wv[r] = v;
-                        sc[r] = scale;
-                        mag[r] = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
-                    }
-                    for t in 0..T {
-                        // SAFETY: block b < nsb · SUBS of each activation row: 32 values, one scale.
-                        let (xv, dx) = unsafe {
-                            (
-                                _mm256_loadu_si256(a[t].qs.add(32 * b) as *const __m256i),
-                                _mm256_broadcast_ss(&*a[t].d.add(b)),
-                            )
-                        };
-                        for r in 0..R {
-                            let xs = if F::SIGNED {
-                                _mm256_sign_epi8(xv, wv[r])
-                            } else {
-                                xv
-                            };
-                            let isum = {
-                                let ($u, $s) = (mag[r], xs);
-                                $dot
-                            };
-                            acc[r][t] = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(isum),
-                                _mm256_mul_ps(sc[r], dx),
-                                acc[r][t],
-                            );
-                        }
+                    // SAFETY: j < SUBS; the activations hold every block of super-block s.
+                    let (c, sd) = unsafe { piece::<F>(base, &hdr, j, a, s * F::SUBS + j) };
+                    if j % 2 == 0 {
+                        p0 = _mm256_fmadd_ps(c, sd, p0);
+                    } else {
+                        p1 = _mm256_fmadd_ps(c, sd, p1);
                     }
                 }
                 if F::MINS {
+                    // SAFETY: the eight block sums of super-block s exist; hdr is this format's.
+                    let (mv, sx) = unsafe { (F::mins(&hdr), _mm256_loadu_ps(a.sums.add(8 * s))) };
+                    p0 = _mm256_fnmadd_ps(mv, sx, p0);
+                }
+                if F::SUBS > 1 {
+                    _mm256_add_ps(p0, p1)
+                } else {
+                    p0
+                }
+            }
+
+            /// Decode: `out[r] = row r · a` for `nrows` consecutive rows of `row_bytes` bytes from `w`,
+            /// one row at a time (a single sequential stream for the hardware prefetcher), two
+            /// accumulator chains per row.
+            ///
+            /// # Safety
+            /// `w` holds `nrows` rows of `nsb` super-blocks, `out` has room for `nrows` values, the
+            /// activations hold `nsb` super-blocks' worth of blocks; the CPU has `$features`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn rows<F: Fmt>(
+                w: *const u8,
+                row_bytes: usize,
+                nrows: usize,
+                a: ActPtr,
+                nsb: usize,
+                out: *mut f32,
+            ) {
+                for r in 0..nrows {
+                    // SAFETY: r < nrows.
+                    let wr = unsafe { w.add(r * row_bytes) };
+                    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut s = 0;
+                    while s + 2 <= nsb {
+                        // SAFETY: s + 1 < nsb.
+                        unsafe {
+                            acc0 = superblock::<F>(wr, s, a, acc0);
+                            acc1 = superblock::<F>(wr, s + 1, a, acc1);
+                        }
+                        s += 2;
+                    }
+                    if s < nsb {
+                        // SAFETY: s < nsb.
+                        acc0 = unsafe { superblock::<F>(wr, s, a, acc0) };
+                    }
+                    // SAFETY: r < nrows.
+                    unsafe { out.add(r).write(hsum(_mm256_add_ps(acc0, acc1))) };
+                }
+            }
+
+            /// Prefill: `out[r][t] = w[r] · a[t]` for `R` rows × `T` tokens; each decoded piece of a
+            /// weight row serves all `T` tokens.
+            ///
+            /// # Safety
+            /// Every `w[r]` points at `nsb` super-blocks; every activation row holds `nsb · SB_VALS`
+            /// values, their scales and sums; the CPU has `$features`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn tile<F: Fmt, const R: usize, const T: usize>(
+                w: [*const u8; R],
+                a: [ActPtr; T],
+                nsb: usize,
+            ) -> [[f32; T]; R] {
+                let mut acc = [[_mm256_setzero_ps(); T]; R];
+                for s in 0..nsb {
+                    let mut hdr = [F::Hdr::default(); R];
+                    let mut base = [std::ptr::null::<u8>(); R];
                     for r in 0..R {
-                        // SAFETY: hdr[r] came from this format's header.
-                        let mv = unsafe { F::mins(&hdr[r]) };
+                        // SAFETY: s < nsb, so super-block s lies within row r.
+                        base[r] = unsafe { w[r].add(s * F::SB_BYTES) };
+                        // SAFETY: base[r] points at a whole super-block.
+                        hdr[r] = unsafe { F::header(base[r]) };
+                    }
+                    for j in 0..F::SUBS {
+                        let b = s * F::SUBS + j;
+                        let mut wv = [_mm256_setzero_si256(); R];
+                        let mut mag = [_mm256_setzero_si256(); R];
+                        let mut sc = [_mm256_setzero_ps(); R];
+                        for r in 0..R {
+                            // SAFETY: as above; j < SUBS.
+                            let (v, scale) = unsafe { F::sub(base[r], &hdr[r], j) };
+                            wv[r] = v;
+                            sc[r] = scale;
+                            mag[r] = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
+                        }
                         for t in 0..T {
-                            // SAFETY: the eight block sums of super-block s exist in each row.
-                            let sx = unsafe { _mm256_loadu_ps(a[t].sums.add(8 * s)) };
-                            acc[r][t] = _mm256_fnmadd_ps(mv, sx, acc[r][t]);
+                            // SAFETY: block b < nsb · SUBS of each activation row: 32 values, one scale.
+                            let (xv, dx) = unsafe {
+                                (
+                                    _mm256_loadu_si256(a[t].qs.add(32 * b) as *const __m256i),
+                                    _mm256_broadcast_ss(&*a[t].d.add(b)),
+                                )
+                            };
+                            for r in 0..R {
+                                let xs = if F::SIGNED {
+                                    _mm256_sign_epi8(xv, wv[r])
+                                } else {
+                                    xv
+                                };
+                                let isum = {
+                                    let ($u, $s) = (mag[r], xs);
+                                    $dot
+                                };
+                                acc[r][t] = _mm256_fmadd_ps(
+                                    _mm256_cvtepi32_ps(isum),
+                                    _mm256_mul_ps(sc[r], dx),
+                                    acc[r][t],
+                                );
+                            }
+                        }
+                    }
+                    if F::MINS {
+                        for r in 0..R {
+                            // SAFETY: hdr[r] came from this format's header.
+                            let mv = unsafe { F::mins(&hdr[r]) };
+                            for t in 0..T {
+                                // SAFETY: the eight block sums of super-block s exist in each row.
+                                let sx = unsafe { _mm256_loadu_ps(a[t].sums.add(8 * s)) };
+                                acc[r][t] = _mm256_fnmadd_ps(mv, sx, acc[r][t]);
+                            }
                         }
                     }
                 }
-            }
-            let mut out = [[0f32; T]; R];
-            for r in 0..R {
-                for t in 0..T {
-                    out[r][t] = hsum(acc[r][t]);
+                let mut out = [[0f32; T]; R];
+                for r in 0..R {
+                    for t in 0..T {
+                        out[r][t] = hsum(acc[r][t]);
+                    }
                 }
+                out
             }
-            out
         }
     };
 }
 
-tile_fn!(tile_avx2, "avx2,fma,f16c", |u, s| _mm256_madd_epi16(
+instruction_set!(avx2, "avx2,fma,f16c", |u, s| _mm256_madd_epi16(
     _mm256_maddubs_epi16(u, s),
     _mm256_set1_epi16(1)
 ));
-tile_fn!(
-    tile_vnni,
+instruction_set!(
+    vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     |u, s| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 );
 
-fn run<F: Fmt, const R: usize, const T: usize>(
+/// Checks that `backend` runs here (AVX2 when not VNNI): the condition for calling its kernels.
+fn check_features(backend: Backend) {
+    match backend {
+        Backend::Avx512Vnni => assert!(has_avx512vnni(), "AVX-512 VNNI is not available"),
+        _ => assert!(has_avx2(), "AVX2/FMA/F16C are not available"),
+    }
+}
+
+fn act_ptr(a: &ActRow, vals: usize) -> ActPtr {
+    // These checks make the raw-pointer reads in the kernels sound.
+    assert!(a.qs.len() >= vals && a.d.len() >= vals / 32 && a.sums.len() >= vals / 32);
+    ActPtr {
+        qs: a.qs.as_ptr(),
+        d: a.d.as_ptr(),
+        sums: a.sums.as_ptr(),
+    }
+}
+
+fn run_tile<F: Fmt, const R: usize, const T: usize>(
     backend: Backend,
     w: [&[u8]; R],
     a: [ActRow; T],
 ) -> [[f32; T]; R] {
     let nsb = w[0].len() / F::SB_BYTES;
-    let vals = nsb * F::SB_VALS;
-    // These checks make the raw-pointer reads in the tiles sound.
     assert!(w.iter().all(|r| r.len() == nsb * F::SB_BYTES));
-    assert!(a
-        .iter()
-        .all(|a| a.qs.len() >= vals && a.d.len() >= vals / 32 && a.sums.len() >= vals / 32));
+    let ap = a.map(|a| act_ptr(&a, nsb * F::SB_VALS));
     let wp = w.map(|r| r.as_ptr());
-    let ap = a.map(|a| ActPtr {
-        qs: a.qs.as_ptr(),
-        d: a.d.as_ptr(),
-        sums: a.sums.as_ptr(),
-    });
+    check_features(backend);
     match backend {
-        Backend::Avx512Vnni => {
-            assert!(has_avx512vnni());
-            // SAFETY: lengths checked above; the CPU features were just checked.
-            unsafe { tile_vnni::<F, R, T>(wp, ap, nsb) }
-        }
-        _ => {
-            assert!(has_avx2());
-            // SAFETY: lengths checked above; the CPU features were just checked.
-            unsafe { tile_avx2::<F, R, T>(wp, ap, nsb) }
-        }
+        // SAFETY: lengths and CPU features checked above.
+        Backend::Avx512Vnni => unsafe { vnni::tile::<F, R, T>(wp, ap, nsb) },
+        // SAFETY: lengths and CPU features checked above.
+        _ => unsafe { avx2::tile::<F, R, T>(wp, ap, nsb) },
+    }
+}
+
+fn run_rows<F: Fmt>(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, out: &mut [f32]) {
+    let nsb = row_bytes / F::SB_BYTES;
+    assert!(row_bytes == nsb * F::SB_BYTES && w.len() == out.len() * row_bytes);
+    let ap = act_ptr(&a, nsb * F::SB_VALS);
+    check_features(backend);
+    let (wp, n, op) = (w.as_ptr(), out.len(), out.as_mut_ptr());
+    match backend {
+        // SAFETY: lengths and CPU features checked above.
+        Backend::Avx512Vnni => unsafe { vnni::rows::<F>(wp, row_bytes, n, ap, nsb, op) },
+        // SAFETY: lengths and CPU features checked above.
+        _ => unsafe { avx2::rows::<F>(wp, row_bytes, n, ap, nsb, op) },
     }
 }
 
@@ -391,10 +522,28 @@ pub fn tile<const R: usize, const T: usize>(
     a: [ActRow; T],
 ) -> [[f32; T]; R] {
     match dtype {
-        DType::Q8_0 => run::<Q8_0, R, T>(backend, w, a),
-        DType::Q5_0 => run::<Q5_0, R, T>(backend, w, a),
-        DType::Q4K => run::<Q4K, R, T>(backend, w, a),
-        DType::Q6K => run::<Q6K, R, T>(backend, w, a),
+        DType::Q8_0 => run_tile::<Q8_0, R, T>(backend, w, a),
+        DType::Q5_0 => run_tile::<Q5_0, R, T>(backend, w, a),
+        DType::Q4K => run_tile::<Q4K, R, T>(backend, w, a),
+        DType::Q6K => run_tile::<Q6K, R, T>(backend, w, a),
+        _ => panic!("{dtype:?} is not block-quantized"),
+    }
+}
+
+/// `out[r] = row r · a` for `out.len()` consecutive rows of `row_bytes` bytes in `w`.
+pub fn rows(
+    backend: Backend,
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    a: ActRow,
+    out: &mut [f32],
+) {
+    match dtype {
+        DType::Q8_0 => run_rows::<Q8_0>(backend, w, row_bytes, a, out),
+        DType::Q5_0 => run_rows::<Q5_0>(backend, w, row_bytes, a, out),
+        DType::Q4K => run_rows::<Q4K>(backend, w, row_bytes, a, out),
+        DType::Q6K => run_rows::<Q6K>(backend, w, row_bytes, a, out),
         _ => panic!("{dtype:?} is not block-quantized"),
     }
 }
