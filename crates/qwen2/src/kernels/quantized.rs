@@ -512,10 +512,23 @@ pub fn matmul_rows(
     assert!(x.len() == t * cols && out.len() == t * ids.len());
     let acts = quantize_acts(x, t, cols);
     let backend = Backend::best();
+    // The same kernels as `matmul_acts` for the same `t`, so the values are bit-identical to its.
     for ti in 0..t {
         for (i, &r) in ids.iter().enumerate() {
             let wr = &w.bytes[r * rb..(r + 1) * rb];
-            out[ti * ids.len() + i] = tile::<1, 1>(backend, w.dtype, [wr], [acts.row(ti)])[0][0];
+            let o = &mut out[ti * ids.len() + i];
+            if t == 1 {
+                rows_dot(
+                    backend,
+                    w.dtype,
+                    wr,
+                    rb,
+                    acts.row(ti),
+                    std::slice::from_mut(o),
+                );
+            } else {
+                *o = tile::<1, 1>(backend, w.dtype, [wr], [acts.row(ti)])[0][0];
+            }
         }
     }
 }
@@ -943,18 +956,20 @@ mod tests {
     #[test]
     fn matmul_rows_matches_full_product() {
         let dtype = DType::Q5_0;
-        let (rows, cols, t) = (40, 64, 2);
+        let (rows, cols) = (40, 64);
         let wq = random_blocks(dtype, rows * 2, 4);
         let w = QuantSlice { dtype, bytes: &wq };
-        let x = data(t * cols, 8);
-        let mut full = vec![0f32; t * rows];
-        matmul(w, rows, cols, &x, t, &mut full);
-        let ids = [39, 0, 17];
-        let mut some = vec![0f32; t * 3];
-        matmul_rows(w, rows, cols, &ids, &x, t, &mut some);
-        for ti in 0..t {
-            for (i, &r) in ids.iter().enumerate() {
-                assert_eq!(some[ti * 3 + i], full[ti * rows + r]);
+        for t in [1, 2] {
+            let x = data(t * cols, 8);
+            let mut full = vec![0f32; t * rows];
+            matmul(w, rows, cols, &x, t, &mut full);
+            let ids = [39, 0, 17];
+            let mut some = vec![0f32; t * 3];
+            matmul_rows(w, rows, cols, &ids, &x, t, &mut some);
+            for ti in 0..t {
+                for (i, &r) in ids.iter().enumerate() {
+                    assert_eq!(some[ti * 3 + i], full[ti * rows + r]);
+                }
             }
         }
     }
