@@ -457,3 +457,59 @@ fn real_model_dual_task() {
         qwen2::fetch::default_model_path().to_str().unwrap()
     );
 }
+
+#[test]
+fn ctrl_c_stops_the_reply_not_the_chat() {
+    use std::io::Read;
+    let model = qwen2::fetch::resolve_model(None).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "chat",
+            "--max-new-tokens",
+            "400",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sin = child.stdin.take().unwrap();
+    sin.write_all("Please write a very long story about a dragon who learns to bake bread, at least 800 words.\n".as_bytes()).unwrap();
+    sin.flush().unwrap();
+    // Wait until the reply is streaming: the sentiment tag, its arrow, then some reply text.
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let n = out.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "chat ended before replying: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+        let s = String::from_utf8_lossy(&seen);
+        if let Some(i) = s.find("→ ") {
+            if s[i + "→ ".len()..].chars().count() >= 5 {
+                break;
+            }
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    sin.write_all(b"/quit\n").unwrap();
+    drop(sin);
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "exit {:?}, stderr: {err}", o.status);
+    assert!(err.contains("(reply stopped)"), "{err}");
+}

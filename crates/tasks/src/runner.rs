@@ -110,7 +110,12 @@ impl Runner {
                 self.context()
             )));
         }
+        let t = Instant::now();
         let prepared = self.cache.prepare(&self.model, &prefix_ids, &ids, needed)?;
+        trace(TraceEvent::Timing {
+            stage: "PromptCache::prepare".into(),
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        });
         trace(TraceEvent::Cache {
             hit: prepared.hit,
             prefix_tokens: prepared.reused,
@@ -216,6 +221,10 @@ impl Runner {
         trace(TraceEvent::Labels {
             scores: scores.clone(),
         });
+        trace(TraceEvent::Timing {
+            stage: "Runner::classify (request tokens + label scoring)".into(),
+            ms: start.elapsed().as_secs_f64() * 1e3,
+        });
         let best = scores
             .iter()
             .enumerate()
@@ -286,6 +295,14 @@ impl Runner {
                 ev.text.is_empty() || on_text(ev.text)
             },
         )?;
+        trace(TraceEvent::Timing {
+            stage: format!("qwen2::generate prefill ({} tokens)", g.prefill_tokens),
+            ms: g.prefill.as_secs_f64() * 1e3,
+        });
+        trace(TraceEvent::Timing {
+            stage: format!("qwen2::generate decode ({} tokens)", g.ids.len()),
+            ms: g.decode.as_secs_f64() * 1e3,
+        });
         Ok(TextOutput {
             text: g.text.trim().to_string(),
             ids: g.ids,
