@@ -204,7 +204,7 @@ impl Matrix {
 
     /// Only the listed rows: `out[t][i] = row(ids[i]) · x[t]` (label scoring needs a handful of vocab rows).
     pub fn matmul_rows(&self, ids: &[usize], x: &[f32], t: usize, out: &mut [f32]) {
-        use crate::kernels::matmul::dot;
+        use crate::kernels::matmul::dot_row as dot;
         if let WeightSlice::Quant(q) = self.weights() {
             return quantized::matmul_rows(q, self.rows, self.cols, ids, x, t, out);
         }
@@ -295,6 +295,12 @@ mod tests {
                 assert!(max_rel_diff(&f, &e) < 0.02, "{dtype:?} t={tokens}");
 
                 let ids = [rows - 1, 0];
+                let mut sel = vec![0f32; tokens * 2];
+                exact.matmul_rows(&ids, &x, tokens, &mut sel);
+                for ti in 0..tokens {
+                    assert_eq!(sel[ti * 2], e[ti * rows + rows - 1]);
+                    assert_eq!(sel[ti * 2 + 1], e[ti * rows]);
+                }
                 let mut sel = vec![0f32; tokens * 2];
                 fast.matmul_rows(&ids, &x, tokens, &mut sel);
                 for ti in 0..tokens {

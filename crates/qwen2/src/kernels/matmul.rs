@@ -118,6 +118,16 @@ pub fn dot<W: WeightElem>(w: &[W], x: &[f32]) -> f32 {
     s
 }
 
+/// One weight row · one activation row with the same kernel `matmul_float` uses, so a product of a few
+/// selected rows equals the corresponding entries of the full product bit for bit.
+pub fn dot_row<W: WeightElem>(w: &[W], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::float_x86::has_avx2() {
+        return super::float_x86::tile::<W, 1, 1>([w], [x])[0][0];
+    }
+    dot(w, x)
+}
+
 pub fn dot_scalar<W: WeightElem>(w: &[W], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
 }
