@@ -513,3 +513,163 @@ fn ctrl_c_stops_the_reply_not_the_chat() {
     assert!(o.status.success(), "exit {:?}, stderr: {err}", o.status);
     assert!(err.contains("(reply stopped)"), "{err}");
 }
+
+#[test]
+fn eval_reports_both_modes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("set.tsv");
+    std::fs::write(
+        &f,
+        "# comment\npositive\tgreat job\nnegative\t太差了\n正面\t很好\nnegative\tawful\n",
+    )
+    .unwrap();
+    let o = duet(
+        &[
+            "--model",
+            tiny().to_str().unwrap(),
+            "eval",
+            f.to_str().unwrap(),
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let modes = v["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2);
+    assert_eq!(modes[0]["mode"], "scoring");
+    assert_eq!(modes[1]["mode"], "generation");
+    for m in modes {
+        assert_eq!(m["total"], 4);
+        let acc = m["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+        assert!(m["mean_ms"].as_f64().unwrap() > 0.0 && m["p95_ms"].as_f64().unwrap() > 0.0);
+        let counted: u64 = m["confusion"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|r| r.as_object().unwrap().values())
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(counted, 4);
+    }
+    assert_eq!(
+        modes[0]["unparsed"], 0,
+        "label scoring always answers with a label"
+    );
+    std::fs::write(&f, "positive\tok\nmaybe\tunsure\n").unwrap();
+    assert_clean_error(
+        &duet(
+            &[
+                "--model",
+                tiny().to_str().unwrap(),
+                "eval",
+                f.to_str().unwrap(),
+            ],
+            None,
+        ),
+        "line 2: unknown label",
+    );
+    assert_clean_error(
+        &duet(
+            &[
+                "--model",
+                tiny().to_str().unwrap(),
+                "eval",
+                "/nonexistent.tsv",
+            ],
+            None,
+        ),
+        "nonexistent",
+    );
+}
+
+#[test]
+fn bench_json_has_every_figure() {
+    let o = duet(
+        &[
+            "--model",
+            tiny().to_str().unwrap(),
+            "bench",
+            "--json",
+            "--reps",
+            "1",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(v["machine"]["read_bandwidth_gbs"].as_f64().unwrap() > 0.0);
+    assert!(v["machine"]["fma_peak_gflops"].as_f64().unwrap() > 0.0);
+    assert!(v["load_s"].as_f64().unwrap() >= 0.0);
+    let p = v["prefill"].as_array().unwrap();
+    assert_eq!(
+        p.iter()
+            .map(|x| x["tokens"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [64, 128]
+    );
+    for x in p {
+        assert!(
+            x["tok_s"].as_f64().unwrap() > 0.0 && x["fraction_of_peak"].as_f64().unwrap() > 0.0
+        );
+    }
+    assert!(
+        v["decode"]["tok_s"].as_f64().unwrap() > 0.0
+            && v["decode"]["fraction_of_bandwidth"].as_f64().unwrap() > 0.0
+    );
+    assert_eq!(v["dual_task"].as_array().unwrap().len(), 2);
+    // The tiny model's 512-token context cannot hold the long input's prompt: reported, not fatal.
+    let short = &v["dual_task"][0];
+    assert!(short["sentiment_ms"].as_f64().unwrap() > 0.0);
+    assert!(short["total_ms"].as_f64().unwrap() >= short["sentiment_ms"].as_f64().unwrap());
+    assert!(v["dual_task"][1]["error"].as_str().unwrap().contains("too long"));
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn convert_writes_a_directory_duet_loads_with_the_same_tokens() {
+    let model = qwen2::fetch::resolve_model(None).unwrap();
+    let m = model.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bf16");
+    let o = duet(
+        &["convert", m, out.to_str().unwrap(), "--dtype", "bf16"],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().last().unwrap(), out.to_str().unwrap());
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let text = "今天的实验终于成功了，太棒了！ café";
+    let a = duet(&["--model", m, "tokenize", "--json", text], None);
+    let b = duet(
+        &["--model", out.to_str().unwrap(), "tokenize", "--json", text],
+        None,
+    );
+    assert!(b.status.success(), "{}", stderr(&b));
+    assert_eq!(stdout(&a), stdout(&b));
+    // Converting again onto an existing model is refused, not overwritten.
+    assert_clean_error(
+        &duet(&["convert", m, out.to_str().unwrap()], None),
+        "exists",
+    );
+    assert_clean_error(
+        &duet(
+            &[
+                "convert",
+                "/nonexistent.gguf",
+                tmp.path().join("x").to_str().unwrap(),
+            ],
+            None,
+        ),
+        "not a GGUF",
+    );
+}

@@ -210,3 +210,34 @@ fn prefix_cache_gives_the_results_of_the_whole_prompt() {
     );
     assert!(uncached.cache.is_empty());
 }
+
+#[test]
+fn conversation_drops_the_oldest_turns_to_fit() {
+    let r = runner(&[tasks::library::shipped_dir()], 0);
+    let mut c = tasks::conversation::Conversation::new();
+    for i in 0..6 {
+        c.push(
+            &format!("question number {i} with some words"),
+            &format!("answer number {i} with some words"),
+        );
+    }
+    let task = r.library.task("reply").unwrap().clone();
+    let vars = BTreeMap::new();
+    let render = |h: &[qwen2::Message]| {
+        tasks::prompt::build(&r.tokenizer, &task, Lang::En, &vars, h, "next")
+            .unwrap()
+            .text
+    };
+    let full = r.tokenizer.encode(&render(&c.history())).unwrap().len();
+    let dropped = c.trim_to_fit(&r.tokenizer, full - 1, &render);
+    assert!(dropped >= 1 && c.turns.len() == 6 - dropped);
+    assert_eq!(
+        c.turns[0].0,
+        format!("question number {dropped} with some words"),
+        "oldest turns go first"
+    );
+    assert!(r.tokenizer.encode(&render(&c.history())).unwrap().len() < full);
+    // A budget no history fits leaves no turns, never an error.
+    c.trim_to_fit(&r.tokenizer, 1, &render);
+    assert!(c.turns.is_empty());
+}
