@@ -10,7 +10,7 @@ Outputs (see tests/reference/README.md for the schemas):
                           position, 32-token greedy continuation with per-step top-2 margins
   chat_cases_bf16.json    the same with every weight rounded to bfloat16 (for a converted BF16 directory)
   last_logits_<case>.f32  raw little-endian f32 logits (vocab 151936) at the last prompt position of one case
-  converted_check.json    only with --check-converted DIR (see below)
+  converted_check_<dtype>.json   only with --check-converted DIR (see below); <dtype> is f32, bf16 or f16
 
 Usage:
   /opt/ref-venv/bin/python tests/reference/make_golden.py [MODEL_DIR [GGUF_FILE]]
@@ -19,7 +19,10 @@ Usage:
   --check-converted DIR   load a Hugging Face directory written by `duet convert MODEL.gguf DIR --dtype f32|bf16`
                           with transformers and compare it with the GGUF load (weights tensor by tensor, tokenizer,
                           chat template, logits at every prompt position, greedy ids) for the chat cases; writes
-                          converted_check.json and skips the other outputs unless --all is also given.
+                          converted_check_<dtype>.json and skips the other outputs unless --all is also given.
+                          May be repeated (e.g. once for an f32 and once for a bf16 directory).
+  --duet-commit SHA       the duet commit the `duet` that wrote the directories was built from (default: this
+                          checkout's HEAD when the script starts); recorded in converted_check_<dtype>.json
 """
 
 import argparse
@@ -27,6 +30,7 @@ import copy
 import glob
 import json
 import os
+import subprocess
 import sys
 import time
 import unicodedata
@@ -274,32 +278,80 @@ def run_chat_cases(model, tok, meta, label, with_text, full_logits_dir=None):
 # ---------------------------------------------------------------------------------------------------------
 # Converted-directory check
 # ---------------------------------------------------------------------------------------------------------
-def safetensors_dtypes(d):
+def safetensors_dtypes_by_name(d):
     from safetensors import safe_open
-    dts = set()
+    out = {}
     for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
         with safe_open(f, framework="pt") as s:
             for k in s.keys():
-                dts.add(str(s.get_slice(k).get_dtype()))
-    return sorted(dts)
+                out[k] = str(s.get_slice(k).get_dtype())
+    return out
+
+
+ROUND_TO = {"BF16": torch.bfloat16, "bfloat16": torch.bfloat16, "F16": torch.float16, "float16": torch.float16}
+DTYPE_LABEL = {"F32": "f32", "float32": "f32", "BF16": "bf16", "bfloat16": "bf16", "F16": "f16", "float16": "f16"}
+
+
+def converted_label(dtypes):
+    """File-name label of a converted directory: its one storage dtype (f32, bf16, f16), else "mixed"."""
+    return DTYPE_LABEL.get(dtypes[0], dtypes[0].lower()) if len(dtypes) == 1 else "mixed"
+
+
+def git_provenance(repo, commit=None):
+    """The duet commit that converted the directory, and which source files differed from it when this ran."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", repo, *a], capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    head = (git("rev-parse", "HEAD") or "").strip() or None
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "crates", "Cargo.toml", "Cargo.lock")
+    return {
+        "duet_git_commit": commit or head,
+        "checkout_head_when_checked": head,
+        "crates_modified_in_checkout_when_checked": sorted(l[3:] for l in (dirty or "").splitlines() if l.strip()),
+    }
 
 
 @torch.no_grad()
-def check_converted(conv_dir, ref_model, ref_tok, meta):
-    dtypes = safetensors_dtypes(conv_dir)
+def vs_committed_golden(golden_path, conv, conv_greedy):
+    """The converted model's logits at the committed golden top-10 ids, and its greedy ids vs the committed ones
+    (a check that this run's transformers reference is the one the committed golden files were made with)."""
+    if golden_path is None:
+        return None
+    with open(golden_path, encoding="utf-8") as f:
+        golden = {c["name"]: c for c in json.load(f)["cases"]}
+    worst, same_greedy, n = 0.0, True, 0
+    for name, messages in CHAT_CASES:
+        g = golden.get(name)
+        if g is None:
+            continue
+        n += 1
+        ids = g["prompt_ids"]
+        last = conv(input_ids=torch.tensor([ids])).logits[0, -1].to(torch.float32)
+        for t in g["top10"]:
+            worst = max(worst, abs(float(last[t["id"]]) - t["logit"]))
+        same_greedy &= conv_greedy[name] == g["greedy_ids"]
+    return {"file": os.path.basename(golden_path), "n_cases": n, "max_abs_diff_top10": f32(worst),
+            "greedy_equals_committed": same_greedy}
+
+
+@torch.no_grad()
+def check_converted(conv_dir, ref_model, ref_tok, meta, golden_dirs, provenance):
+    by_name = safetensors_dtypes_by_name(conv_dir)
+    dtypes = sorted(set(by_name.values()))
     conv = AutoModelForCausalLM.from_pretrained(conv_dir, dtype=torch.float32).eval()
     conv_tok = AutoTokenizer.from_pretrained(conv_dir)
-    # Compare against the GGUF weights rounded the way the converted files store them.
-    round_to = None
-    if dtypes == ["BF16"] or dtypes == ["bfloat16"]:
-        round_to = torch.bfloat16
-    elif dtypes in (["F16"], ["float16"]):
-        round_to = torch.float16
+    # Compare against the GGUF weights rounded the way the converted file stores each of them (transformers'
+    # parameter names are the safetensors names; a tensor missing from the file is left as it is).
     ref = ref_model
-    if round_to is not None:
+    rounded = {k: ROUND_TO[v] for k, v in by_name.items() if v in ROUND_TO}
+    if rounded:
         ref = copy.deepcopy(ref_model)
-        for p in ref.parameters():
-            p.data = p.data.to(round_to).to(torch.float32)
+        for k, p in ref.named_parameters(remove_duplicate=False):
+            if k in rounded:
+                p.data = p.data.to(rounded[k]).to(torch.float32)
+    round_desc = sorted({str(v).replace("torch.", "") for v in rounded.values()})
     # Weights, tensor by tensor.
     rsd, csd = ref.state_dict(), conv.state_dict()
     wmax, worst = 0.0, None
@@ -357,12 +409,28 @@ def check_converted(conv_dir, ref_model, ref_tok, meta):
     if os.path.exists(tj):
         with open(tj, encoding="utf-8") as f:
             tok_norm = json.load(f).get("normalizer")
+    label = converted_label(dtypes)
+    golden_file = "chat_cases.json" if label == "f32" else "chat_cases_bf16.json" if label == "bf16" else None
+    vs_golden = None
+    if golden_file:
+        # The golden file next to the output (just written with --all), else the committed one.
+        golden_path = next((p for p in (os.path.join(d, golden_file) for d in golden_dirs) if os.path.exists(p)),
+                           None)
+        vs_golden = vs_committed_golden(golden_path, conv,
+                                        {c["name"]: c["greedy_ids_converted"] for c in cases})
     return {
         **meta,
+        "converted_by": {**provenance,
+                         "command": f"duet convert {meta['model_file']} {os.path.basename(os.path.abspath(conv_dir))}"
+                                    f" --dtype {label}"},
         "converted_dir": os.path.abspath(conv_dir),
         "converted_files": conv_files,
+        "converted_file_sizes": {f: os.path.getsize(os.path.join(conv_dir, f)) for f in conv_files},
+        "converted_file_sha256": {f: sha256_file(os.path.join(conv_dir, f)) for f in conv_files},
         "converted_safetensors_dtypes": dtypes,
-        "reference": "GGUF load" + (f", weights rounded to {round_to}" if round_to is not None else ""),
+        "converted_dtype": label,
+        "reference": "GGUF load" + (f", every weight rounded to {', '.join(round_desc)} as stored in the converted "
+                                    f"file, then widened to float32" if round_desc else ", float32"),
         "converted_tokenizer_normalizer": tok_norm,
         "tokenizer_cases_total": len(TOKENIZER_CASES),
         "tokenizer_cases_mismatch": tok_mismatch,
@@ -371,6 +439,8 @@ def check_converted(conv_dir, ref_model, ref_tok, meta):
         "max_abs_diff_all_overall": max(c["max_abs_diff_all_positions"] for c in cases),
         "all_same_greedy": all(c["same_greedy"] for c in cases),
         "all_same_prompt_ids": all(c["same_prompt_ids"] for c in cases),
+        "all_same_rendered": all(c["same_rendered"] for c in cases),
+        "converted_vs_committed_golden": vs_golden,
         "cases": cases,
     }
 
@@ -383,9 +453,12 @@ def main():
     ap.add_argument("gguf_file", nargs="?", default=os.path.basename(default))
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--out", default=os.path.join(here, "..", "data", "golden"))
-    ap.add_argument("--check-converted", metavar="DIR",
+    ap.add_argument("--check-converted", metavar="DIR", action="append",
                     help="compare a `duet convert` output directory against the GGUF load; writes "
-                         "converted_check.json (and nothing else unless --all)")
+                         "converted_check_<dtype>.json (and nothing else unless --all); may be repeated")
+    ap.add_argument("--duet-commit", metavar="SHA",
+                    help="the duet commit the converting binary was built from (default: this checkout's HEAD "
+                         "when the script starts)")
     ap.add_argument("--all", action="store_true", help="with --check-converted: also write the golden files")
     ap.add_argument("--skip-bf16", action="store_true")
     ap.add_argument("--cases", help="comma-separated chat case names to run (quick checks; default: all)")
@@ -397,6 +470,8 @@ def main():
             ap.error(f"unknown chat cases: {sorted(unknown)}")
         CHAT_CASES[:] = [c for c in CHAT_CASES if c[0] in wanted]
 
+    # Before the long run: HEAD may move while it goes on (give --duet-commit when the binary is older).
+    prov = git_provenance(os.path.abspath(os.path.join(here, "..", "..")), args.duet_commit)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     out = os.path.abspath(args.out)
@@ -434,9 +509,13 @@ def main():
         print(f"chat_cases.json: {n} bytes", flush=True)
 
     if args.check_converted:
-        res = check_converted(args.check_converted, model, tok_nfc, meta)
-        n = write_json(os.path.join(out, "converted_check.json"), res)
-        print(f"converted_check.json: {n} bytes; max |dlogit| (last) {res['max_abs_diff_last_overall']:.3g}")
+        for conv_dir in args.check_converted:
+            res = check_converted(conv_dir, model, tok_nfc, meta, [out, os.path.join(here, "..", "data", "golden")],
+                                  prov)
+            name = f"converted_check_{res['converted_dtype']}.json"
+            n = write_json(os.path.join(out, name), res)
+            print(f"{name}: {n} bytes; max |dlogit| last {res['max_abs_diff_last_overall']:.3g}, all positions "
+                  f"{res['max_abs_diff_all_overall']:.3g}; weights {res['weights']['max_abs_diff']:.3g}", flush=True)
 
     if do_golden and not args.skip_bf16:
         with torch.no_grad():
