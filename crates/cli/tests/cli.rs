@@ -623,7 +623,10 @@ fn bench_json_has_every_figure() {
     let short = &v["dual_task"][0];
     assert!(short["sentiment_ms"].as_f64().unwrap() > 0.0);
     assert!(short["total_ms"].as_f64().unwrap() >= short["sentiment_ms"].as_f64().unwrap());
-    assert!(v["dual_task"][1]["error"].as_str().unwrap().contains("too long"));
+    assert!(v["dual_task"][1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("too long"));
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
 }
 
