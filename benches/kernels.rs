@@ -47,7 +47,7 @@ impl Weights {
         let n = rows * cols;
         let q = |dtype: DType| {
             let (vals, _) = dtype.block();
-            (cols % vals == 0).then(|| {
+            cols.is_multiple_of(vals).then(|| {
                 Weights::Quant(
                     dtype,
                     reference_quantizer::random_blocks(dtype, n / vals, n as u64),
