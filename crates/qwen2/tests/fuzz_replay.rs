@@ -246,7 +246,7 @@ fn safetensors_bytes(tensors: &[(String, Vec<usize>, &str)], rng: &mut Lcg) -> V
     }
     let mut h = serde_json::to_vec(&header).unwrap();
     // Pad the header with spaces so the data starts 8-byte aligned, as the safetensors writer does.
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
