@@ -3,6 +3,12 @@
 //! Each SIMD kernel has a scalar reference beside it (`*_scalar`) that says what it computes in the
 //! plainest way; the tests check one against the other on awkward sizes. Threads come from one rayon pool
 //! sized to the physical cores (see `pool.rs`).
+//!
+//! Weight products: `matmul.rs` dispatches on the stored form. Float weights (f32, bf16, f16; exact) use
+//! the AVX2 tiles and packed GEMM of `float_x86.rs` where the CPU has them, else portable `wide` code.
+//! Block-quantized GGUF weights (the fast, approximate form) go to `quantized.rs`: activations quantized
+//! to 8 bits once per product, integer dot products on AVX2 / AVX-512 VNNI (`quantized_x86.rs`, chosen
+//! at run time) or in portable Rust.
 
 pub mod activation;
 pub mod attention;
