@@ -117,3 +117,363 @@ pub fn tile<W: super::matmul::WeightElem, const R: usize, const T: usize>(
     // SAFETY: every row holds n elements (checked above), and the features were just checked.
     unsafe { tile_raw::<W, R, T>(w.map(|r| r.as_ptr()), x.map(|r| r.as_ptr()), n) }
 }
+
+/// Tokens per packed activation panel (three 8-lane vectors).
+const NR: usize = 24;
+/// Weight rows per micro-kernel call.
+const MR: usize = 4;
+/// Reduction length per block: a panel block (`KC × NR` f32 = 24 KiB) stays in L1.
+const KC: usize = 256;
+/// Weight rows per block: `MC × KC` weights (64 KiB as f32) stay in L2 across the token panels.
+const MC: usize = 64;
+
+/// The activations repacked for the GEMM: panel `p` holds tokens `24p..24p+24` as `[k][24]`, so the
+/// micro-kernel reads three contiguous vectors per `k`; tokens past `t` are zeros.
+struct Panels {
+    data: Vec<f32>,
+    cols: usize,
+    /// Tokens, and panels holding them.
+    t: usize,
+    n: usize,
+}
+
+impl Panels {
+    fn pack(x: &[f32], t: usize, cols: usize) -> Panels {
+        let n = t.div_ceil(NR);
+        let mut data = vec![0f32; n * cols * NR];
+        for (p, panel) in data.chunks_exact_mut(cols * NR).enumerate() {
+            let nt = NR.min(t - p * NR);
+            // Tokens p·24.. (rows of x) become the columns of [k][24].
+            transpose(&x[p * NR * cols..], nt, cols, cols, panel, NR);
+        }
+        Panels { data, cols, t, n }
+    }
+
+    /// Panel `p` from reduction index `k0` on.
+    fn at(&self, p: usize, k0: usize) -> &[f32] {
+        &self.data[p * self.cols * NR + k0 * NR..(p + 1) * self.cols * NR]
+    }
+}
+
+/// Transposes the 8 × 8 block at `src` (row stride `ss`) into `dst` (row stride `ds`).
+///
+/// # Safety
+/// Eight rows of eight f32 are readable at `src` and writable at `dst` with those strides; the CPU has
+/// AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+    // SAFETY: rows 0..8 of the source block are readable (caller).
+    let r: [__m256; 8] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.add(i * ss)) });
+    let t: [__m256; 8] = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let u: [__m256; 8] = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    // u[i] holds columns i (low half) and i + 4 (high half) of rows 0..4, u[i + 4] of rows 4..8.
+    for i in 0..4 {
+        let lo = _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]);
+        let hi = _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]);
+        // SAFETY: rows i and i + 4 of the destination block are writable (caller).
+        unsafe {
+            _mm256_storeu_ps(dst.add(i * ds), lo);
+            _mm256_storeu_ps(dst.add((i + 4) * ds), hi);
+        }
+    }
+}
+
+/// `dst[c][r] = src[r][c]` for an `rows × cols` block (source row stride `ss`, destination `ds`).
+fn transpose(src: &[f32], rows: usize, cols: usize, ss: usize, dst: &mut [f32], ds: usize) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(src.len() >= (rows - 1) * ss + cols && dst.len() >= (cols - 1) * ds + rows);
+    assert!(has_avx2());
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    for r in (0..r8).step_by(8) {
+        for c in (0..c8).step_by(8) {
+            // SAFETY: r + 8 <= rows and c + 8 <= cols, so the block lies within both (asserted);
+            // AVX2 was checked.
+            unsafe {
+                transpose8(
+                    src[r * ss + c..].as_ptr(),
+                    ss,
+                    dst[c * ds + r..].as_mut_ptr(),
+                    ds,
+                )
+            };
+        }
+    }
+    for r in 0..rows {
+        let c0 = if r < r8 { c8 } else { 0 };
+        for c in c0..cols {
+            dst[c * ds + r] = src[r * ss + c];
+        }
+    }
+}
+
+/// `c[r][0..8V] (+)= Σ_k w[k][r] · panel[k][0..8V]` for `r < R`, from four weight rows packed as
+/// `[k][4]`: with `V = 3`, twelve accumulators, three panel vectors and one broadcast weight fill the
+/// sixteen registers; both operands are single sequential streams. `V < 3` serves a last, partial
+/// panel without multiplying its zero padding.
+///
+/// # Safety
+/// `wp` holds `kc · 4` f32; `xp` holds `kc · 24` f32; `c` holds `R` rows of `8V` f32 at stride `cs`;
+/// `V <= 3`; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn micro<const R: usize, const V: usize>(
+    wp: *const f32,
+    xp: *const f32,
+    kc: usize,
+    c: *mut f32,
+    cs: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[_mm256_setzero_ps(); V]; MR];
+    for k in 0..kc {
+        // SAFETY: k < kc: within the panel block and the packed weights.
+        unsafe {
+            let xv: [__m256; V] = std::array::from_fn(|j| _mm256_loadu_ps(xp.add(k * NR + 8 * j)));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let b = _mm256_broadcast_ss(&*wp.add(k * MR + r));
+                for j in 0..V {
+                    acc_r[j] = _mm256_fmadd_ps(b, xv[j], acc_r[j]);
+                }
+            }
+        }
+    }
+    for (r, acc_r) in acc.iter().enumerate().take(R) {
+        for (j, a) in acc_r.iter().enumerate() {
+            // SAFETY: row r < R of c holds 24 values.
+            unsafe {
+                let p = c.add(r * cs + 8 * j);
+                let v = if accumulate {
+                    _mm256_add_ps(_mm256_loadu_ps(p), *a)
+                } else {
+                    *a
+                };
+                _mm256_storeu_ps(p, v);
+            }
+        }
+    }
+}
+
+/// Packs four weight rows (`rows[i]`, each `kc` long; missing rows are zeros) widened to f32 into
+/// `dst` as `[k][4]`, transposing eight columns at a time in registers.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pack4<W: super::matmul::WeightElem>(rows: [Option<&[W]>; MR], kc: usize, dst: &mut [f32]) {
+    assert!(dst.len() >= kc * MR && rows.iter().flatten().all(|r| r.len() >= kc));
+    let load = |r: Option<&[W]>, k: usize| match r {
+        // SAFETY: k + 8 <= kc <= the row's length (asserted above).
+        Some(r) => unsafe { W::load8_avx2(r.as_ptr().add(k)) },
+        None => _mm256_setzero_ps(),
+    };
+    let mut k = 0;
+    while k + 8 <= kc {
+        let [a, b, c, d] = rows.map(|r| load(r, k));
+        let (t0, t1) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        let (t2, t3) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+        // u_i holds columns i and i + 4 as (a b c d).
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let out = [
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x20>(u2, u3),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u2, u3),
+        ];
+        for (i, v) in out.into_iter().enumerate() {
+            // SAFETY: (k + 2i) · 4 + 8 <= kc · 4 <= dst.len().
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add((k + 2 * i) * MR), v) };
+        }
+        k += 8;
+    }
+    for k in k..kc {
+        for (i, r) in rows.iter().enumerate() {
+            dst[k * MR + i] = r.map_or(0.0, |r| r[k].to_f32());
+        }
+    }
+}
+
+/// One task's rows of the GEMM: `c` holds rows `r0..r0 + c.len() / ct` of the transposed output
+/// (`rows × ct`, `ct` = panels · 24).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn gemm_rows<W: super::matmul::WeightElem>(
+    w: &[W],
+    cols: usize,
+    r0: usize,
+    panels: &Panels,
+    c: &mut [f32],
+) {
+    let ct = panels.n * NR;
+    let nrows = c.len() / ct;
+    let mut buf = vec![0f32; MC * KC];
+    let blocks: Vec<(usize, usize)> = (0..cols)
+        .step_by(KC)
+        .flat_map(|k0| (0..nrows).step_by(MC).map(move |m0| (k0, m0)))
+        .collect();
+    for (bi, &(k0, m0)) in blocks.iter().enumerate() {
+        let kc = KC.min(cols - k0);
+        let mc = MC.min(nrows - m0);
+        {
+            // The weight block, widened and packed once, serves every token panel from L2.
+            let row = |r: usize| (r < mc).then(|| &w[(r0 + m0 + r) * cols + k0..][..kc]);
+            for q in 0..mc.div_ceil(MR) {
+                let rows = [0, 1, 2, 3].map(|i| row(q * MR + i));
+                pack4(rows, kc, &mut buf[q * MR * kc..(q + 1) * MR * kc]);
+            }
+            // While this block is multiplied, the next one is fetched from memory a few rows per
+            // micro-kernel call, so the loads in `pack4` hit the cache instead of stalling.
+            let next = blocks.get(bi + 1).map(|&(k1, m1)| {
+                let (kn, mn) = (KC.min(cols - k1), MC.min(nrows - m1));
+                let calls = panels.n * mc.div_ceil(MR);
+                (k1, m1, kn, mn, mn.div_ceil(calls))
+            });
+            let mut call = 0;
+            for p in 0..panels.n {
+                // Vectors of real tokens in this panel (the last may be partial).
+                let vecs = (panels.t - p * NR).min(NR).div_ceil(8);
+                let xp = panels.at(p, k0);
+                assert!(xp.len() >= kc * NR);
+                for q in 0..mc.div_ceil(MR) {
+                    let r = q * MR;
+                    if let Some((k1, m1, kn, mn, per_call)) = next {
+                        for nr in (call * per_call..(call + 1) * per_call).take_while(|&nr| nr < mn)
+                        {
+                            let row = &w[(r0 + m1 + nr) * cols + k1..][..kn];
+                            for line in (0..kn).step_by(64 / std::mem::size_of::<W>()) {
+                                _mm_prefetch::<_MM_HINT_T0>(row[line..].as_ptr() as *const i8);
+                            }
+                        }
+                        call += 1;
+                    }
+                    let wp = buf[r * kc..(r + MR) * kc].as_ptr();
+                    let cp = c[(m0 + r) * ct + p * NR..].as_mut_ptr();
+                    // SAFETY: wp holds kc · 4 packed weights; xp holds kc · 24 values (asserted); c
+                    // holds 24 values at stride ct for each of the rows stored (below nrows). The
+                    // features are enabled here.
+                    let xp = xp.as_ptr();
+                    let acc = k0 > 0;
+                    unsafe {
+                        match ((mc - r).min(MR), vecs) {
+                            (1, 1) => micro::<1, 1>(wp, xp, kc, cp, ct, acc),
+                            (1, 2) => micro::<1, 2>(wp, xp, kc, cp, ct, acc),
+                            (1, _) => micro::<1, 3>(wp, xp, kc, cp, ct, acc),
+                            (2, 1) => micro::<2, 1>(wp, xp, kc, cp, ct, acc),
+                            (2, 2) => micro::<2, 2>(wp, xp, kc, cp, ct, acc),
+                            (2, _) => micro::<2, 3>(wp, xp, kc, cp, ct, acc),
+                            (3, 1) => micro::<3, 1>(wp, xp, kc, cp, ct, acc),
+                            (3, 2) => micro::<3, 2>(wp, xp, kc, cp, ct, acc),
+                            (3, _) => micro::<3, 3>(wp, xp, kc, cp, ct, acc),
+                            (_, 1) => micro::<MR, 1>(wp, xp, kc, cp, ct, acc),
+                            (_, 2) => micro::<MR, 2>(wp, xp, kc, cp, ct, acc),
+                            (_, _) => micro::<MR, 3>(wp, xp, kc, cp, ct, acc),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Prefill `out (t × rows) = x (t × cols) · wᵀ` as a packed GEMM: activations repacked into 24-token
+/// panels once, weights read in `MC × KC` blocks (widened once per block for bf16/f16) and broadcast,
+/// 4 rows × 24 tokens per micro-kernel. Rows are split across the pool.
+pub fn gemm<W: super::matmul::WeightElem>(
+    w: &[W],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    t: usize,
+    out: &mut [f32],
+) {
+    use rayon::prelude::*;
+    assert!(w.len() >= rows * cols && x.len() == t * cols && out.len() == t * rows);
+    assert!(has_avx2());
+    let panels = Panels::pack(x, t, cols);
+    let ct = panels.n * NR;
+    let threads = rayon::current_num_threads().max(1);
+    let per = rows.div_ceil(threads * 4).next_multiple_of(MR).max(MR);
+    let mut c = vec![0f32; rows * ct];
+    c.par_chunks_mut(per * ct).enumerate().for_each(|(i, ci)| {
+        // SAFETY: the CPU features were checked above.
+        unsafe { gemm_rows(w, cols, i * per, &panels, ci) }
+    });
+    transpose(&c, rows, t, ct, out, rows);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_awkward_blocks() {
+        if !has_avx2() {
+            return;
+        }
+        for (rows, cols) in [(1, 1), (3, 17), (8, 8), (9, 16), (16, 9), (23, 41)] {
+            let (ss, ds) = (cols + 3, rows + 5);
+            let src: Vec<f32> = (0..rows * ss).map(|i| i as f32).collect();
+            let mut dst = vec![-1f32; cols * ds];
+            transpose(&src, rows, cols, ss, &mut dst, ds);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(dst[c * ds + r], src[r * ss + c], "{rows}x{cols} at {r},{c}");
+                }
+                // Padding columns of the destination are untouched.
+                for c in 0..cols {
+                    for pad in rows..ds.min(rows + 5) {
+                        assert_eq!(dst[c * ds + pad], -1.0);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pack4_interleaves_and_widens() {
+        if !has_avx2() {
+            return;
+        }
+        for kc in [1, 7, 8, 19] {
+            let rows: Vec<Vec<bf16>> = (0..3)
+                .map(|r| {
+                    (0..kc)
+                        .map(|k| bf16::from_f32((r * 100 + k) as f32))
+                        .collect()
+                })
+                .collect();
+            let mut dst = vec![f32::NAN; kc * MR];
+            let src = [
+                Some(&rows[0][..]),
+                Some(&rows[1][..]),
+                Some(&rows[2][..]),
+                None,
+            ];
+            // SAFETY: AVX2 was checked above.
+            unsafe { pack4(src, kc, &mut dst) };
+            for k in 0..kc {
+                for r in 0..3 {
+                    assert_eq!(dst[k * MR + r], rows[r][k].to_f32());
+                }
+                assert_eq!(dst[k * MR + 3], 0.0);
+            }
+        }
+    }
+}

@@ -236,6 +236,10 @@ pub fn matmul_typed<W: WeightElem>(
     }
 }
 
+/// From this many tokens on, prefill uses the packed GEMM (24-token panels: fewer tokens would be
+/// mostly padding).
+pub const GEMM_MIN_TOKENS: usize = 12;
+
 /// `out (t × rows) = x (t × cols) · wᵀ` with the register-tiled SIMD kernels where the CPU has them,
 /// else the portable ones.
 pub fn matmul_float<W: WeightElem>(
@@ -248,6 +252,9 @@ pub fn matmul_float<W: WeightElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if super::float_x86::has_avx2() {
+        if t >= GEMM_MIN_TOKENS {
+            return super::float_x86::gemm(w, rows, cols, x, t, out);
+        }
         return matmul_tiled(w, rows, cols, x, t, out);
     }
     matmul_typed(w, rows, cols, x, t, out)
@@ -424,6 +431,11 @@ mod tests {
             (5, 15, 3),
             (101, 40, 2),
             (12, 896, 1),
+            (9, 300, 12),
+            (70, 520, 25),
+            (5, 24, 48),
+            (130, 257, 13),
+            (600, 40, 12),
         ] {
             let w = data(rows * cols, 3);
             let x = data(t * cols, 4);
