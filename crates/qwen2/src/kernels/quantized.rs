@@ -423,7 +423,6 @@ pub fn matmul_acts(
     let t = acts.t;
     assert!(acts.cols == cols && out.len() == t * rows);
     let dtype = w.dtype;
-    let wrow = |r: usize| &w.bytes[r * rb..(r + 1) * rb];
     let per = rows_per_task(rows, rb, t);
     if t == 1 {
         // Decode: each task multiplies a run of consecutive rows, one sequential stream.
@@ -442,58 +441,76 @@ pub fn matmul_acts(
         return;
     }
     // Prefill: each task owns a block of rows and writes them for every token into a transposed buffer
-    // (rows × t), so tasks never share output cache lines. Within a task, tiles of 2 rows × 4 tokens:
-    // each decoded weight block serves four tokens. Tokens are taken in groups whose activations fit in L2.
+    // (rows × t), so tasks never share output cache lines. Tokens are taken in groups whose activations
+    // fit in L2.
     let mut out_t = vec![0f32; rows * t];
-    let tok_group = (262144 / cols).clamp(4, 256) & !3;
+    let tok_group = (262144 / cols).clamp(8, 256) & !7;
     out_t
         .par_chunks_mut(per * t)
         .enumerate()
         .for_each(|(c, o)| {
             let r0 = c * per;
-            let nrows = o.len() / t;
-            for g0 in (0..t).step_by(tok_group) {
-                let g1 = (g0 + tok_group).min(t);
-                let mut r = 0;
-                while r < nrows {
-                    let two = r + 2 <= nrows;
-                    let mut ti = g0;
-                    while ti + 4 <= g1 {
-                        let a = [
-                            acts.row(ti),
-                            acts.row(ti + 1),
-                            acts.row(ti + 2),
-                            acts.row(ti + 3),
-                        ];
-                        if two {
-                            let res =
-                                tile::<2, 4>(backend, dtype, [wrow(r0 + r), wrow(r0 + r + 1)], a);
-                            o[r * t + ti..r * t + ti + 4].copy_from_slice(&res[0]);
-                            o[(r + 1) * t + ti..(r + 1) * t + ti + 4].copy_from_slice(&res[1]);
-                        } else {
-                            let res = tile::<1, 4>(backend, dtype, [wrow(r0 + r)], a);
-                            o[r * t + ti..r * t + ti + 4].copy_from_slice(&res[0]);
-                        }
-                        ti += 4;
-                    }
-                    for ti in ti..g1 {
-                        let a = [acts.row(ti)];
-                        if two {
-                            let res =
-                                tile::<2, 1>(backend, dtype, [wrow(r0 + r), wrow(r0 + r + 1)], a);
-                            o[r * t + ti] = res[0][0];
-                            o[(r + 1) * t + ti] = res[1][0];
-                        } else {
-                            o[r * t + ti] = tile::<1, 1>(backend, dtype, [wrow(r0 + r)], a)[0][0];
-                        }
-                    }
-                    r += if two { 2 } else { 1 };
-                }
-            }
+            let wrows = &w.bytes[r0 * rb..(r0 + o.len() / t) * rb];
+            // 2 rows × 4 tokens: each decoded weight piece serves four tokens, each activation load two
+            // rows. (1×8, 2×3, 3×2, 2×6 measured no better on AVX2: the integer multiplies, not the
+            // loads or registers, set the pace.)
+            prefill_task::<2, 4>((backend, dtype, wrows, rb, acts, tok_group, o));
         });
     for r in 0..rows {
         for ti in 0..t {
             out[ti * rows + r] = out_t[r * t + ti];
+        }
+    }
+}
+
+type TaskArgs<'a> = (
+    Backend,
+    DType,
+    &'a [u8],
+    usize,
+    &'a QuantizedActs,
+    usize,
+    &'a mut [f32],
+);
+
+/// One prefill task: `o` (`nrows × t`, transposed) for the rows in `w`, in tiles of `R` rows × `T`
+/// tokens; leftover tokens go one at a time, leftover rows one at a time.
+fn prefill_task<const R: usize, const T: usize>(args: TaskArgs) {
+    let (backend, dtype, w, rb, acts, tok_group, o) = args;
+    let t = acts.t;
+    let nrows = w.len() / rb;
+    let wrow = |r: usize| &w[r * rb..(r + 1) * rb];
+    for g0 in (0..t).step_by(tok_group) {
+        let g1 = (g0 + tok_group).min(t);
+        let mut r = 0;
+        while r < nrows {
+            let full = r + R <= nrows;
+            let mut ti = g0;
+            while ti + T <= g1 {
+                let a: [ActRow; T] = std::array::from_fn(|k| acts.row(ti + k));
+                if full {
+                    let res = tile::<R, T>(backend, dtype, std::array::from_fn(|k| wrow(r + k)), a);
+                    for (k, row) in res.iter().enumerate() {
+                        o[(r + k) * t + ti..(r + k) * t + ti + T].copy_from_slice(row);
+                    }
+                } else {
+                    let res = tile::<1, T>(backend, dtype, [wrow(r)], a);
+                    o[r * t + ti..r * t + ti + T].copy_from_slice(&res[0]);
+                }
+                ti += T;
+            }
+            for ti in ti..g1 {
+                let a = [acts.row(ti)];
+                if full {
+                    let res = tile::<R, 1>(backend, dtype, std::array::from_fn(|k| wrow(r + k)), a);
+                    for (k, row) in res.iter().enumerate() {
+                        o[(r + k) * t + ti] = row[0];
+                    }
+                } else {
+                    o[r * t + ti] = tile::<1, 1>(backend, dtype, [wrow(r)], a)[0][0];
+                }
+            }
+            r += if full { R } else { 1 };
         }
     }
 }
