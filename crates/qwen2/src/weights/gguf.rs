@@ -883,6 +883,15 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
         eos_token_ids,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
     };
+    // Every layer has a dozen tensors: a block count the tensor list cannot hold is a lie, and must not go
+    // on to size the model's layer list (found by the `gguf_load` fuzz target).
+    if config.num_hidden_layers > file.tensors.len() {
+        return Err(file.err(format!(
+            "metadata `qwen2.block_count` ({}) claims more layers than the file has tensors ({})",
+            config.num_hidden_layers,
+            file.tensors.len()
+        )));
+    }
     config.validate()?;
     Ok(config)
 }
