@@ -4,7 +4,7 @@
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::attention::AttentionShape;
-use crate::kernels::{attention, rmsnorm, rope, silu_mul, RopeTable};
+use crate::kernels::{attention, pool, rmsnorm, rope, silu_mul, RopeTable};
 use crate::kv_cache::KvCache;
 use crate::matrix::{Matrix, WeightForm};
 use crate::weights::{to_f32_vec, TensorStore};
@@ -73,8 +73,8 @@ impl Model {
         Self::from_store_with(config, store, WeightForm::Exact)
     }
 
-    /// Like `from_store`, choosing the form block-quantized weights are used in: `Exact` dequantizes them
-    /// to f32 values, `Fast` keeps them quantized and multiplies with 8-bit activations.
+    /// Like `from_store`, choosing the form the weight matrices are held and multiplied in
+    /// ([`WeightForm`]: exact f32 math on the stored values, the file's own quantization, bf16 or Q8_0).
     pub fn from_store_with(
         config: ModelConfig,
         store: &TensorStore,
@@ -165,7 +165,17 @@ impl Model {
     /// Runs `tokens` (appended after what `cache` holds) through the network in one batched pass.
     /// Returns the logits asked for: `vocab` values per returned position.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
-        let hidden = self.forward_hidden(tokens, cache)?;
+        // One hop onto the compute pool for the whole pass, rather than one per parallel kernel.
+        pool::install(|| self.forward_on_pool(tokens, cache, logits))
+    }
+
+    fn forward_on_pool(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        let hidden = self.hidden_states(tokens, cache)?;
         let h = self.config.hidden_size;
         let t = tokens.len();
         let (rows, n) = match logits {
@@ -181,6 +191,10 @@ impl Model {
     /// Like `forward`, but returns the final-normed hidden state of every new position, so a caller can
     /// multiply only the output rows it needs (label scoring).
     pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        pool::install(|| self.hidden_states(tokens, cache))
+    }
+
+    fn hidden_states(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
         let t = tokens.len();
         if t == 0 {
