@@ -21,10 +21,16 @@ pub struct Global {
     /// Language of prompts and labels (default: detected from each text).
     #[arg(long, global = true, value_parser = ["zh", "en"])]
     pub lang: Option<String>,
-    /// Keep GGUF weights quantized and multiply with 8-bit activations (faster, approximate).
-    /// The default is the exact path: f32 math on the stored weight values.
+    /// The form weights are held and multiplied in (default: native): `native` keeps the file's own
+    /// quantized blocks and multiplies them with 8-bit activations (fastest; approximate), `f32` is f32
+    /// math on the stored values (exact), `bf16` and `q8_0` convert every matrix at load. For `convert`:
+    /// the dtype written, f32 (default) or bf16.
+    #[arg(long, global = true, value_name = "FORM",
+          value_parser = ["native", "f32", "bf16", "q8_0"])]
+    pub dtype: Option<String>,
+    /// The exact path: f32 math on the stored weight values (same as --dtype f32).
     #[arg(long, global = true)]
-    pub fast: bool,
+    pub exact: bool,
     /// A directory of task files that add to or override the shipped ones.
     #[arg(long, global = true, value_name = "DIR")]
     pub tasks_dir: Option<PathBuf>,
@@ -34,19 +40,29 @@ impl Global {
     pub fn threads(&self) -> Option<usize> {
         self.threads.map(usize::from)
     }
+
+    pub fn form(&self) -> qwen2::matrix::WeightForm {
+        use qwen2::matrix::WeightForm;
+        if self.exact {
+            return WeightForm::Exact;
+        }
+        self.dtype
+            .as_deref()
+            .and_then(WeightForm::parse)
+            .unwrap_or(WeightForm::Native)
+    }
 }
 
 /// Finds (fetching if needed) and loads the model, saying what it does on stderr.
 pub fn load_model(g: &Global) -> Result<qwen2::LoadedModel> {
     let path = qwen2::fetch::resolve_model(g.model.as_deref())?;
-    eprint!("loading {} … ", path.display());
+    eprint!(
+        "loading {} ({} weights) … ",
+        path.display(),
+        g.form().name()
+    );
     let _ = std::io::stderr().flush();
-    let form = if g.fast {
-        qwen2::matrix::WeightForm::Fast
-    } else {
-        qwen2::matrix::WeightForm::Exact
-    };
-    let loaded = qwen2::load::load_with(&path, form).inspect_err(|_| eprintln!())?;
+    let loaded = qwen2::load::load_with(&path, g.form()).inspect_err(|_| eprintln!())?;
     eprintln!("done in {} ms", loaded.load_time.as_millis());
     Ok(loaded)
 }
@@ -93,7 +109,7 @@ pub fn print_trace(e: &tasks::TraceEvent) {
         }
         T::Labels { scores } => {
             for s in scores {
-                eprintln!("[trace] Runner::classify → {:<10} log p = {:>8.4}  p = {:.4}", s.display, s.logprob, s.prob);
+                eprintln!("[trace] Runner::classify → {:<10} score = {:>8.4}  p = {:.4}", s.display, s.logprob, s.prob);
             }
         }
         T::Token { id, piece, candidates } => {

@@ -25,7 +25,8 @@ pub enum ClassifyMode {
 pub struct LabelScore {
     pub label: String,
     pub display: String,
-    /// log P(label tokens, then end of answer | prompt).
+    /// log P(label tokens | prompt), up to a constant shared by all labels (the first position's
+    /// normaliser, which label scoring never computes).
     pub logprob: f32,
     /// Normalised over the labels.
     pub prob: f32,
@@ -147,12 +148,18 @@ impl Runner {
                 "task {task_name} does not output labels"
             )));
         }
-        let end_id = self.tokenizer.id_of("<|im_end|>");
-        // Each label's answer tokens, closed by the end-of-turn token so a label must be the whole answer.
+        // Each label's answer tokens. The few-shot prompt makes the label the whole answer, so the answer
+        // is scored up to the label (scoring the end-of-turn token after it too measured no more accurate
+        // and cost a second forward pass per label).
         let mut label_ids = Vec::new();
         for l in &task.labels {
-            let mut ids = self.tokenizer.encode(l.display(lang))?;
-            ids.extend(end_id);
+            let ids = self.tokenizer.encode(l.display(lang))?;
+            if ids.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "task {task_name}: label {} has no tokens",
+                    l.id
+                )));
+            }
             label_ids.push(ids);
         }
         let longest = label_ids.iter().map(Vec::len).max().unwrap_or(0).max(5);
@@ -187,13 +194,22 @@ impl Runner {
             });
         }
 
+        // The first token of every label is scored from the last hidden state, multiplying only those rows
+        // of the output matrix (a few of its 151936): the log-softmax normaliser of that position is the
+        // same for every label, so it cancels when the scores are normalised over the labels. Later tokens
+        // of a multi-token label need their own full normaliser.
         let prompt_len = cache.len() + rest.len();
-        let first = self.model.forward(&rest, &mut cache, Logits::Last)?;
-        let first = log_softmax(&first);
+        let hidden = self.model.forward_hidden(&rest, &mut cache)?;
+        let last = &hidden[hidden.len() - self.model.config.hidden_size..];
+        let first_ids: Vec<usize> = label_ids.iter().map(|ids| ids[0] as usize).collect();
+        let mut first = vec![0f32; first_ids.len()];
+        self.model
+            .output_matrix()
+            .matmul_rows(&first_ids, last, 1, &mut first);
         let vocab = self.model.config.vocab_size;
         let mut scores = Vec::new();
-        for (l, ids) in task.labels.iter().zip(&label_ids) {
-            let mut lp = first[ids[0] as usize];
+        for ((l, ids), &first_logit) in task.labels.iter().zip(&label_ids).zip(&first) {
+            let mut lp = first_logit;
             if ids.len() > 1 {
                 cache.truncate(prompt_len);
                 let rows = self
