@@ -136,7 +136,7 @@ pub fn gguf_load(data: &[u8], scratch: &Path) {
     }
     // Building a `Tokenizer` from the JSON is the `gguf_tokenizer` target's job: it compiles Qwen2's split
     // regex, which under the fuzzer's instrumentation costs more than everything else here together.
-    for form in [WeightForm::Exact, WeightForm::Fast] {
+    for form in [WeightForm::Exact, WeightForm::Native] {
         if let Ok(model) = Model::from_store_with(g.config.clone(), &g.store, form) {
             let _ = model.weight_bytes_per_token();
             exercise_model(&model);
@@ -155,7 +155,7 @@ pub fn safetensors_load(data: &[u8], scratch: &Path) {
     for config in [SMALL_CONFIG, TINY_CONFIG] {
         let config =
             ModelConfig::from_hf_json(&json(config), None).expect("fixture config is valid");
-        for form in [WeightForm::Exact, WeightForm::Fast] {
+        for form in [WeightForm::Exact, WeightForm::Native] {
             if let Ok(model) = Model::from_store_with(config.clone(), &store, form) {
                 exercise_model(&model);
             }

@@ -105,7 +105,8 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         "machine": {"threads": qwen2::kernels::pool::threads(), "simd": qwen2::cpu::compiled_features(),
                      "read_bandwidth_gbs": bw, "fma_peak_gflops": peak},
         "model": {"path": g.model.as_ref().map(|p| p.display().to_string()), "weight_bytes_per_token": bytes_per_token,
-                  "form": model.embed_tokens.form()},
+                  "form": g.form().name(),
+                  "output_matrix": model.output_matrix().form()},
         "load_s": load_s,
         "prefill": prefill.iter().map(|(n, (tps, gf))| serde_json::json!({"tokens": n, "tok_s": tps, "gflops": gf,
             "fraction_of_peak": gf / peak})).collect::<Vec<_>>(),
@@ -125,7 +126,8 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     println!("  read bandwidth      {bw:>8.1} GB/s");
     println!("  FMA peak            {peak:>8.1} GFLOP/s");
     println!(
-        "model: load {load_s:.2} s, {:.2} GB of weights read per token",
+        "model: {} weights, load {load_s:.2} s, {:.2} GB of weights read per token",
+        g.form().name(),
         bytes_per_token / 1e9
     );
     for (n, (tps, gf)) in &prefill {

@@ -24,9 +24,6 @@ pub struct Args {
     /// Report the K largest logits at the last prompt position.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub top_logits: usize,
-    /// Exact math: FP32 on the stored weight values (the reference path).
-    #[arg(long)]
-    pub exact: bool,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -52,11 +49,6 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
             "sampling options out of range: temperature ≥ 0, 0 < top-p ≤ 1, repetition-penalty > 0"
         );
     }
-    let mut g = g.clone();
-    if a.exact {
-        g.fast = false;
-    }
-    let g = &g;
     let m = load_model(g)?;
     let text = match &a.prompt {
         Some(p) => p.clone(),

@@ -75,7 +75,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval::run(g, a),
         Command::Generate(a) => generate::run(g, a),
         Command::Tokenize(a) => tokenize::run(g, a),
-        Command::Convert(a) => convert::run(a),
+        Command::Convert(a) => convert::run(g, a),
         Command::Fetch => fetch::run(),
         Command::Bench(a) => bench::run(g, a),
     };

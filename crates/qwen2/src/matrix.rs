@@ -1,6 +1,6 @@
 //! `Matrix`: a weight matrix in the form the kernels read it — mapped F32/BF16/F16 bytes straight from the
 //! checkpoint (no copy), owned F32 values (dequantized GGUF blocks, or a mapping that was misaligned), or
-//! GGUF quantized blocks left in the mapping (the [`WeightForm::Fast`] form).
+//! GGUF quantized blocks left in the mapping (the [`WeightForm::Native`] form).
 
 use crate::error::{Error, Result};
 use crate::kernels::quantized::{self, QuantSlice};
@@ -12,18 +12,54 @@ use half::{bf16, f16};
 /// F32, BF16 and F16 tensors are exact in either form (mapped, widened to f32 in registers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightForm {
-    /// f32 arithmetic on the stored values: quantized blocks are dequantized to f32 at load (4 bytes a
-    /// weight in memory). What the golden tests check.
+    /// f32 arithmetic on the stored values: F32/BF16/F16 stay in the mapping, quantized blocks are
+    /// dequantized to f32 at load (4 bytes a weight in memory). What the golden tests check.
     #[default]
     Exact,
-    /// Quantized blocks stay in the mapping (no copy); each product quantizes the activations to 8 bits
-    /// per 32 values and multiplies with integer multiply-adds. Approximate: the activations are rounded.
-    /// A matrix whose rows do not hold whole blocks falls back to `Exact`.
-    Fast,
+    /// Each tensor as the file stores it: quantized blocks stay in the mapping (no copy) and each product
+    /// quantizes the activations to 8 bits per 32 values for integer multiply-adds — approximate: the
+    /// activations are rounded. F32/BF16/F16 tensors are used as in `Exact`. A quantized matrix whose rows
+    /// do not hold whole blocks falls back to `Exact`.
+    Native,
+    /// Every matrix held as bf16, widened to f32 in registers: exact for a bf16 file, rounded otherwise.
+    Bf16,
+    /// Every matrix held as Q8_0 (a scale per 32 weights, 8-bit integers), multiplied like `Native`:
+    /// quantized at load unless the file stores Q8_0 already.
+    Q8_0,
+}
+
+impl WeightForm {
+    pub const ALL: [WeightForm; 4] = [
+        WeightForm::Exact,
+        WeightForm::Native,
+        WeightForm::Bf16,
+        WeightForm::Q8_0,
+    ];
+
+    /// The name used on the command line (`--dtype`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightForm::Exact => "f32",
+            WeightForm::Native => "native",
+            WeightForm::Bf16 => "bf16",
+            WeightForm::Q8_0 => "q8_0",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(name))
+            .or_else(|| {
+                name.eq_ignore_ascii_case("exact")
+                    .then_some(WeightForm::Exact)
+            })
+    }
 }
 
 enum Storage {
     Owned(Vec<f32>),
+    OwnedBF16(Vec<bf16>),
     MappedF32(Bytes),
     MappedBF16(Bytes),
     MappedF16(Bytes),
@@ -90,13 +126,37 @@ impl Matrix {
             ));
         }
         let b = t.bytes.as_slice();
-        let storage = match t.dtype {
-            DType::F32 if cast::<f32>(b).is_some() => Storage::MappedF32(t.bytes.clone()),
-            DType::BF16 if cast::<bf16>(b).is_some() => Storage::MappedBF16(t.bytes.clone()),
-            DType::F16 if cast::<f16>(b).is_some() => Storage::MappedF16(t.bytes.clone()),
-            q if form == WeightForm::Fast && quantized::row_bytes(q, cols).is_some() => {
+        let whole_q8_blocks = quantized::row_bytes(DType::Q8_0, cols).is_some();
+        let storage = match (form, t.dtype) {
+            (WeightForm::Exact | WeightForm::Native, DType::F32) if cast::<f32>(b).is_some() => {
+                Storage::MappedF32(t.bytes.clone())
+            }
+            (WeightForm::Exact | WeightForm::Native | WeightForm::Bf16, DType::BF16)
+                if cast::<bf16>(b).is_some() =>
+            {
+                Storage::MappedBF16(t.bytes.clone())
+            }
+            (WeightForm::Exact | WeightForm::Native, DType::F16) if cast::<f16>(b).is_some() => {
+                Storage::MappedF16(t.bytes.clone())
+            }
+            (WeightForm::Native, q) | (WeightForm::Q8_0, q @ DType::Q8_0)
+                if quantized::row_bytes(q, cols).is_some() =>
+            {
                 Storage::Quant(q, QuantBytes::Mapped(t.bytes.clone()))
             }
+            (WeightForm::Bf16, _) => Storage::OwnedBF16(
+                to_f32_vec(name, t)?
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect(),
+            ),
+            (WeightForm::Q8_0, _) if whole_q8_blocks => Storage::Quant(
+                DType::Q8_0,
+                QuantBytes::Owned(quantized::reference_quantizer::quantize(
+                    DType::Q8_0,
+                    &to_f32_vec(name, t)?,
+                )),
+            ),
             _ => Storage::Owned(to_f32_vec(name, t)?),
         };
         Ok(Matrix {
@@ -116,7 +176,7 @@ impl Matrix {
     }
 
     /// Block-quantized rows held in memory (tests, benchmarks, converted weights), multiplied as in
-    /// [`WeightForm::Fast`]. `bytes` must hold exactly `rows × cols` values of `dtype`, whole blocks per row.
+    /// [`WeightForm::Native`]. `bytes` must hold exactly `rows × cols` values of `dtype`, whole blocks per row.
     pub fn from_quantized(dtype: DType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
         let what = format!("{} matrix {rows}x{cols}", dtype.name());
         let rb = quantized::row_bytes(dtype, cols)
@@ -139,6 +199,7 @@ impl Matrix {
         let bad = "alignment checked at construction";
         match &self.storage {
             Storage::Owned(v) => WeightSlice::F32(v),
+            Storage::OwnedBF16(v) => WeightSlice::BF16(v),
             Storage::MappedF32(b) => WeightSlice::F32(cast(b.as_slice()).expect(bad)),
             Storage::MappedBF16(b) => WeightSlice::BF16(cast(b.as_slice()).expect(bad)),
             Storage::MappedF16(b) => WeightSlice::F16(cast(b.as_slice()).expect(bad)),
@@ -153,6 +214,7 @@ impl Matrix {
     pub fn form(&self) -> &'static str {
         match &self.storage {
             Storage::Owned(_) => "f32 (owned)",
+            Storage::OwnedBF16(_) => "bf16 (owned)",
             Storage::MappedF32(_) => "f32 (mapped)",
             Storage::MappedBF16(_) => "bf16 (mapped)",
             Storage::MappedF16(_) => "f16 (mapped)",
@@ -171,6 +233,7 @@ impl Matrix {
     pub fn bytes(&self) -> usize {
         match &self.storage {
             Storage::Owned(v) => v.len() * 4,
+            Storage::OwnedBF16(v) => v.len() * 2,
             Storage::MappedF32(b) | Storage::MappedBF16(b) | Storage::MappedF16(b) => b.len(),
             Storage::Quant(_, b) => b.as_slice().len(),
         }
@@ -280,7 +343,7 @@ mod tests {
             let q = quantize(dtype, &data(rows * cols, rows as u32));
             let (_f, t) = mapped(dtype, [rows, cols], &q);
             let exact = Matrix::from_raw("w", &t, rows, cols).unwrap();
-            let fast = Matrix::from_raw_with("w", &t, rows, cols, WeightForm::Fast).unwrap();
+            let fast = Matrix::from_raw_with("w", &t, rows, cols, WeightForm::Native).unwrap();
             assert_eq!(exact.form(), "f32 (owned)");
             assert!(fast.form().ends_with("(mapped)"), "{}", fast.form());
             assert_eq!(fast.bytes(), q.len());
@@ -321,7 +384,7 @@ mod tests {
         // 2 × 128 Q4_K values are one 256-value super-block spanning both rows.
         let q = random_blocks(DType::Q4K, 1, 5);
         let (_f, t) = mapped(DType::Q4K, [2, 128], &q);
-        let m = Matrix::from_raw_with("w", &t, 2, 128, WeightForm::Fast).unwrap();
+        let m = Matrix::from_raw_with("w", &t, 2, 128, WeightForm::Native).unwrap();
         assert_eq!(m.form(), "f32 (owned)");
     }
 
