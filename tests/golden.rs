@@ -151,3 +151,14 @@ fn converted_dirs_match_transformers() {
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }
+
+#[test]
+fn bf16_form_of_the_gguf_matches_transformers_on_bf16_weights() {
+    // `--dtype bf16` rounds every dequantized weight to bf16 at load, as transformers' `.to(bfloat16)`
+    // does: the same golden data as the converted BF16 dir applies.
+    let m = qwen2::load::load_with(&default_model_path(), qwen2::matrix::WeightForm::Bf16).unwrap();
+    assert!(m.model.output_matrix().form().starts_with("bf16"));
+    let golden = read_json(&data_dir().join("golden/chat_cases_bf16.json"));
+    let failures = check_chat_cases(&m, &golden, "bf16 form");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -58,6 +58,8 @@ pub struct ModeReport {
     pub confusion: BTreeMap<String, BTreeMap<String, usize>>,
     pub mean_ms: f64,
     pub p95_ms: f64,
+    /// The predicted label of each example, in order (`(none)` when generation found none).
+    pub predictions: Vec<String>,
 }
 
 pub fn evaluate(
@@ -71,6 +73,7 @@ pub fn evaluate(
     let mut confusion: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     let mut times = Vec::new();
     let (mut correct, mut unparsed) = (0, 0);
+    let mut predictions = Vec::with_capacity(examples.len());
     for (i, ex) in examples.iter().enumerate() {
         let lang = lang.unwrap_or_else(|| Lang::detect(&ex.text));
         let c = runner.classify(task, &ex.text, lang, &BTreeMap::new(), mode, &mut |_| {})?;
@@ -85,8 +88,9 @@ pub fn evaluate(
         *confusion
             .entry(ex.label.clone())
             .or_default()
-            .entry(pred)
+            .entry(pred.clone())
             .or_default() += 1;
+        predictions.push(pred);
         progress(i + 1, examples.len());
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;
@@ -105,5 +109,6 @@ pub fn evaluate(
         confusion,
         mean_ms: mean,
         p95_ms: p95,
+        predictions,
     })
 }

@@ -1,0 +1,78 @@
+//! The approximate weight forms against transformers' exact greedy paths (tests/data/golden): at every
+//! step of each golden continuation, fed transformers' own tokens, does the form pick the same next token?
+//! Steps where transformers' top-2 margin is below 0.1 are counted apart: there any rounding may flip
+//! the choice. The sentiment labels of the forms are compared on the shipped set in `eval_real.rs`.
+
+use duet_e2e::{data_dir, default_model_path, ids, read_json};
+use qwen2::matrix::WeightForm;
+use qwen2::{KvCache, Logits};
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap()
+}
+
+/// (agreeing steps, steps) over clear steps, and the same over near-tie steps.
+fn top1_agreement(form: WeightForm) -> ((usize, usize), (usize, usize)) {
+    let m = qwen2::load::load_with(&default_model_path(), form).unwrap();
+    let golden = read_json(&data_dir().join("golden/chat_cases.json"));
+    let (mut clear, mut ties) = ((0, 0), (0, 0));
+    for case in golden["cases"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want = ids(&case["greedy_ids"]);
+        let margins: Vec<f64> = case["margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(margins.len(), want.len());
+        // The prompt, then transformers' tokens: the logits before each of them.
+        let mut seq = prompt.clone();
+        seq.extend_from_slice(&want[..want.len() - 1]);
+        let mut cache = KvCache::new(&m.model.config, seq.len()).unwrap();
+        let hidden_rows = m.model.forward(&seq, &mut cache, Logits::All).unwrap();
+        let vocab = m.model.config.vocab_size;
+        for (step, (&w, &margin)) in want.iter().zip(&margins).enumerate() {
+            let pos = prompt.len() - 1 + step;
+            let got = argmax(&hidden_rows[pos * vocab..(pos + 1) * vocab]);
+            let bucket = if margin >= 0.1 { &mut clear } else { &mut ties };
+            bucket.1 += 1;
+            if got == w as usize {
+                bucket.0 += 1;
+            }
+        }
+    }
+    (clear, ties)
+}
+
+fn check(form: WeightForm, min_clear: f64) {
+    let ((ca, cn), (ta, tn)) = top1_agreement(form);
+    let rate = ca as f64 / cn as f64;
+    eprintln!(
+        "{}: top-1 agreement with transformers {ca}/{cn} = {:.1} % (margin ≥ 0.1), {ta}/{tn} at near-ties",
+        form.name(),
+        rate * 100.0
+    );
+    assert!(cn >= 100, "too few golden steps: {cn}");
+    assert!(rate >= min_clear, "{}: {rate}", form.name());
+}
+
+#[test]
+fn native_form_top1_agreement() {
+    check(WeightForm::Native, 0.95);
+}
+
+#[test]
+fn q8_0_form_top1_agreement() {
+    check(WeightForm::Q8_0, 0.95);
+}
+
+#[test]
+fn exact_form_top1_agreement_is_total() {
+    // The same measure on the exact path: every clear step agrees (the golden tests check far more).
+    check(WeightForm::Exact, 1.0);
+}
