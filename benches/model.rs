@@ -1,13 +1,17 @@
 //! Whole-model benchmarks on the real default model, in each weight form: one decode step after a
-//! 64-token prompt, and a 64-token prefill (last position's logits only).
+//! 64-token prompt, a 64-token prefill (last position's logits only), and — in the default form — the
+//! dual task end to end (sentiment label, then a 32-token reply) with a warm prefix cache.
 //!
-//! The model is `$DUET_MODEL` if set, else the default model, fetched first if missing (as the tests do). Decode throughput is reported in weight bytes read per
-//! step, so `GiB/s` is the effective bandwidth; prefill throughput in tokens.
+//! The model is `$DUET_MODEL` if set, else the default model, fetched first if missing (as the tests do).
+//! Decode throughput is reported in weight bytes read per step, so `GiB/s` is the effective bandwidth;
+//! prefill throughput in tokens.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qwen2::matrix::WeightForm;
 use qwen2::{KvCache, Logits};
+use std::collections::BTreeMap;
 use std::time::Duration;
+use tasks::{ClassifyMode, Lang};
 
 /// A fixed prompt of ordinary token ids.
 fn prompt(n: usize) -> Vec<u32> {
@@ -17,10 +21,10 @@ fn prompt(n: usize) -> Vec<u32> {
 fn model(c: &mut Criterion) {
     let path = duet_e2e::default_model_path();
     qwen2::kernels::pool::init(None);
-    for (name, form) in [("exact", WeightForm::Exact), ("fast", WeightForm::Fast)] {
+    for form in WeightForm::ALL {
         let m = qwen2::load::load_with(&path, form).expect("load the model");
         let model = &m.model;
-        let mut g = c.benchmark_group(format!("model/{name}"));
+        let mut g = c.benchmark_group(format!("model/{}", form.name()));
         g.sample_size(10).measurement_time(Duration::from_secs(8));
 
         let p = prompt(64);
@@ -46,5 +50,59 @@ fn model(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, model);
+fn dual_task(c: &mut Criterion) {
+    let m = qwen2::load::load_with(&duet_e2e::default_model_path(), WeightForm::Native)
+        .expect("load the model");
+    let (lib, _) = tasks::Library::load(&[tasks::library::shipped_dir()]).unwrap();
+    let mut runner = tasks::Runner::new(m.model, m.tokenizer, lib);
+    let text = "今天的实验终于成功了，太棒了！";
+    let mut g = c.benchmark_group("dual_task/native");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    g.bench_function("sentiment_label", |b| {
+        b.iter(|| {
+            let none = BTreeMap::new();
+            runner
+                .classify(
+                    "sentiment",
+                    text,
+                    Lang::Zh,
+                    &none,
+                    ClassifyMode::Scoring,
+                    &mut |_| {},
+                )
+                .unwrap()
+        })
+    });
+    g.bench_function("label_and_32_token_reply", |b| {
+        b.iter(|| {
+            let c = runner
+                .classify(
+                    "sentiment",
+                    text,
+                    Lang::Zh,
+                    &BTreeMap::new(),
+                    ClassifyMode::Scoring,
+                    &mut |_| {},
+                )
+                .unwrap();
+            let mut vars = BTreeMap::new();
+            vars.insert("sentiment".to_string(), c.display);
+            runner
+                .generate(
+                    "reply",
+                    text,
+                    Lang::Zh,
+                    &vars,
+                    &[],
+                    Some(32),
+                    &mut |_| {},
+                    &mut |_| true,
+                )
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, model, dual_task);
 criterion_main!(benches);
