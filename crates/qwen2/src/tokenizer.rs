@@ -65,7 +65,11 @@ impl Tokenizer {
     }
 
     pub fn from_json(json: &serde_json::Value, chat_template: Option<String>) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone())
+        // Through text rather than `from_value(json.clone())`: `tokenizers` buffers a large `Value` again
+        // on its way through, which took most of the load time (1.8 → 1.0 s of CPU for the default model).
+        let inner: tokenizers::Tokenizer = json
+            .to_string()
+            .parse()
             .map_err(|e| Error::Tokenizer(format!("cannot build tokenizer: {e}")))?;
         Ok(Tokenizer {
             inner,
