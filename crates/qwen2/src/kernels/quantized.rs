@@ -878,7 +878,8 @@ mod tests {
     fn all_backends_match_the_reference() {
         for dtype in TYPES {
             let (vals, _) = dtype.block();
-            for &(rows, nblk, t) in &[
+            #[cfg(not(miri))]
+            let shapes = [
                 (1, 1, 1),
                 (3, 2, 1),
                 (5, 3, 2),
@@ -886,7 +887,11 @@ mod tests {
                 (9, 4, 6),
                 (18, 2, 9),
                 (33, 3, 1),
-            ] {
+            ];
+            // Miri is far too slow for the full list: decode, a token tail, and 2 × 4 tiles with both tails.
+            #[cfg(miri)]
+            let shapes = [(3, 2, 1), (5, 3, 2), (7, 1, 5)];
+            for (rows, nblk, t) in shapes {
                 let cols = nblk * vals;
                 for (kind, w) in [
                     (
