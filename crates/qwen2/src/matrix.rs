@@ -21,7 +21,8 @@ pub enum WeightForm {
     /// activations are rounded. F32/BF16/F16 tensors are used as in `Exact`. A quantized matrix whose rows
     /// do not hold whole blocks falls back to `Exact`.
     Native,
-    /// Every matrix held as bf16, widened to f32 in registers: exact for a bf16 file, rounded otherwise.
+    /// Every tensor rounded to bf16 (matrices held as bf16, widened to f32 in registers): exact for a bf16
+    /// file, rounded otherwise — the same values a bf16 checkpoint of the model holds.
     Bf16,
     /// Every matrix held as Q8_0 (a scale per 32 weights, 8-bit integers), multiplied like `Native`:
     /// quantized at load unless the file stores Q8_0 already.

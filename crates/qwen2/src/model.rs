@@ -86,7 +86,13 @@ impl Model {
             Matrix::from_raw_with(name, store.get(name)?, rows, cols, form)
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
-            to_f32_vec(name, store.get_shaped(name, &[len])?)
+            let mut v = to_f32_vec(name, store.get_shaped(name, &[len])?)?;
+            if form == WeightForm::Bf16 {
+                // The bf16 form rounds every tensor, as a bf16 checkpoint of the same model would.
+                v.iter_mut()
+                    .for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+            }
+            Ok(v)
         };
         let linear = |prefix: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
             Ok(Linear {
