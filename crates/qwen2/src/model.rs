@@ -104,7 +104,9 @@ impl Model {
                 },
             })
         };
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        // Grown layer by layer, not reserved: a config may claim millions of layers, and only the tensors
+        // actually found (the first missing one is an error) may size anything.
+        let mut layers = Vec::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer {
