@@ -555,6 +555,7 @@ fn unknown_and_unsupported_tensor_types() {
     let line = assert_rejected(&write(dir.path(), "q4_0.gguf", &b), "not supported");
     assert!(line.contains("Q4_0"), "{line}");
     assert!(line.contains("ffn_up"), "{line}");
+    assert!(line.contains("q4_0.gguf"), "the file is named: {line}");
 }
 
 #[test]

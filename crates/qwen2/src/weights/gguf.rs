@@ -750,6 +750,14 @@ fn layer_of(gguf_name: &str) -> Option<usize> {
 
 /// All tensors under their Hugging Face names, in Hugging Face shape order.
 pub fn tensor_store(file: &GgufFile, config: &ModelConfig) -> Result<TensorStore> {
+    // A tensor's error also names the file it came from.
+    tensors_of(file, config).map_err(|e| match e {
+        Error::Tensor { name, message } => file.err(format!("tensor {name}: {message}")),
+        other => other,
+    })
+}
+
+fn tensors_of(file: &GgufFile, config: &ModelConfig) -> Result<TensorStore> {
     let mut store = TensorStore::default();
     for t in &file.tensors {
         let hf = hf_tensor_name(&t.name).ok_or_else(|| {
