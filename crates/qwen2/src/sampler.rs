@@ -53,58 +53,17 @@ impl Sampler {
             return argmax(logits) as u32;
         }
         let inv_t = 1.0 / p.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
+        let scaled: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .map(|(i, &l)| (i as u32, l * inv_t))
             .collect();
-        let n = cand.len();
-        let best_first = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
-        // Candidates best first; top-k and top-p only ever cut the tail. Sorting all 151936 takes longer
-        // than the rest of the step, so the best HEAD are selected and sorted first; the full sort runs
-        // only when their mass is not enough for top-p.
-        const HEAD: usize = 256;
-        let limit = if p.top_k > 0 { p.top_k.min(n) } else { n };
-        let mut probs = Vec::new();
-        if limit <= HEAD || (p.top_p < 1.0 && limit == n && n > HEAD) {
-            let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-            let total: f32 = if limit == n {
-                cand.iter().map(|c| (c.1 - max).exp()).sum()
-            } else {
-                0.0
-            };
-            let head = limit.min(HEAD);
-            if head < n {
-                cand.select_nth_unstable_by(head - 1, best_first);
-                cand.truncate(head);
-            }
-            cand.sort_unstable_by(best_first);
-            probs = cand.iter().map(|c| (c.1 - max).exp()).collect();
-            let sum = if limit == n {
-                total
-            } else {
-                probs.iter().sum()
-            };
-            probs.iter_mut().for_each(|x| *x /= sum);
-            let covered: f32 = probs.iter().sum();
-            if limit > head && covered < p.top_p {
-                // The head holds too little of the mass: fall back to the whole sort.
-                probs.clear();
-                cand = logits
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &l)| (i as u32, l * inv_t))
-                    .collect();
-            }
-        }
-        if probs.is_empty() {
-            cand.sort_unstable_by(best_first);
-            cand.truncate(limit);
-            let max = cand[0].1;
-            probs = cand.iter().map(|c| (c.1 - max).exp()).collect();
-            let sum: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|x| *x /= sum);
-        }
+        let limit = if p.top_k > 0 {
+            p.top_k.min(scaled.len())
+        } else {
+            scaled.len()
+        };
+        let (cand, mut probs) = ranked(scaled, limit, p.top_p);
         if p.top_p < 1.0 {
             // Keep the smallest head whose mass reaches top_p (at least one token).
             let mut acc = 0.0;
@@ -130,6 +89,50 @@ impl Sampler {
         }
         cand[probs.len() - 1].0
     }
+}
+
+/// The `limit` best candidates (top-k; all when `limit` is their number), best first, with their softmax
+/// probabilities over those `limit` — sorted only as far as top-p will read them.
+///
+/// Sorting all 151936 logits took longer than the rest of a sampled step, so without top-k but with top-p
+/// the best `HEAD` are selected and sorted first, their probabilities taken against the normaliser of all;
+/// the full sort runs only when they hold less than top-p of the mass.
+fn ranked(mut cand: Vec<(u32, f32)>, limit: usize, top_p: f32) -> (Vec<(u32, f32)>, Vec<f32>) {
+    const HEAD: usize = 256;
+    let best_first = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    let weights = |c: &[(u32, f32)]| -> Vec<f32> { c.iter().map(|x| (x.1 - max).exp()).collect() };
+    let n = cand.len();
+    let head = if limit <= HEAD {
+        limit
+    } else if limit == n && top_p < 1.0 {
+        HEAD
+    } else {
+        n
+    };
+    let z: f32 = if head < limit {
+        weights(&cand).iter().sum()
+    } else {
+        0.0
+    };
+    if head < n {
+        let mut best = cand.clone();
+        best.select_nth_unstable_by(head - 1, best_first);
+        best.truncate(head);
+        best.sort_unstable_by(best_first);
+        let mut probs = weights(&best);
+        let sum = if head == limit { probs.iter().sum() } else { z };
+        probs.iter_mut().for_each(|x| *x /= sum);
+        if head == limit || probs.iter().sum::<f32>() >= top_p {
+            return (best, probs);
+        }
+    }
+    cand.sort_unstable_by(best_first);
+    cand.truncate(limit);
+    let mut probs = weights(&cand);
+    let sum: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= sum);
+    (cand, probs)
 }
 
 pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
