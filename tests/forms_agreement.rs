@@ -5,15 +5,8 @@
 
 use duet_e2e::{data_dir, default_model_path, ids, read_json};
 use qwen2::matrix::WeightForm;
+use qwen2::sampler::argmax;
 use qwen2::{KvCache, Logits};
-
-fn argmax(x: &[f32]) -> usize {
-    x.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
-        .unwrap()
-}
 
 /// (agreeing steps, steps) over clear steps, and the same over near-tie steps.
 fn top1_agreement(form: WeightForm) -> ((usize, usize), (usize, usize)) {
