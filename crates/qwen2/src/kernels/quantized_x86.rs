@@ -14,6 +14,11 @@ use super::quantized::{ActRow, Backend};
 use crate::weights::DType;
 use std::arch::x86_64::*;
 
+/// How far ahead of the kernel's position in a weight row (or the rows after it) software prefetch asks for
+/// cache lines. Decode streams weights from DRAM; the hardware prefetcher alone left a 151936-row Q8_0
+/// product at ~70 % of the read bandwidth on a 2-core Zen 3 VM, prefetching 2 KiB ahead brought it to ~95 %.
+const PREFETCH: usize = 2048;
+
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
@@ -306,6 +311,10 @@ macro_rules! instruction_set {
             unsafe fn superblock<F: Fmt>(w: *const u8, s: usize, a: ActPtr, acc: __m256) -> __m256 {
                 // SAFETY: super-block s lies within the row.
                 let base = unsafe { w.add(s * F::SB_BYTES) };
+                // A prefetch is a hint and never faults, so it may point past the row (`wrapping_add`).
+                for off in (0..F::SB_BYTES).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH + off) as *const i8);
+                }
                 // SAFETY: base points at a whole super-block.
                 let hdr = unsafe { F::header(base) };
                 // Two chains, so a piece need not wait for the previous one's FMA.
