@@ -70,7 +70,17 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
 ) -> [[f32; T]; R] {
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut i = 0;
+    let line = 64 / std::mem::size_of::<W>();
     while i + 8 <= n {
+        // Decode streams the weights from DRAM once, `R` consecutive rows per tile: ask for the same
+        // place in the next tile's rows. On a 2-core Zen 3 VM this took a 151936-row product from 12 to
+        // 13.5 GB/s (f32) and from 8 to 11 GB/s (bf16); a fixed 1-4 KiB distance did worse. A prefetch is
+        // a hint and never faults, so it may point past the matrix (`wrapping_add`).
+        if T == 1 && i % line == 0 {
+            for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(w[r].wrapping_add(i + R * n) as *const i8);
+            }
+        }
         let mut wv = [_mm256_setzero_ps(); R];
         for r in 0..R {
             // SAFETY: i + 8 <= n.
