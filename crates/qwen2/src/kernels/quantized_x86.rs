@@ -61,12 +61,24 @@ trait Fmt {
     unsafe fn mins(h: &Self::Hdr) -> __m256;
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
+/// Every f16 bit pattern's f32 value (256 KiB, built at compile time). A per-block scale lookup here is
+/// one load, where `vcvtph2ps` and the moves around it are three vector operations per 32 weights on the
+/// decode path, which is compute-bound for Q5_0.
+static F16_TO_F32: [f32; 65536] = {
+    let mut t = [0f32; 65536];
+    let mut i = 0;
+    while i < 65536 {
+        t[i] = half::f16::from_bits(i as u16).to_f32_const();
+        i += 1;
+    }
+    t
+};
+
 #[inline]
 unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees two readable bytes at p; read_unaligned has no alignment requirement.
     let bits = unsafe { (p as *const u16).read_unaligned() };
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    F16_TO_F32[bits as usize]
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -253,6 +265,18 @@ impl Fmt for Q6K {
     }
 }
 
+/// `v`, hidden from the optimiser: it would otherwise turn `splat(a) · splat(b)` into a scalar multiply
+/// and a broadcast (two vector operations where one `vmulps` does).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn opaque(mut v: __m256) -> __m256 {
+    // SAFETY: an empty asm block that only names a register: no memory access, no effect.
+    unsafe {
+        std::arch::asm!("/* {0} */", inout(ymm_reg) v, options(pure, nomem, nostack, preserves_flags))
+    };
+    v
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn hsum(v: __m256) -> f32 {
@@ -409,7 +433,7 @@ macro_rules! instruction_set {
                             // SAFETY: as above; j < SUBS.
                             let (v, scale) = unsafe { F::sub(base[r], &hdr[r], j) };
                             wv[r] = v;
-                            sc[r] = scale;
+                            sc[r] = opaque(scale);
                             mag[r] = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
                         }
                         for t in 0..T {
