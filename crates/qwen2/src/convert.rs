@@ -100,7 +100,8 @@ pub fn convert_gguf(
 
     write_json(&out_dir.join("config.json"), &config)?;
     write_json(&out_dir.join("generation_config.json"), &generation)?;
-    write_json(&out_dir.join("tokenizer.json"), &model.tokenizer_json)?;
+    let tokenizer_json = model.tokenizer.to_json();
+    write_json(&out_dir.join("tokenizer.json"), &tokenizer_json)?;
     write_json(&out_dir.join("tokenizer_config.json"), &tokenizer_config)?;
     Ok(())
 }
@@ -123,22 +124,17 @@ fn tokenizer_config(model: &gguf::GgufModel) -> Result<Value> {
     };
     let mut decoder = Map::new();
     let mut additional = Vec::new();
-    let added = model.tokenizer_json["added_tokens"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    for t in &added {
-        let id = t["id"]
-            .as_u64()
-            .ok_or_else(|| Error::Tokenizer("added token without an id".into()))?;
-        let mut entry = t.clone();
-        if let Some(obj) = entry.as_object_mut() {
-            obj.remove("id");
+    for t in &model.tokenizer.added {
+        if t.special {
+            additional.push(json!(t.content));
         }
-        if t["special"] == json!(true) {
-            additional.push(t["content"].clone());
-        }
-        decoder.insert(id.to_string(), entry);
+        decoder.insert(
+            t.id.to_string(),
+            json!({
+                "content": t.content, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": t.special,
+            }),
+        );
     }
     let mut cfg = json!({
         "tokenizer_class": "Qwen2Tokenizer",

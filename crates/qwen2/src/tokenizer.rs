@@ -2,6 +2,7 @@
 //! conversation into the exact prompt text the model was trained on.
 
 use crate::error::{Error, Result};
+use crate::weights::gguf::BpeSpec;
 use serde::Serialize;
 use std::path::Path;
 
@@ -71,6 +72,62 @@ impl Tokenizer {
             .to_string()
             .parse()
             .map_err(|e| Error::Tokenizer(format!("cannot build tokenizer: {e}")))?;
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+        })
+    }
+
+    /// Builds the tokenizer a GGUF file describes directly with `tokenizers`' builders: the same pipeline
+    /// as [`BpeSpec::to_json`] read back by [`Tokenizer::from_json`] (a test checks they agree), in a
+    /// fraction of the time.
+    pub fn from_bpe(spec: BpeSpec, chat_template: Option<String>) -> Result<Self> {
+        use tokenizers::models::bpe::{Vocab, BPE};
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+        use tokenizers::pre_tokenizers::sequence::Sequence;
+        use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+        use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+        let err = |e: tokenizers::Error| Error::Tokenizer(format!("cannot build tokenizer: {e}"));
+        // Later duplicates win, as in a JSON object read into a map.
+        let vocab: Vocab = spec
+            .vocab
+            .into_iter()
+            .enumerate()
+            .map(|(id, t)| (t, id as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, spec.merges)
+            .build()
+            .map_err(err)?;
+        let byte_level = ByteLevel::new(false, false, false);
+        let split = Split::new(
+            SplitPattern::Regex(crate::weights::gguf::QWEN2_SPLIT_REGEX.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner
+            .with_normalizer(Some(tokenizers::normalizers::unicode::NFC))
+            .with_pre_tokenizer(Some(Sequence::new(vec![
+                PreTokenizerWrapper::Split(split),
+                PreTokenizerWrapper::ByteLevel(byte_level),
+            ])))
+            .with_post_processor(Some(byte_level))
+            .with_decoder(Some(byte_level));
+        let added: Vec<AddedToken> = spec
+            .added
+            .into_iter()
+            .map(|t| AddedToken {
+                content: t.content,
+                single_word: false,
+                lstrip: false,
+                rstrip: false,
+                normalized: false,
+                special: t.special,
+            })
+            .collect();
+        inner.add_tokens(&added);
         Ok(Tokenizer {
             inner,
             chat_template,

@@ -87,7 +87,7 @@ fn valid_seeds_load() {
         let g = qwen2::weights::gguf::load(&dir.join("gguf_load").join(name))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         Model::from_store(g.config, &g.store).unwrap_or_else(|e| panic!("{name}: {e}"));
-        qwen2::Tokenizer::from_json(&g.tokenizer_json, g.chat_template).unwrap();
+        qwen2::Tokenizer::from_bpe(g.tokenizer, g.chat_template).unwrap();
     }
     let scratch = tempfile::tempdir().unwrap();
     for name in ["tiny-bf16.safetensors", "tiny-f32-f16.safetensors"] {

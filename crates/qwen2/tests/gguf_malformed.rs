@@ -509,17 +509,27 @@ fn tiny_qwen2_tokenizer_works() {
         },
     ))
     .unwrap();
-    let tok = tokenizers::Tokenizer::from_str(&m.tokenizer_json.to_string()).unwrap();
+    let tok = tokenizers::Tokenizer::from_str(&m.tokenizer.to_json().to_string()).unwrap();
     let enc = tok.encode("<|im_start|>hi t<tool_call>", false).unwrap();
     // "hi" merges; " t" becomes "Ġt"; special and user-defined tokens stay whole.
     assert_eq!(enc.get_ids(), [ID_IM_START, 257, 256, ID_TOOL_CALL]);
     assert_eq!(tok.decode(&[257, 256], false).unwrap(), "hi t");
-    let added = m.tokenizer_json["added_tokens"].as_array().unwrap();
+    let json = m.tokenizer.to_json();
+    let added = json["added_tokens"].as_array().unwrap();
     assert_eq!(added.len(), 4);
     assert_eq!(added[3]["content"], "<tool_call>");
     assert_eq!(added[3]["special"], false);
     assert_eq!(added[0]["special"], true);
-    assert_eq!(m.tokenizer_json["normalizer"]["type"], "NFC");
+    assert_eq!(json["normalizer"]["type"], "NFC");
+    // The loader's builder (no JSON) agrees with the JSON it stands for.
+    let direct = qwen2::Tokenizer::from_bpe(m.tokenizer.clone(), None).unwrap();
+    assert_eq!(
+        direct.encode("<|im_start|>hi t<tool_call>").unwrap(),
+        [ID_IM_START, 257, 256, ID_TOOL_CALL]
+    );
+    assert_eq!(direct.decode(&[257, 256], false).unwrap(), "hi t");
+    assert_eq!(direct.decode(&[ID_IM_START, 257], true).unwrap(), "hi");
+    assert_eq!(direct.decode(&[ID_TOOL_CALL], true).unwrap(), "<tool_call>");
 }
 
 #[test]

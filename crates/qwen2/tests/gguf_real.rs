@@ -120,8 +120,10 @@ fn real_model_tensors_of_every_type_dequantize() {
 #[test]
 fn real_model_tokenizer_matches_transformers() {
     let m = gguf::load(&model_path()).unwrap();
-    let tok = tokenizers::Tokenizer::from_str(&m.tokenizer_json.to_string()).unwrap();
+    let tok = tokenizers::Tokenizer::from_str(&m.tokenizer.to_json().to_string()).unwrap();
     assert_eq!(tok.get_vocab_size(true), 151936);
+    let direct = qwen2::Tokenizer::from_bpe(m.tokenizer.clone(), None).unwrap();
+    assert_eq!(direct.vocab_size(), 151936);
     let cases: serde_json::Value =
         serde_json::from_str(include_str!("data/gguf_tokenizer_reference.json")).unwrap();
     let cases = cases.as_array().unwrap();
@@ -136,6 +138,12 @@ fn real_model_tokenizer_matches_transformers() {
             .collect();
         let got = tok.encode(text, true).unwrap();
         assert_eq!(got.get_ids(), &expected[..], "text {text:?}");
+        // The builder the loader uses (no JSON) must give the same ids.
+        assert_eq!(
+            direct.encode(text).unwrap(),
+            expected,
+            "from_bpe, text {text:?}"
+        );
     }
     // Decoding gives the text back (special tokens included when asked).
     let ids = tok
@@ -148,4 +156,9 @@ fn real_model_tokenizer_matches_transformers() {
         "<|im_start|>user\nhé 你好<|im_end|>"
     );
     assert_eq!(tok.decode(&ids, true).unwrap(), "user\nhé 你好");
+    assert_eq!(
+        direct.decode(&ids, false).unwrap(),
+        "<|im_start|>user\nhé 你好<|im_end|>"
+    );
+    assert_eq!(direct.decode(&ids, true).unwrap(), "user\nhé 你好");
 }

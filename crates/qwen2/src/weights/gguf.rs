@@ -664,8 +664,8 @@ fn parse(path: &Path, map: Arc<MappedFile>) -> Result<GgufFile> {
 pub struct GgufModel {
     pub config: ModelConfig,
     pub store: TensorStore,
-    /// A Hugging Face `tokenizer.json`, built from the `tokenizer.ggml.*` metadata.
-    pub tokenizer_json: Value,
+    /// The tokenizer the `tokenizer.ggml.*` metadata describes.
+    pub tokenizer: BpeSpec,
     pub chat_template: Option<String>,
     pub file: GgufFile,
 }
@@ -689,12 +689,12 @@ pub fn load(path: &Path) -> Result<GgufModel> {
     let file = read(path)?;
     let config = model_config(&file)?;
     let store = tensor_store(&file, &config)?;
-    let tokenizer_json = tokenizer_json(&file)?;
+    let tokenizer = bpe_spec(&file)?;
     let chat_template = file.str_key("tokenizer.chat_template")?.map(String::from);
     Ok(GgufModel {
         config,
         store,
-        tokenizer_json,
+        tokenizer,
         chat_template,
         file,
     })
@@ -926,10 +926,29 @@ fn byte_level_alphabet() -> [char; 256] {
     table
 }
 
-/// A Hugging Face `tokenizer.json` equivalent to Qwen2's own, from the `tokenizer.ggml.*` metadata:
-/// byte-level BPE with the file's vocabulary and merges, NFC, Qwen2's split regex, and the tokens the file
-/// marks as control (type 3) or user-defined (type 4) as added tokens (special and not special).
-pub fn tokenizer_json(file: &GgufFile) -> Result<Value> {
+/// One token the file marks as control (type 3, special) or user-defined (type 4): matched in text before
+/// BPE runs, never normalized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddedSpec {
+    pub id: u32,
+    pub content: String,
+    pub special: bool,
+}
+
+/// A byte-level BPE tokenizer as the `tokenizer.ggml.*` metadata describes it, checked and respelled in
+/// GPT-2's byte alphabet: everything `Tokenizer::from_bpe` needs, without a JSON detour (building and
+/// re-parsing a 151,936-token `tokenizer.json` was most of the model's load time).
+#[derive(Debug, Clone)]
+pub struct BpeSpec {
+    /// Token strings in id order.
+    pub vocab: Vec<String>,
+    /// Merge rules in priority order.
+    pub merges: Vec<(String, String)>,
+    pub added: Vec<AddedSpec>,
+}
+
+/// The [`BpeSpec`] of a GGUF file's tokenizer metadata (Qwen2's byte-level BPE only).
+pub fn bpe_spec(file: &GgufFile) -> Result<BpeSpec> {
     let model = file.str_key("tokenizer.ggml.model")?.unwrap_or("<missing>");
     if model != "gpt2" {
         return Err(Error::Tokenizer(format!(
@@ -977,6 +996,12 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value> {
             types
         }
     };
+    if u32::try_from(tokens.len()).is_err() {
+        return Err(Error::Tokenizer(format!(
+            "{} tokens do not fit 32-bit ids",
+            tokens.len()
+        )));
+    }
 
     let alphabet = byte_level_alphabet();
     // The alphabet is the printable bytes as themselves plus U+0100..=U+0143 for the other 68 bytes.
@@ -984,65 +1009,114 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value> {
         t.chars()
             .all(|ch| matches!(ch as u32, 33..=126 | 161..=172 | 174..=255 | 256..=323))
     };
-    let mut vocab = Map::new();
-    let mut added = Vec::new();
-    for (id, &token) in tokens.iter().enumerate() {
-        let spelled = in_alphabet(token);
-        // Every byte-level token is spelled in the alphabet; respell any that is not, as transformers does.
-        let key = if spelled {
-            token.to_string()
-        } else {
-            token.bytes().map(|b| alphabet[b as usize]).collect()
-        };
-        vocab.insert(key, json!(id));
-        let special = match token_types.get(id) {
-            Some(3) => true,
-            Some(4) => false,
-            _ => continue,
-        };
-        if spelled {
-            added.push(json!({
-                "id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": special,
-            }));
+    let respell = || {
+        let mut vocab = Vec::with_capacity(tokens.len());
+        let mut added = Vec::new();
+        for (id, &token) in tokens.iter().enumerate() {
+            let spelled = in_alphabet(token);
+            // Every byte-level token is spelled in the alphabet; respell any that is not, as transformers
+            // does.
+            vocab.push(if spelled {
+                token.to_string()
+            } else {
+                token.bytes().map(|b| alphabet[b as usize]).collect()
+            });
+            let special = match token_types.get(id) {
+                Some(3) => true,
+                Some(4) => false,
+                _ => continue,
+            };
+            if spelled {
+                added.push(AddedSpec {
+                    id: id as u32,
+                    content: token.to_string(),
+                    special,
+                });
+            }
         }
+        (vocab, added)
+    };
+    let split_merges = || {
+        merges
+            .iter()
+            .enumerate()
+            .map(|(i, m)| match m.split_once(' ') {
+                Some((a, b)) if !b.contains(' ') => Ok((a.to_string(), b.to_string())),
+                _ => Err(Error::Tokenizer(format!(
+                    "merge #{i} {m:?} is not two tokens separated by one space"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()
+    };
+    // Two independent passes over ~150,000 strings each: one per core.
+    let ((vocab, added), merges) = rayon::join(respell, split_merges);
+    let merges = merges?;
+    Ok(BpeSpec {
+        vocab,
+        merges,
+        added,
+    })
+}
+
+impl BpeSpec {
+    /// The same tokenizer as a Hugging Face `tokenizer.json` (what `convert` writes): byte-level BPE with
+    /// this vocabulary and these merges, NFC, Qwen2's split regex, and the added tokens.
+    pub fn to_json(&self) -> Value {
+        let mut vocab = Map::new();
+        for (id, token) in self.vocab.iter().enumerate() {
+            vocab.insert(token.clone(), json!(id));
+        }
+        let merges: Vec<String> = self
+            .merges
+            .iter()
+            .map(|(a, b)| format!("{a} {b}"))
+            .collect();
+        let added: Vec<Value> = self
+            .added
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.id, "content": t.content, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": t.special,
+                })
+            })
+            .collect();
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_REGEX}, "behavior": "Isolated", "invert": false},
+                    byte_level.clone(),
+                ]
+            },
+            "post_processor": byte_level.clone(),
+            "decoder": byte_level,
+            "model": {
+                "type": "BPE",
+                "dropout": null,
+                "unk_token": null,
+                "continuing_subword_prefix": null,
+                "end_of_word_suffix": null,
+                "fuse_unk": false,
+                "byte_fallback": false,
+                "ignore_merges": false,
+                "vocab": vocab,
+                "merges": merges,
+            }
+        })
     }
-    for (i, m) in merges.iter().enumerate() {
-        if m.split(' ').count() != 2 {
-            return Err(Error::Tokenizer(format!(
-                "merge #{i} {m:?} is not two tokens separated by one space"
-            )));
-        }
-    }
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_REGEX}, "behavior": "Isolated", "invert": false},
-                byte_level.clone(),
-            ]
-        },
-        "post_processor": byte_level.clone(),
-        "decoder": byte_level,
-        "model": {
-            "type": "BPE",
-            "dropout": null,
-            "unk_token": null,
-            "continuing_subword_prefix": null,
-            "end_of_word_suffix": null,
-            "fuse_unk": false,
-            "byte_fallback": false,
-            "ignore_merges": false,
-            "vocab": vocab,
-            "merges": merges,
-        }
-    }))
+}
+
+/// A Hugging Face `tokenizer.json` equivalent to Qwen2's own, from the `tokenizer.ggml.*` metadata (see
+/// [`BpeSpec::to_json`]).
+pub fn tokenizer_json(file: &GgufFile) -> Result<Value> {
+    Ok(bpe_spec(file)?.to_json())
 }
 
 #[cfg(test)]
