@@ -121,12 +121,18 @@ pub fn print_trace(e: &tasks::TraceEvent) {
 }
 
 pub fn print_error(e: &anyhow::Error) {
-    // One line: the chain of causes joined, newlines flattened.
-    let msg = e
-        .chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ");
+    // One line: the chain of causes joined, newlines flattened; a cause the message already quotes (an
+    // I/O error shown beside its path) is not repeated.
+    let mut msg = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if msg.ends_with(&cause) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&cause);
+    }
     eprintln!("duet: error: {}", msg.replace('\n', " "));
 }
 

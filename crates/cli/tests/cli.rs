@@ -340,6 +340,31 @@ fn errors_are_one_line() {
         ),
         "safetensors",
     );
+    // A missing, then a broken tokenizer.json (the weights are fine): the path once, the cause once.
+    let notok = t.join("notok");
+    std::fs::create_dir(&notok).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny().join(f), notok.join(f)).unwrap();
+    }
+    let o = duet(
+        &["--model", notok.to_str().unwrap(), "tokenize", "hi"],
+        None,
+    );
+    assert_clean_error(&o, "tokenizer.json: No such file or directory");
+    assert_eq!(
+        stderr(&o).matches("No such file").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(notok.join("tokenizer.json"), "{\"version\": ").unwrap();
+    assert_clean_error(
+        &duet(
+            &["--model", notok.to_str().unwrap(), "tokenize", "hi"],
+            None,
+        ),
+        "tokenizer.json: cannot build tokenizer",
+    );
     // A shape that disagrees with the config.
     let shape = t.join("shape");
     std::fs::create_dir(&shape).unwrap();

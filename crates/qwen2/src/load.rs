@@ -40,13 +40,15 @@ pub fn load_with(path: &Path, form: WeightForm) -> Result<LoadedModel> {
             )));
         }
         let config = ModelConfig::from_hf_dir(path)?;
-        let store = weights::safetensors::load_dir(path)?;
-        let tokenizer = Tokenizer::from_hf_dir(path)?;
-        (
-            Model::from_store_with(config, &store, form)?,
-            tokenizer,
-            "safetensors",
-        )
+        // The tokenizer and the weights need nothing from each other: one core each.
+        let (tokenizer, model) = rayon::join(
+            || Tokenizer::from_hf_dir(path),
+            || {
+                let store = weights::safetensors::load_dir(path)?;
+                Model::from_store_with(config, &store, form)
+            },
+        );
+        (model?, tokenizer?, "safetensors")
     } else if weights::is_gguf(path) {
         let weights::gguf::GgufModel {
             config,

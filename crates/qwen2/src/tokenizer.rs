@@ -41,10 +41,6 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let template = if cfg_path.is_file() {
             let cfg = crate::config::read_json(&cfg_path)?;
@@ -62,7 +58,15 @@ impl Tokenizer {
         };
         let template =
             template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
-        Self::from_json(&json, template)
+        // Straight from the text: a `serde_json::Value` of a 7 MB tokenizer.json first, as before, cost
+        // more than `tokenizers` building the tokenizer.
+        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
+            Error::Tokenizer(format!("{}: cannot build tokenizer: {e}", path.display()))
+        })?;
+        Ok(Tokenizer {
+            inner,
+            chat_template: template,
+        })
     }
 
     pub fn from_json(json: &serde_json::Value, chat_template: Option<String>) -> Result<Self> {
