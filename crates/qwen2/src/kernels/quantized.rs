@@ -451,10 +451,14 @@ pub fn matmul_acts(
         .for_each(|(c, o)| {
             let r0 = c * per;
             let wrows = &w.bytes[r0 * rb..(r0 + o.len() / t) * rb];
-            // 2 rows × 4 tokens: each decoded weight piece serves four tokens, each activation load two
-            // rows. (1×8, 2×3, 3×2, 2×6 measured no better on AVX2: the integer multiplies, not the
-            // loads or registers, set the pace.)
-            prefill_task::<2, 4>((backend, dtype, wrows, rb, acts, tok_group, o));
+            // Tile shapes measured best on AVX2 (A/B in one process, 13-64 tokens): 2 rows × 4 tokens for
+            // Q8_0 and Q5_0, where each decoded piece is cheap; 1 × 8 for the K-quants (10-20 % over
+            // 2 × 4), whose pieces cost more to decode and so gain from serving more tokens.
+            let args = (backend, dtype, wrows, rb, acts, tok_group, o);
+            match dtype {
+                DType::Q4K | DType::Q6K => prefill_task::<1, 8>(args),
+                _ => prefill_task::<2, 4>(args),
+            }
         });
     for r in 0..rows {
         for ti in 0..t {
@@ -474,43 +478,70 @@ type TaskArgs<'a> = (
 );
 
 /// One prefill task: `o` (`nrows × t`, transposed) for the rows in `w`, in tiles of `R` rows × `T`
-/// tokens; leftover tokens go one at a time, leftover rows one at a time.
+/// tokens; the tokens left over go four at a time (when `T` > 4), then one at a time; leftover rows one at
+/// a time.
 fn prefill_task<const R: usize, const T: usize>(args: TaskArgs) {
     let (backend, dtype, w, rb, acts, tok_group, o) = args;
     let t = acts.t;
     let nrows = w.len() / rb;
-    let wrow = |r: usize| &w[r * rb..(r + 1) * rb];
     for g0 in (0..t).step_by(tok_group) {
         let g1 = (g0 + tok_group).min(t);
         let mut r = 0;
         while r < nrows {
-            let full = r + R <= nrows;
+            let rows = if r + R <= nrows { R } else { 1 };
+            let span = Span {
+                backend,
+                dtype,
+                w,
+                rb,
+                acts,
+                r,
+            };
             let mut ti = g0;
             while ti + T <= g1 {
-                let a: [ActRow; T] = std::array::from_fn(|k| acts.row(ti + k));
-                if full {
-                    let res = tile::<R, T>(backend, dtype, std::array::from_fn(|k| wrow(r + k)), a);
-                    for (k, row) in res.iter().enumerate() {
-                        o[(r + k) * t + ti..(r + k) * t + ti + T].copy_from_slice(row);
-                    }
-                } else {
-                    let res = tile::<1, T>(backend, dtype, [wrow(r)], a);
-                    o[r * t + ti..r * t + ti + T].copy_from_slice(&res[0]);
-                }
+                span.tiles::<R, T>(rows, ti, o);
                 ti += T;
             }
-            for ti in ti..g1 {
-                let a = [acts.row(ti)];
-                if full {
-                    let res = tile::<R, 1>(backend, dtype, std::array::from_fn(|k| wrow(r + k)), a);
-                    for (k, row) in res.iter().enumerate() {
-                        o[(r + k) * t + ti] = row[0];
-                    }
-                } else {
-                    o[r * t + ti] = tile::<1, 1>(backend, dtype, [wrow(r)], a)[0][0];
+            if T > 4 {
+                while ti + 4 <= g1 {
+                    span.tiles::<R, 4>(rows, ti, o);
+                    ti += 4;
                 }
             }
-            r += if full { R } else { 1 };
+            while ti < g1 {
+                span.tiles::<R, 1>(rows, ti, o);
+                ti += 1;
+            }
+            r += rows;
+        }
+    }
+}
+
+/// The rows from `r` of one prefill task, for [`Span::tiles`].
+struct Span<'a> {
+    backend: Backend,
+    dtype: DType,
+    w: &'a [u8],
+    rb: usize,
+    acts: &'a QuantizedActs,
+    r: usize,
+}
+
+impl Span<'_> {
+    /// Tokens `ti..ti + K` of `rows` (`R` or 1) rows from `r`, written into `o` (`nrows × t`).
+    #[inline]
+    fn tiles<const R: usize, const K: usize>(&self, rows: usize, ti: usize, o: &mut [f32]) {
+        let (r, t, rb) = (self.r, self.acts.t, self.rb);
+        let wrow = |k: usize| &self.w[(r + k) * rb..(r + k + 1) * rb];
+        let a: [ActRow; K] = std::array::from_fn(|k| self.acts.row(ti + k));
+        if rows == R {
+            let res = tile::<R, K>(self.backend, self.dtype, std::array::from_fn(wrow), a);
+            for (k, row) in res.iter().enumerate() {
+                o[(r + k) * t + ti..(r + k) * t + ti + K].copy_from_slice(row);
+            }
+        } else {
+            let res = tile::<1, K>(self.backend, self.dtype, [wrow(0)], a);
+            o[r * t + ti..r * t + ti + K].copy_from_slice(&res[0]);
         }
     }
 }
@@ -887,6 +918,9 @@ mod tests {
                 (9, 4, 6),
                 (18, 2, 9),
                 (33, 3, 1),
+                // 13 tokens: 1 × 8 tiles, then a 4-token and a 1-token tail (K-quants); 2 × 4 with a
+                // 1-token tail and an odd row (the others).
+                (5, 2, 13),
             ];
             // Miri is far too slow for the full list: decode, a token tail, and 2 × 4 tiles with both tails.
             #[cfg(miri)]
