@@ -72,10 +72,11 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
     let mut i = 0;
     let line = 64 / std::mem::size_of::<W>();
     while i + 8 <= n {
-        // Decode streams the weights from DRAM once, `R` consecutive rows per tile: ask for the same
-        // place in the next tile's rows. On a 2-core Zen 3 VM this took a 151936-row product from 12 to
-        // 13.5 GB/s (f32) and from 8 to 11 GB/s (bf16); a fixed 1-4 KiB distance did worse. A prefetch is
-        // a hint and never faults, so it may point past the matrix (`wrapping_add`).
+        // Decode streams the weights from DRAM once, `R` consecutive rows per tile (one, in `matmul`):
+        // ask for the same place in the next tile's rows. On a 2-core Zen 3 VM, with one row per tile,
+        // a 151936-row bf16 product went from 8 to ~15 GB/s (f32 from 12 to ~14); fixed 1-4 KiB
+        // distances did worse. A prefetch is a hint and never faults, so it may point past the matrix
+        // (`wrapping_add`).
         if T == 1 && i % line == 0 {
             for row in w {
                 _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(i + R * n) as *const i8);
