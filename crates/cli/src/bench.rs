@@ -25,7 +25,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(g: &Global, a: &Args) -> Result<()> {
     let reps = a.reps as usize;
     eprintln!("measuring read bandwidth …");
-    let bw = qb::read_bandwidth_gbs(512 << 20, reps.max(3));
+    let bw = qb::read_bandwidth_gbs(512 << 20, reps.max(3)); // 512 MiB per thread
     eprintln!("measuring FMA peak …");
     let peak = qb::fma_peak_gflops(reps.max(3));
     let load_start = Instant::now();

@@ -6,11 +6,11 @@ use rayon::prelude::*;
 use std::time::Instant;
 use wide::f32x8;
 
-/// Read bandwidth in GB/s: every pool thread sums its own buffer; best of `reps` passes.
-/// Buffers hold varied data — identical pages can be merged by the host and then read from cache.
-pub fn read_bandwidth_gbs(total_bytes: usize, reps: usize) -> f64 {
+/// Read bandwidth in GB/s: every pool thread sums its own buffer of `bytes_per_thread`; best of `reps`
+/// passes. Buffers hold varied data — identical pages can be merged by the host and then read from cache.
+pub fn read_bandwidth_gbs(bytes_per_thread: usize, reps: usize) -> f64 {
     let threads = rayon::current_num_threads();
-    let per = total_bytes / threads / 32 * 32 / 4;
+    let per = bytes_per_thread / 32 * 32 / 4;
     let bufs: Vec<Vec<f32>> = (0..threads)
         .map(|t| {
             (0..per)
