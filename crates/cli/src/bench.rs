@@ -28,6 +28,13 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     let bw = qb::read_bandwidth_gbs(512 << 20, reps.max(3)); // 512 MiB per thread
     eprintln!("measuring FMA peak …");
     let peak = qb::fma_peak_gflops(reps.max(3));
+    // The probe's buffers (512 MiB per thread) are freed; peak RSS from here on is the engine's.
+    let rss_is_engines = qb::reset_peak_rss();
+    if !rss_is_engines {
+        eprintln!(
+            "note: cannot reset the peak RSS here; it includes the bandwidth probe's buffers"
+        );
+    }
     let load_start = Instant::now();
     let mut runner = load_runner(g)?;
     let load_s = load_start.elapsed().as_secs_f64();

@@ -78,6 +78,13 @@ pub fn forward_flops(c: &ModelConfig, t: usize) -> f64 {
     2.0 * (t as f64 * per_layer * c.num_hidden_layers as f64 + h * c.vocab_size as f64)
 }
 
+/// Resets this process's peak resident set size to its current size (Linux ≥ 4.0: `5` written to
+/// `/proc/self/clear_refs`), so a peak measured later is the engine's, not the bandwidth probe's buffers.
+/// Returns whether it worked.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Peak resident set size of this process (VmHWM), in bytes; 0 where unknown.
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
