@@ -176,8 +176,10 @@ pub fn config_json(data: &[u8]) {
     let _ = ModelConfig::from_hf_json(&json(TINY_CONFIG), Some(&v));
 }
 
-/// (d) A tokenizer from GGUF metadata: `gguf::read`, `gguf::tokenizer_json`, `Tokenizer::from_json`, then
-/// encode, decode, stream and render the file's chat template.
+/// (d) A tokenizer from GGUF metadata as the loader builds it: `gguf::read`, `gguf::bpe_spec`,
+/// `Tokenizer::from_bpe`, then encode, decode, stream and render the file's chat template. The same spec
+/// read back through its `tokenizer.json` form (what `convert` writes) must build or fail alike and give
+/// the same ids.
 pub fn gguf_tokenizer(data: &[u8], scratch: &Path) {
     let path = scratch.join("tokenizer.gguf");
     write(&path, data);
@@ -185,18 +187,28 @@ pub fn gguf_tokenizer(data: &[u8], scratch: &Path) {
         return;
     };
     let _ = gguf::model_config(&file);
-    let Ok(tj) = gguf::tokenizer_json(&file) else {
+    let Ok(spec) = gguf::bpe_spec(&file) else {
         return;
     };
     let template = file
         .get("tokenizer.chat_template")
         .and_then(|v| v.as_str())
         .map(String::from);
-    let Ok(tok) = Tokenizer::from_json(&tj, template) else {
+    let via_json = Tokenizer::from_json(&spec.to_json(), None);
+    let direct = Tokenizer::from_bpe(spec, template);
+    assert_eq!(direct.is_ok(), via_json.is_ok(), "from_bpe vs from_json");
+    let Ok(tok) = direct else {
         return;
     };
+    let via_json = via_json.expect("checked above");
     for text in SAMPLE_TEXTS {
-        if let Ok(ids) = tok.encode(text) {
+        let ids = tok.encode(text);
+        assert_eq!(
+            ids.as_ref().ok(),
+            via_json.encode(text).as_ref().ok(),
+            "from_bpe vs from_json on {text:?}"
+        );
+        if let Ok(ids) = ids {
             let _ = tok.decode(&ids, false);
             let _ = tok.decode(&ids, true);
             let _ = stream(&tok, &ids);
