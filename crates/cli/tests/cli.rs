@@ -501,7 +501,13 @@ fn ctrl_c_stops_the_reply_not_the_chat() {
         .spawn()
         .unwrap();
     let mut sin = child.stdin.take().unwrap();
-    sin.write_all("Please write a very long story about a dragon who learns to bake bread, at least 800 words.\n".as_bytes()).unwrap();
+    // A request this model answers at length (it declines "write a long story" in a dozen tokens, which
+    // could end before the signal arrives and make Ctrl-C exit an idle chat, as it should).
+    sin.write_all(
+        "Explain in great detail how a hash map works, with code examples in three languages.\n"
+            .as_bytes(),
+    )
+    .unwrap();
     sin.flush().unwrap();
     // Wait until the reply is streaming: the sentiment tag, its arrow, then some reply text.
     let mut out = child.stdout.take().unwrap();
