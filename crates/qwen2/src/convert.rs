@@ -128,13 +128,7 @@ fn tokenizer_config(model: &gguf::GgufModel) -> Result<Value> {
         if t.special {
             additional.push(json!(t.content));
         }
-        decoder.insert(
-            t.id.to_string(),
-            json!({
-                "content": t.content, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": t.special,
-            }),
-        );
+        decoder.insert(t.id.to_string(), t.to_json());
     }
     let mut cfg = json!({
         "tokenizer_class": "Qwen2Tokenizer",

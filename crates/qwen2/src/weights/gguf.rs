@@ -935,6 +935,17 @@ pub struct AddedSpec {
     pub special: bool,
 }
 
+impl AddedSpec {
+    /// The token as `tokenizer.json`'s `added_tokens` and `tokenizer_config.json`'s `added_tokens_decoder`
+    /// spell it (without the id, which the two files place differently).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "content": self.content, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": self.special,
+        })
+    }
+}
+
 /// A byte-level BPE tokenizer as the `tokenizer.ggml.*` metadata describes it, checked and respelled in
 /// GPT-2's byte alphabet: everything `Tokenizer::from_bpe` needs, without a JSON detour (building and
 /// re-parsing a 151,936-token `tokenizer.json` was most of the model's load time).
@@ -1075,10 +1086,9 @@ impl BpeSpec {
             .added
             .iter()
             .map(|t| {
-                json!({
-                    "id": t.id, "content": t.content, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": t.special,
-                })
+                let mut entry = t.to_json();
+                entry["id"] = json!(t.id);
+                entry
             })
             .collect();
         let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
