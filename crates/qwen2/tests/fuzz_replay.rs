@@ -103,7 +103,8 @@ fn valid_seeds_load() {
         Model::from_store(config, &store).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     let tok = qwen2::weights::gguf::read(&dir.join("gguf_tokenizer").join("tokenizer-only.gguf"))
-        .and_then(|f| qwen2::weights::gguf::tokenizer_json(&f))
+        .and_then(|f| qwen2::weights::gguf::bpe_spec(&f))
+        .map(|spec| spec.to_json())
         .and_then(|j| qwen2::Tokenizer::from_json(&j, None))
         .unwrap();
     let text = "hi there <|im_end|>";

@@ -1123,12 +1123,6 @@ impl BpeSpec {
     }
 }
 
-/// A Hugging Face `tokenizer.json` equivalent to Qwen2's own, from the `tokenizer.ggml.*` metadata (see
-/// [`BpeSpec::to_json`]).
-pub fn tokenizer_json(file: &GgufFile) -> Result<Value> {
-    Ok(bpe_spec(file)?.to_json())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
