@@ -445,26 +445,38 @@ pub fn matmul_acts(
     // fit in L2.
     let mut out_t = vec![0f32; rows * t];
     let tok_group = (262144 / cols).clamp(8, 256) & !7;
+    #[cfg(target_arch = "x86_64")]
+    let panel_acts = uses_panel(backend, dtype).then(|| super::quantized_x86::PanelActs::new(acts));
     out_t
         .par_chunks_mut(per * t)
         .enumerate()
         .for_each(|(c, o)| {
             let r0 = c * per;
             let wrows = &w.bytes[r0 * rb..(r0 + o.len() / t) * rb];
-            // Tile shapes measured best on AVX2 (A/B in one process, 13-64 tokens): 2 rows × 4 tokens for
-            // Q8_0 and Q5_0, where each decoded piece is cheap; 1 × 8 for the K-quants (10-20 % over
-            // 2 × 4), whose pieces cost more to decode and so gain from serving more tokens.
+            // Shapes measured best on AVX2 (A/B in one process, 13-64 tokens): 3 rows × 2 tokens on
+            // panels, where the accumulators, weights and scales then fit the sixteen registers; for the
+            // tiles that decode as they go, 2 × 4 for Q8_0, whose pieces are plain bytes, and 1 × 8 for
+            // Q4_K (10-20 % over 2 × 4), whose pieces gain from serving more tokens.
+            #[cfg(target_arch = "x86_64")]
+            if let Some(pacts) = &panel_acts {
+                return prefill_task_panel::<3, 2>(backend, dtype, wrows, rb, pacts, tok_group, o);
+            }
             let args = (backend, dtype, wrows, rb, acts, tok_group, o);
             match dtype {
                 DType::Q4K | DType::Q6K => prefill_task::<1, 8>(args),
                 _ => prefill_task::<2, 4>(args),
             }
         });
-    for r in 0..rows {
-        for ti in 0..t {
-            out[ti * rows + r] = out_t[r * t + ti];
+    untranspose(&out_t, rows, t, out);
+}
+
+/// `out[ti][r] = out_t[r][ti]`: the tasks' row-major results back in token order, one token per task.
+fn untranspose(out_t: &[f32], rows: usize, t: usize, out: &mut [f32]) {
+    out.par_chunks_mut(rows).enumerate().for_each(|(ti, o)| {
+        for (r, v) in o.iter_mut().enumerate() {
+            *v = out_t[r * t + ti];
         }
-    }
+    });
 }
 
 type TaskArgs<'a> = (
@@ -476,6 +488,49 @@ type TaskArgs<'a> = (
     usize,
     &'a mut [f32],
 );
+
+/// Whether a prefill of `dtype` runs on decoded panels (see `quantized_x86::Panel`).
+fn uses_panel(backend: Backend, dtype: DType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if backend != Backend::Portable {
+        return super::quantized_x86::panel_format(dtype);
+    }
+    let _ = (backend, dtype);
+    false
+}
+
+/// The prefill task of the panel formats: `o` (`nrows × t`, transposed) for the rows in `w`; each span of
+/// `R` rows (the last ones one at a time) is decoded once per token group and multiplied with all of its
+/// tokens.
+#[cfg(target_arch = "x86_64")]
+fn prefill_task_panel<const R: usize, const T: usize>(
+    backend: Backend,
+    dtype: DType,
+    w: &[u8],
+    rb: usize,
+    acts: &super::quantized_x86::PanelActs,
+    tok_group: usize,
+    o: &mut [f32],
+) {
+    let nrows = w.len() / rb;
+    let t = o.len() / nrows;
+    let mut panel = super::quantized_x86::Panel::default();
+    for g0 in (0..t).step_by(tok_group) {
+        let tokens = g0..(g0 + tok_group).min(t);
+        let mut r = 0;
+        while r < nrows {
+            let rows = if r + R <= nrows { R } else { 1 };
+            panel.fill(dtype, &w[r * rb..(r + rows) * rb], rb, rows);
+            let o = &mut o[r * t..];
+            if rows == R {
+                panel.run::<R, T>(backend, acts, tokens.clone(), o, t);
+            } else {
+                panel.run::<1, T>(backend, acts, tokens.clone(), o, t);
+            }
+            r += rows;
+        }
+    }
+}
 
 /// One prefill task: `o` (`nrows × t`, transposed) for the rows in `w`, in tiles of `R` rows × `T`
 /// tokens; the tokens left over go four at a time (when `T` > 4), then one at a time; leftover rows one at
@@ -561,22 +616,38 @@ pub fn matmul_rows(
     let acts = quantize_acts(x, t, cols);
     let backend = Backend::best();
     // The same kernels as `matmul_acts` for the same `t`, so the values are bit-identical to its.
+    if t == 1 {
+        for (o, &r) in out.iter_mut().zip(ids) {
+            let wr = &w.bytes[r * rb..(r + 1) * rb];
+            rows_dot(
+                backend,
+                w.dtype,
+                wr,
+                rb,
+                acts.row(0),
+                std::slice::from_mut(o),
+            );
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if uses_panel(backend, w.dtype) {
+        let pacts = super::quantized_x86::PanelActs::new(&acts);
+        let mut panel = super::quantized_x86::Panel::default();
+        let mut row = vec![0f32; t];
+        for (i, &r) in ids.iter().enumerate() {
+            panel.fill(w.dtype, &w.bytes[r * rb..(r + 1) * rb], rb, 1);
+            panel.run::<1, 1>(backend, &pacts, 0..t, &mut row, t);
+            for (ti, &v) in row.iter().enumerate() {
+                out[ti * ids.len() + i] = v;
+            }
+        }
+        return;
+    }
     for ti in 0..t {
         for (i, &r) in ids.iter().enumerate() {
             let wr = &w.bytes[r * rb..(r + 1) * rb];
-            let o = &mut out[ti * ids.len() + i];
-            if t == 1 {
-                rows_dot(
-                    backend,
-                    w.dtype,
-                    wr,
-                    rb,
-                    acts.row(ti),
-                    std::slice::from_mut(o),
-                );
-            } else {
-                *o = tile::<1, 1>(backend, w.dtype, [wr], [acts.row(ti)])[0][0];
-            }
+            out[ti * ids.len() + i] = tile::<1, 1>(backend, w.dtype, [wr], [acts.row(ti)])[0][0];
         }
     }
 }
@@ -918,9 +989,11 @@ mod tests {
                 (9, 4, 6),
                 (18, 2, 9),
                 (33, 3, 1),
-                // 13 tokens: 1 × 8 tiles, then a 4-token and a 1-token tail (K-quants); 2 × 4 with a
-                // 1-token tail and an odd row (the others).
+                // 13 tokens: 1 × 8 tiles, then a 4-token and a 1-token tail (Q4_K); 2 × 4 with a
+                // 1-token tail and an odd row (Q8_0); 3 × 2 panels with a token and rows left over.
                 (5, 2, 13),
+                // Two token groups (256 tokens each at most).
+                (4, 1, 300),
             ];
             // Miri is far too slow for the full list: decode, a token tail, and 2 × 4 tiles with both tails.
             #[cfg(miri)]
@@ -1011,20 +1084,26 @@ mod tests {
 
     #[test]
     fn matmul_rows_matches_full_product() {
-        let dtype = DType::Q5_0;
-        let (rows, cols) = (40, 64);
-        let wq = random_blocks(dtype, rows * 2, 4);
-        let w = QuantSlice { dtype, bytes: &wq };
-        for t in [1, 2] {
-            let x = data(t * cols, 8);
-            let mut full = vec![0f32; t * rows];
-            matmul(w, rows, cols, &x, t, &mut full);
-            let ids = [39, 0, 17];
-            let mut some = vec![0f32; t * 3];
-            matmul_rows(w, rows, cols, &ids, &x, t, &mut some);
-            for ti in 0..t {
-                for (i, &r) in ids.iter().enumerate() {
-                    assert_eq!(some[ti * 3 + i], full[ti * rows + r]);
+        // 40 rows: 3-row panels and 2 × 4 tiles with a row left over; 7 and 13 tokens: tails.
+        for dtype in TYPES {
+            let (rows, cols) = (40, 256);
+            let wq = random_blocks(dtype, rows * cols / dtype.block().0, 4);
+            let w = QuantSlice { dtype, bytes: &wq };
+            for t in [1, 2, 7, 13] {
+                let x = data(t * cols, 8);
+                let mut full = vec![0f32; t * rows];
+                matmul(w, rows, cols, &x, t, &mut full);
+                let ids = [39, 0, 17];
+                let mut some = vec![0f32; t * 3];
+                matmul_rows(w, rows, cols, &ids, &x, t, &mut some);
+                for ti in 0..t {
+                    for (i, &r) in ids.iter().enumerate() {
+                        assert_eq!(
+                            some[ti * 3 + i].to_bits(),
+                            full[ti * rows + r].to_bits(),
+                            "{dtype:?} t={t} row {r} token {ti}"
+                        );
+                    }
                 }
             }
         }
