@@ -764,6 +764,11 @@ impl Panel {
             for sb in 0..nsb {
                 // SAFETY: super-block sb of row r lies within `w`.
                 let base = unsafe { w.as_ptr().add(r * row_bytes + sb * F::SB_BYTES) };
+                // This is where a prefill first reads the weights, from DRAM: ask ahead, past the
+                // panel's end into the next one's rows, as decode does (a hint; never faults).
+                for off in (0..F::SB_BYTES).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH + off) as *const i8);
+                }
                 // SAFETY: base points at a whole super-block.
                 let hdr = unsafe { F::header(base) };
                 for j in 0..F::SUBS {
