@@ -446,7 +446,8 @@ pub fn matmul_acts(
     let mut out_t = vec![0f32; rows * t];
     let tok_group = (262144 / cols).clamp(8, 256) & !7;
     #[cfg(target_arch = "x86_64")]
-    let panel_acts = uses_panel(backend, dtype).then(|| super::quantized_x86::PanelActs::new(acts));
+    let panel_acts =
+        uses_panel(backend, dtype).then(|| super::quantized_x86::PanelActs::new(acts, dtype));
     out_t
         .par_chunks_mut(per * t)
         .enumerate()
@@ -632,7 +633,7 @@ pub fn matmul_rows(
     }
     #[cfg(target_arch = "x86_64")]
     if uses_panel(backend, w.dtype) {
-        let pacts = super::quantized_x86::PanelActs::new(&acts);
+        let pacts = super::quantized_x86::PanelActs::new(&acts, w.dtype);
         let mut panel = super::quantized_x86::Panel::default();
         let mut row = vec![0f32; t];
         for (i, &r) in ids.iter().enumerate() {

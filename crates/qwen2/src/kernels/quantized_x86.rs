@@ -8,8 +8,8 @@
 //! most 2 · 128 · 127 = 32512. Each piece's i32 sums are then converted and scaled once in f32.
 //!
 //! Decode (`rows`) and the prefill tiles of Q8_0 and Q4_K decode each piece as they go. Prefill of Q5_0
-//! and Q6_K decodes a few rows once into a [`Panel`] and multiplies it with every token, unsigned
-//! activations `x + 128` times the signed values (no sign trick), the offset taken off afterwards.
+//! and Q6_K decodes a few rows once into a [`Panel`] and multiplies it with every token: the stored
+//! values, unsigned, times the signed activations (no sign trick), their zero point taken off afterwards.
 //!
 //! The AVX-512 VNNI variant differs from the AVX2 one only in that multiply (one macro, two expansions),
 //! so the AVX2 tests cover the rest of its logic.
@@ -63,6 +63,18 @@ trait Fmt {
     unsafe fn sub(p: *const u8, h: &Self::Hdr, j: usize) -> (__m256i, __m256);
     /// `dmin · m_j` for the eight pieces (formats with mins only).
     unsafe fn mins(h: &Self::Hdr) -> __m256;
+    /// The zero point of the stored values (`sub` returns them minus it), and whether a piece's two
+    /// 16-value halves have scales of their own (Q6_K): what a [`Panel`] needs.
+    const ZERO: i8 = 0;
+    const HALVES: bool = false;
+    /// Piece `j` as stored: `sub`'s values plus `ZERO`, unsigned.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn raw(p: *const u8, h: &Self::Hdr, j: usize) -> (__m256i, __m256) {
+        // SAFETY: as the caller guarantees for `sub`.
+        let (v, scale) = unsafe { Self::sub(p, h, j) };
+        (_mm256_add_epi8(v, _mm256_set1_epi8(Self::ZERO)), scale)
+    }
 }
 
 /// Every f16 bit pattern's f32 value (256 KiB, built at compile time). A per-block scale lookup here is
@@ -135,6 +147,7 @@ impl Fmt for Q5_0 {
     const SB_BYTES: usize = 22;
     const SIGNED: bool = true;
     const MINS: bool = false;
+    const ZERO: i8 = 16;
     type Hdr = ();
     #[inline]
     unsafe fn header(_p: *const u8) {}
@@ -230,6 +243,8 @@ impl Fmt for Q6K {
     const SB_BYTES: usize = 210;
     const SIGNED: bool = true;
     const MINS: bool = false;
+    const ZERO: i8 = 32;
+    const HALVES: bool = true;
     type Hdr = f32;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -487,15 +502,15 @@ macro_rules! instruction_set {
                 out
             }
 
-            /// Prefill on a decoded [`Panel`] of `R` rows: for every token in `tokens`, the raw sums
-            /// `Σ_b scale_b · dx_b · Σ (x + 128)·w` into `out[r · os + t]`, `T` tokens at a time, then one
-            /// at a time. Each product is one multiply (`$dot`), a conversion, a multiply and a
-            /// multiply-add: decoding and the sign trick are out of the loop. [`Panel::run`] then takes
-            /// off the offset's share.
+            /// Prefill on a decoded [`Panel`] of `R` rows: for every token in `tokens`, the sums
+            /// `Σ_b scale_b · dx_b · Σ q·x` of the stored (unsigned) values `q` into `out[r · os + t]`,
+            /// `T` tokens at a time, then one at a time. Each product is one multiply (`$dot`), a
+            /// conversion, a multiply and a multiply-add: decoding and the sign trick are out of the
+            /// loop. [`Panel::run`] then takes off the zero point's share.
             ///
             /// # Safety
-            /// `pw`, `ps` hold `nb · R` entries; the activations hold tokens `tokens` (`us` rows of
-            /// `32 · nb` bytes, `d` rows of `nb` scales); `out` holds `R` rows of stride `os` covering
+            /// `pw`, `ps` hold `nb · R` entries; the activations hold tokens `tokens` (rows of `32 · nb`
+            /// values and `nb` scales); `out` holds `R` rows of stride `os` covering
             /// `tokens`; the CPU has `$features`.
             #[target_feature(enable = $features)]
             pub unsafe fn panel_span<const R: usize, const T: usize>(
@@ -540,16 +555,16 @@ macro_rules! instruction_set {
                 acts: &PanelActs,
                 t0: usize,
             ) -> [[__m256; T]; R] {
-                let (us, d, cols) = (&acts.us, &acts.acts.d, acts.acts.cols);
-                let ux: [*const u8; T] = std::array::from_fn(|t| us[(t0 + t) * cols..].as_ptr());
+                let (qs, d, cols) = (&acts.acts.qs, &acts.acts.d, acts.acts.cols);
+                let xq: [*const i8; T] = std::array::from_fn(|t| qs[(t0 + t) * cols..].as_ptr());
                 let dx: [*const f32; T] = std::array::from_fn(|t| d[(t0 + t) * nb..].as_ptr());
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 for b in 0..nb {
                     for t in 0..T {
-                        // SAFETY: b < nb: block b of token t0 + t's unsigned activations, its scale.
-                        let (xu, d) = unsafe {
+                        // SAFETY: b < nb: block b of token t0 + t's activations, its scale.
+                        let (x, d) = unsafe {
                             (
-                                _mm256_loadu_si256(ux[t].add(32 * b) as *const __m256i),
+                                _mm256_loadu_si256(xq[t].add(32 * b) as *const __m256i),
                                 _mm256_broadcast_ss(&*dx[t].add(b)),
                             )
                         };
@@ -557,7 +572,7 @@ macro_rules! instruction_set {
                             // SAFETY: b · R + r < nb · R.
                             let (wv, sv) = unsafe { (*pw.add(b * R + r), *ps.add(b * R + r)) };
                             let isum = {
-                                let ($u, $s) = (xu, wv);
+                                let ($u, $s) = (wv, x);
                                 $dot
                             };
                             acc[r][t] = _mm256_fmadd_ps(
@@ -670,56 +685,59 @@ pub fn rows(
 }
 
 /// Whether prefill of `dtype` runs on decoded [`Panel`]s: Q5_0 and Q6_K, whose pieces are dear to decode
-/// (~15 and ~20 vector operations) and whose values lie within −64..=63, so unsigned activations
-/// `x + 128` (1..=255) times them cannot saturate `vpmaddubsw`'s i16 pair sums (2 · 255 · 64 = 32640).
-/// Q8_0's values reach ±127 (it keeps the sign trick); Q4_K's nibbles decode in two operations, and its
-/// 1 × 8 tiles measured as fast as a panel.
+/// (~15 and ~20 vector operations) and whose stored values are unsigned and small (0..=31, 0..=63), so
+/// they can be `vpmaddubsw`'s unsigned operand as they are, times the signed activations, without
+/// saturating its i16 pair sums (2 · 63 · 127 = 16002). Q8_0's values are signed (it keeps the sign
+/// trick); Q4_K's nibbles decode in two operations, and its 1 × 8 tiles measured as fast as a panel.
 pub fn panel_format(dtype: DType) -> bool {
     matches!(dtype, DType::Q5_0 | DType::Q6K)
 }
 
-/// One product's activations as the panel kernels read them, made once per product: the values plus 128
-/// as unsigned bytes, and the block scales transposed (`[b][t]`, tokens padded to eight) for
+/// One product's activations as the panel kernels read them, made once per product: the block sums
+/// (or, for Q6_K, half-block sums) transposed, `[k][t]` with tokens padded to eight, for
 /// [`Panel::run`]'s correction.
 pub struct PanelActs<'a> {
     acts: &'a QuantizedActs,
-    us: Vec<u8>,
-    /// Tokens rounded up to eight: the row length of `d_t`.
+    /// Tokens rounded up to eight: the row length of `sums_t`.
     tp: usize,
-    d_t: Vec<f32>,
+    sums_t: Vec<f32>,
 }
 
 impl<'a> PanelActs<'a> {
-    pub fn new(acts: &'a QuantizedActs) -> PanelActs<'a> {
+    pub fn new(acts: &'a QuantizedActs, dtype: DType) -> PanelActs<'a> {
         let nb = acts.cols / 32;
         let tp = acts.t.next_multiple_of(8);
-        let mut d_t = vec![0f32; nb * tp];
-        for (t, d) in acts.d.chunks_exact(nb).enumerate() {
-            for (b, &d) in d.iter().enumerate() {
-                d_t[b * tp + t] = d;
+        let halves = dtype == DType::Q6K;
+        let units = if halves { 2 * nb } else { nb };
+        let mut sums_t = vec![0f32; units * tp];
+        for t in 0..acts.t {
+            let row = acts.row(t);
+            for b in 0..nb {
+                if halves {
+                    for h in 0..2 {
+                        let q = &row.qs[32 * b + 16 * h..32 * b + 16 * h + 16];
+                        let sum: i32 = q.iter().map(|&q| q as i32).sum();
+                        sums_t[(2 * b + h) * tp + t] = row.d[b] * sum as f32;
+                    }
+                } else {
+                    sums_t[b * tp + t] = row.sums[b];
+                }
             }
         }
-        PanelActs {
-            acts,
-            // Two's complement: `q + 128` is `q` with its top bit flipped, read as unsigned.
-            us: acts.qs.iter().map(|&q| q as u8 ^ 0x80).collect(),
-            tp,
-            d_t,
-        }
+        PanelActs { acts, tp, sums_t }
     }
 }
 
-/// A few weight rows decoded once for a prefill: each 32-value piece as signed bytes with its f32 lane
-/// scales, interleaved by row so the kernel reads one stream, and per row and piece what the activations'
-/// offset adds to the kernel's sums.
+/// A few weight rows decoded once for a prefill: each 32-value piece's stored values as bytes with its
+/// f32 lane scales, interleaved by row so the kernel reads one stream, and per row and piece (half-piece
+/// for Q6_K) what the values' zero point adds to the kernel's sums.
 ///
 /// Why: prefill multiplies every weight piece with every token. Decoding the piece inside the tile, as
 /// decode must, cost about as much as the multiplies it served (four tokens), and the decoder's constants
 /// pushed accumulators out of registers. A decoded panel serves every token of the product; its kernel
-/// multiplies unsigned activations `x + 128` with the signed values directly, one operation per product
-/// fewer than the sign trick; and the offset's share, `128 · Σ w` per piece, comes off afterwards, eight
-/// tokens per multiply-add. Q5_0 products of 15-64 tokens ran 1.2-1.4× faster, Q6_K's 1.3-1.6× (A/B in
-/// one process, 2-core Zen 3).
+/// multiplies the unsigned stored values with the signed activations directly, one operation per product
+/// fewer than the sign trick; and the zero point's share, `zero · scale · Σ x` per piece, comes off
+/// afterwards from the activations' block sums, eight tokens per multiply-add.
 #[derive(Default)]
 pub struct Panel {
     rows: usize,
@@ -727,8 +745,8 @@ pub struct Panel {
     /// `[b · rows + r]`: piece `b` of row `r`, and its scale per i32 lane.
     w: Vec<__m256i>,
     s: Vec<__m256>,
-    /// `[r · nb + b]`: `Σ_lanes scale · 128 · Σ w`, the offset's sum per unit of activation scale.
-    offset: Vec<f32>,
+    /// `[r · units + k]`: `zero · scale` of unit `k` (a piece, or for Q6_K a half-piece).
+    zero: Vec<f32>,
 }
 
 impl Panel {
@@ -751,16 +769,15 @@ impl Panel {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn fill_fmt<F: Fmt>(&mut self, w: &[u8], row_bytes: usize, rows: usize) {
         let nsb = row_bytes / F::SB_BYTES;
-        assert!(nsb * F::SB_BYTES == row_bytes && F::SIGNED && !F::MINS);
+        assert!(nsb * F::SB_BYTES == row_bytes && !F::MINS && F::ZERO > 0);
         let nb = nsb * F::SUBS;
+        let units = if F::HALVES { 2 * nb } else { nb };
         (self.rows, self.nb) = (rows, nb);
         self.w.resize(nb * rows, _mm256_setzero_si256());
         self.s.resize(nb * rows, _mm256_setzero_ps());
-        self.offset.resize(nb * rows, 0.0);
-        let (ones8, ones16) = (_mm256_set1_epi8(1), _mm256_set1_epi16(1));
+        self.zero.resize(units * rows, 0.0);
+        let zero = F::ZERO as f32;
         for r in 0..rows {
-            // The offset's share of eight pieces at a time, reduced together.
-            let mut shares = [_mm256_setzero_ps(); 8];
             for sb in 0..nsb {
                 // SAFETY: super-block sb of row r lies within `w`.
                 let base = unsafe { w.as_ptr().add(r * row_bytes + sb * F::SB_BYTES) };
@@ -773,18 +790,18 @@ impl Panel {
                 let hdr = unsafe { F::header(base) };
                 for j in 0..F::SUBS {
                     // SAFETY: as above; j < SUBS.
-                    let (v, scale) = unsafe { F::sub(base, &hdr, j) };
+                    let (v, scale) = unsafe { F::raw(base, &hdr, j) };
                     let b = sb * F::SUBS + j;
                     self.w[b * rows + r] = v;
                     self.s[b * rows + r] = scale;
-                    let lane_sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16);
-                    shares[b % 8] = _mm256_mul_ps(_mm256_cvtepi32_ps(lane_sums), scale);
-                    if b % 8 == 7 || b + 1 == nb {
-                        let sums = hsum8(shares);
-                        let first = r * nb + b - b % 8;
-                        for (o, sum) in self.offset[first..=r * nb + b].iter_mut().zip(sums) {
-                            *o = 128.0 * sum;
-                        }
+                    let mut lanes = [0f32; 8];
+                    // SAFETY: lanes holds eight f32.
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), scale) };
+                    if F::HALVES {
+                        self.zero[r * units + 2 * b] = zero * lanes[0];
+                        self.zero[r * units + 2 * b + 1] = zero * lanes[4];
+                    } else {
+                        self.zero[r * units + b] = zero * lanes[0];
                     }
                 }
             }
@@ -803,7 +820,12 @@ impl Panel {
     ) {
         assert_eq!(R, self.rows, "kernel rows vs panel rows");
         let nb = self.nb;
+        let units = self.zero.len() / R;
         assert!(acts.acts.cols == 32 * nb && tokens.end <= acts.acts.t && !tokens.is_empty());
+        assert!(
+            acts.sums_t.len() == units * acts.tp,
+            "activation sums vs panel format"
+        );
         assert!(tokens.start.is_multiple_of(8) && out.len() >= (R - 1) * os + tokens.end);
         check_features(backend);
         let (pw, ps, op) = (self.w.as_ptr(), self.s.as_ptr(), out.as_mut_ptr());
@@ -818,7 +840,7 @@ impl Panel {
             _ => unsafe { avx2::panel_span::<R, T>(pw, ps, nb, acts, tk, op, os) },
         }
         for r in 0..R {
-            let offset = &self.offset[r * nb..(r + 1) * nb];
+            let zero = &self.zero[r * units..(r + 1) * units];
             let row = &mut out[r * os..r * os + tokens.end];
             let mut t0 = tokens.start;
             while t0 < tokens.end {
@@ -827,10 +849,10 @@ impl Panel {
                 // SAFETY: AVX2 checked above.
                 unsafe {
                     match n.div_ceil(8) {
-                        1 => correction::<1>(offset, acts, t0, &mut c),
-                        2 => correction::<2>(offset, acts, t0, &mut c),
-                        3 => correction::<3>(offset, acts, t0, &mut c),
-                        _ => correction::<4>(offset, acts, t0, &mut c),
+                        1 => correction::<1>(zero, acts, t0, &mut c),
+                        2 => correction::<2>(zero, acts, t0, &mut c),
+                        3 => correction::<3>(zero, acts, t0, &mut c),
+                        _ => correction::<4>(zero, acts, t0, &mut c),
                     }
                 }
                 for (v, c) in row[t0..t0 + n].iter_mut().zip(c) {
@@ -842,42 +864,27 @@ impl Panel {
     }
 }
 
-/// `c[8k + i] = Σ_b offset_b · dx[t0 + 8k + i][b]` for `k < K`: the offset's share of the sums of eight
-/// tokens per multiply-add, each piece's offset broadcast once.
+/// `c[8k + i] = Σ_u zero_u · S[t0 + 8k + i][u]` for `k < K`, `S` the activations' sums per unit: the
+/// zero point's share of the sums of eight tokens per multiply-add, each unit's factor broadcast once.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn correction<const K: usize>(offset: &[f32], acts: &PanelActs, t0: usize, c: &mut [f32; 32]) {
-    let (tp, d_t) = (acts.tp, &acts.d_t);
-    // Rows of `tp` values with `t0 + 8K ≤ tp` (t0 a multiple of 8): every load stays within row b.
-    assert!(t0 + 8 * K <= tp && d_t.len() >= offset.len() * tp);
+fn correction<const K: usize>(zero: &[f32], acts: &PanelActs, t0: usize, c: &mut [f32; 32]) {
+    let (tp, sums_t) = (acts.tp, &acts.sums_t);
+    // Rows of `tp` values with `t0 + 8K ≤ tp` (t0 a multiple of 8): every load stays within row u.
+    assert!(t0 + 8 * K <= tp && sums_t.len() >= zero.len() * tp);
     let mut acc = [_mm256_setzero_ps(); K];
-    for (b, &o) in offset.iter().enumerate() {
-        let o = _mm256_set1_ps(o);
+    for (u, &z) in zero.iter().enumerate() {
+        let z = _mm256_set1_ps(z);
         for (k, a) in acc.iter_mut().enumerate() {
-            // SAFETY: b · tp + t0 + 8k + 8 ≤ (b + 1) · tp ≤ d_t.len() (asserted above).
-            let dx = unsafe { _mm256_loadu_ps(d_t.as_ptr().add(b * tp + t0 + 8 * k)) };
-            *a = _mm256_fmadd_ps(o, dx, *a);
+            // SAFETY: u · tp + t0 + 8k + 8 ≤ (u + 1) · tp ≤ sums_t.len() (asserted above).
+            let s = unsafe { _mm256_loadu_ps(sums_t.as_ptr().add(u * tp + t0 + 8 * k)) };
+            *a = _mm256_fmadd_ps(z, s, *a);
         }
     }
     for (k, a) in acc.iter().enumerate() {
         // SAFETY: c holds 32 ≥ 8K f32.
         unsafe { _mm256_storeu_ps(c.as_mut_ptr().add(8 * k), *a) };
     }
-}
-
-/// The horizontal sums of eight vectors, as one vector (three rounds of pairwise adds).
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn hsum8(v: [__m256; 8]) -> [f32; 8] {
-    let a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-    let b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-    // a = [v0 v1 v2 v3 (low halves) | v0 v1 v2 v3 (high halves)], b likewise for v4..v8.
-    let lo = _mm256_permute2f128_ps::<0x20>(a, b);
-    let hi = _mm256_permute2f128_ps::<0x31>(a, b);
-    let mut out = [0f32; 8];
-    // SAFETY: out holds eight f32.
-    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(lo, hi)) };
-    out
 }
 
 /// `acc[t]`'s horizontal sums written to `out[0..T]`, four at a time with pairwise adds. Fewer than four
