@@ -440,11 +440,18 @@ pub fn matmul_acts(
         }
         return;
     }
-    // Prefill: each task owns a block of rows and writes them for every token into a transposed buffer
-    // (rows × t), so tasks never share output cache lines. Tokens are taken in groups whose activations
+    // Prefill: each task owns a block of rows and writes them for every token into its own part of a
+    // buffer (`t × its rows`), so tasks never share output cache lines; the parts are then copied into
+    // place. Tokens are taken in groups whose activations
     // fit in L2.
     let mut out_t = vec![0f32; rows * t];
     let tok_group = (262144 / cols).clamp(8, 256) & !7;
+    // Panels take three rows at a time: tasks of a multiple of six rows leave none over.
+    let per = if uses_panel(backend, dtype) {
+        per.next_multiple_of(6)
+    } else {
+        per
+    };
     #[cfg(target_arch = "x86_64")]
     let panel_acts =
         uses_panel(backend, dtype).then(|| super::quantized_x86::PanelActs::new(acts, dtype));
@@ -468,16 +475,17 @@ pub fn matmul_acts(
                 _ => prefill_task::<2, 4>(args),
             }
         });
-    untranspose(&out_t, rows, t, out);
+    assemble(&out_t, per, rows, t, out);
 }
 
-/// `out[ti][r] = out_t[r][ti]`: the tasks' row-major results back in token order, one token per task.
-fn untranspose(out_t: &[f32], rows: usize, t: usize, out: &mut [f32]) {
-    out.par_chunks_mut(rows).enumerate().for_each(|(ti, o)| {
-        for (r, v) in o.iter_mut().enumerate() {
-            *v = out_t[r * t + ti];
+/// The tasks' results, each `t × nrows` for its block of rows, into `out` (`t × rows`).
+fn assemble(parts: &[f32], per: usize, rows: usize, t: usize, out: &mut [f32]) {
+    for (c, part) in parts.chunks(per * t).enumerate() {
+        let nrows = part.len() / t;
+        for (ti, src) in part.chunks_exact(nrows).enumerate() {
+            out[ti * rows + c * per..][..nrows].copy_from_slice(src);
         }
-    });
+    }
 }
 
 type TaskArgs<'a> = (
@@ -500,7 +508,7 @@ fn uses_panel(backend: Backend, dtype: DType) -> bool {
     false
 }
 
-/// The prefill task of the panel formats: `o` (`nrows × t`, transposed) for the rows in `w`; each span of
+/// The prefill task of the panel formats: `o` (`t × nrows`) for the rows in `w`; each span of
 /// `R` rows (the last ones one at a time) is decoded once per token group and multiplied with all of its
 /// tokens.
 #[cfg(target_arch = "x86_64")]
@@ -522,18 +530,18 @@ fn prefill_task_panel<const R: usize, const T: usize>(
         while r < nrows {
             let rows = if r + R <= nrows { R } else { 1 };
             panel.fill(dtype, &w[r * rb..(r + rows) * rb], rb, rows);
-            let o = &mut o[r * t..];
+            let o = &mut o[r..];
             if rows == R {
-                panel.run::<R, T>(backend, acts, tokens.clone(), o, t);
+                panel.run::<R, T>(backend, acts, tokens.clone(), o, nrows);
             } else {
-                panel.run::<1, T>(backend, acts, tokens.clone(), o, t);
+                panel.run::<1, T>(backend, acts, tokens.clone(), o, nrows);
             }
             r += rows;
         }
     }
 }
 
-/// One prefill task: `o` (`nrows × t`, transposed) for the rows in `w`, in tiles of `R` rows × `T`
+/// One prefill task: `o` (`t × nrows`) for the rows in `w`, in tiles of `R` rows × `T`
 /// tokens; the tokens left over go four at a time (when `T` > 4), then one at a time; leftover rows one at
 /// a time.
 fn prefill_task<const R: usize, const T: usize>(args: TaskArgs) {
@@ -584,20 +592,25 @@ struct Span<'a> {
 }
 
 impl Span<'_> {
-    /// Tokens `ti..ti + K` of `rows` (`R` or 1) rows from `r`, written into `o` (`nrows × t`).
+    /// Tokens `ti..ti + K` of `rows` (`R` or 1) rows from `r`, written into `o` (`t × nrows`).
     #[inline]
     fn tiles<const R: usize, const K: usize>(&self, rows: usize, ti: usize, o: &mut [f32]) {
-        let (r, t, rb) = (self.r, self.acts.t, self.rb);
+        let (r, rb) = (self.r, self.rb);
+        let nrows = self.w.len() / rb;
         let wrow = |k: usize| &self.w[(r + k) * rb..(r + k + 1) * rb];
         let a: [ActRow; K] = std::array::from_fn(|k| self.acts.row(ti + k));
+        let mut put = |j: usize, row: &[f32; K]| {
+            for (k, &v) in row.iter().enumerate() {
+                o[(ti + k) * nrows + r + j] = v;
+            }
+        };
         if rows == R {
             let res = tile::<R, K>(self.backend, self.dtype, std::array::from_fn(wrow), a);
-            for (k, row) in res.iter().enumerate() {
-                o[(r + k) * t + ti..(r + k) * t + ti + K].copy_from_slice(row);
+            for (j, row) in res.iter().enumerate() {
+                put(j, row);
             }
         } else {
-            let res = tile::<1, K>(self.backend, self.dtype, [wrow(0)], a);
-            o[r * t + ti..r * t + ti + K].copy_from_slice(&res[0]);
+            put(0, &tile::<1, K>(self.backend, self.dtype, [wrow(0)], a)[0]);
         }
     }
 }
@@ -635,13 +648,9 @@ pub fn matmul_rows(
     if uses_panel(backend, w.dtype) {
         let pacts = super::quantized_x86::PanelActs::new(&acts, w.dtype);
         let mut panel = super::quantized_x86::Panel::default();
-        let mut row = vec![0f32; t];
         for (i, &r) in ids.iter().enumerate() {
             panel.fill(w.dtype, &w.bytes[r * rb..(r + 1) * rb], rb, 1);
-            panel.run::<1, 1>(backend, &pacts, 0..t, &mut row, t);
-            for (ti, &v) in row.iter().enumerate() {
-                out[ti * ids.len() + i] = v;
-            }
+            panel.run::<1, 1>(backend, &pacts, 0..t, &mut out[i..], ids.len());
         }
         return;
     }

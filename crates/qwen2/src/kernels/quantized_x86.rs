@@ -503,15 +503,15 @@ macro_rules! instruction_set {
             }
 
             /// Prefill on a decoded [`Panel`] of `R` rows: for every token in `tokens`, the sums
-            /// `Σ_b scale_b · dx_b · Σ q·x` of the stored (unsigned) values `q` into `out[r · os + t]`,
+            /// `Σ_b scale_b · dx_b · Σ q·x` of the stored (unsigned) values `q` into `out[t · os + r]`,
             /// `T` tokens at a time, then one at a time. Each product is one multiply (`$dot`), a
             /// conversion, a multiply and a multiply-add: decoding and the sign trick are out of the
             /// loop. [`Panel::run`] then takes off the zero point's share.
             ///
             /// # Safety
             /// `pw`, `ps` hold `nb · R` entries; the activations hold tokens `tokens` (rows of `32 · nb`
-            /// values and `nb` scales); `out` holds `R` rows of stride `os` covering
-            /// `tokens`; the CPU has `$features`.
+            /// values and `nb` scales); `out` holds the tokens `tokens` (stride `os`) of `R` rows;
+            /// the CPU has `$features`.
             #[target_feature(enable = $features)]
             pub unsafe fn panel_span<const R: usize, const T: usize>(
                 pw: *const __m256i,
@@ -528,7 +528,7 @@ macro_rules! instruction_set {
                     let acc = unsafe { panel_tile::<R, T>(pw, ps, nb, acts, t0) };
                     for r in 0..R {
                         // SAFETY: row r, tokens t0..t0 + T of `out`.
-                        unsafe { store_sums(&acc[r], out.add(r * os + t0)) };
+                        unsafe { store_sums(&acc[r], out.add(t0 * os + r), os) };
                     }
                     t0 += T;
                 }
@@ -537,7 +537,7 @@ macro_rules! instruction_set {
                     let acc = unsafe { panel_tile::<R, 1>(pw, ps, nb, acts, t) };
                     for r in 0..R {
                         // SAFETY: row r, token t of `out`.
-                        unsafe { store_sums(&acc[r], out.add(r * os + t)) };
+                        unsafe { store_sums(&acc[r], out.add(t * os + r), os) };
                     }
                 }
             }
@@ -808,7 +808,7 @@ impl Panel {
         }
     }
 
-    /// `out[r · os + t] = row r · token t` for the panel's `R` rows (`R` must be the number filled) and
+    /// `out[t · os + r] = row r · token t` for the panel's `R` rows (`R` must be the number filled) and
     /// the tokens in `tokens` (which start at a multiple of eight).
     pub fn run<const R: usize, const T: usize>(
         &self,
@@ -826,13 +826,15 @@ impl Panel {
             acts.sums_t.len() == units * acts.tp,
             "activation sums vs panel format"
         );
-        assert!(tokens.start.is_multiple_of(8) && out.len() >= (R - 1) * os + tokens.end);
+        assert!(
+            tokens.start.is_multiple_of(8) && os >= R && out.len() >= (tokens.end - 1) * os + R
+        );
         check_features(backend);
         let (pw, ps, op) = (self.w.as_ptr(), self.s.as_ptr(), out.as_mut_ptr());
         let tk = tokens.clone();
         match backend {
             // SAFETY: the panel holds nb · R pieces, the activations every token of `tokens`, `out`
-            // R rows of stride os covering them; lengths and CPU features checked above.
+            // those tokens (stride os ≥ R) of R rows; lengths and CPU features checked above.
             Backend::Avx512Vnni => unsafe {
                 vnni::panel_span::<R, T>(pw, ps, nb, acts, tk, op, os)
             },
@@ -841,7 +843,6 @@ impl Panel {
         }
         for r in 0..R {
             let zero = &self.zero[r * units..(r + 1) * units];
-            let row = &mut out[r * os..r * os + tokens.end];
             let mut t0 = tokens.start;
             while t0 < tokens.end {
                 let n = (tokens.end - t0).min(32);
@@ -855,8 +856,8 @@ impl Panel {
                         _ => correction::<4>(zero, acts, t0, &mut c),
                     }
                 }
-                for (v, c) in row[t0..t0 + n].iter_mut().zip(c) {
-                    *v -= c;
+                for (k, c) in c.iter().take(n).enumerate() {
+                    out[(t0 + k) * os + r] -= c;
                 }
                 t0 += n;
             }
@@ -887,15 +888,15 @@ fn correction<const K: usize>(zero: &[f32], acts: &PanelActs, t0: usize, c: &mut
     }
 }
 
-/// `acc[t]`'s horizontal sums written to `out[0..T]`, four at a time with pairwise adds. Fewer than four
+/// `acc[t]`'s horizontal sums written to `out[t · stride]`, four at a time with pairwise adds. Fewer than four
 /// are padded with zeros, so every sum is added up in the same order whatever `T` is: a product's values
 /// do not depend on how its tokens were tiled.
 ///
 /// # Safety
-/// `out` has room for `T` values; the CPU has AVX2.
+/// `out` has room for `T` values at `stride`; the CPU has AVX2.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn store_sums<const T: usize>(acc: &[__m256; T], out: *mut f32) {
+unsafe fn store_sums<const T: usize>(acc: &[__m256; T], out: *mut f32, stride: usize) {
     let z = _mm256_setzero_ps();
     let mut t = 0;
     while t < T {
@@ -906,8 +907,8 @@ unsafe fn store_sums<const T: usize>(acc: &[__m256; T], out: *mut f32) {
         // SAFETY: four holds four f32.
         unsafe { _mm_storeu_ps(four.as_mut_ptr(), s) };
         for (k, &v) in four.iter().enumerate().take(T - t) {
-            // SAFETY: out[t + k] with t + k < T is within the caller's room.
-            unsafe { out.add(t + k).write(v) };
+            // SAFETY: out[(t + k) · stride] with t + k < T is within the caller's room.
+            unsafe { out.add((t + k) * stride).write(v) };
         }
         t += 4;
     }
