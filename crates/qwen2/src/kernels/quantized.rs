@@ -463,8 +463,9 @@ pub fn matmul_acts(
             let wrows = &w.bytes[r0 * rb..(r0 + o.len() / t) * rb];
             // Shapes measured best on AVX2 (A/B in one process, 13-64 tokens): 3 rows × 2 tokens on
             // panels, where the accumulators, weights and scales then fit the sixteen registers; for the
-            // tiles that decode as they go, 2 × 4 for Q8_0, whose pieces are plain bytes, and 1 × 8 for
-            // Q4_K (10-20 % over 2 × 4), whose pieces gain from serving more tokens.
+            // tiles that decode as they go, 2 × 3 for Q8_0, whose pieces are plain bytes (2 × 4 spilled
+            // an accumulator: 2 × 3 was 1-12 % faster), and 1 × 8 for Q4_K (10-20 % over 2 × 4), whose
+            // pieces gain from serving more tokens.
             #[cfg(target_arch = "x86_64")]
             if let Some(pacts) = &panel_acts {
                 return prefill_task_panel::<3, 2>(backend, dtype, wrows, rb, pacts, tok_group, o);
@@ -472,7 +473,7 @@ pub fn matmul_acts(
             let args = (backend, dtype, wrows, rb, acts, tok_group, o);
             match dtype {
                 DType::Q4K | DType::Q6K => prefill_task::<1, 8>(args),
-                _ => prefill_task::<2, 4>(args),
+                _ => prefill_task::<2, 3>(args),
             }
         });
     assemble(&out_t, per, rows, t, out);
@@ -999,13 +1000,13 @@ mod tests {
                 (9, 4, 6),
                 (18, 2, 9),
                 (33, 3, 1),
-                // 13 tokens: 1 × 8 tiles, then a 4-token and a 1-token tail (Q4_K); 2 × 4 with a
+                // 13 tokens: 1 × 8 tiles, then a 4-token and a 1-token tail (Q4_K); 2 × 3 with a
                 // 1-token tail and an odd row (Q8_0); 3 × 2 panels with a token and rows left over.
                 (5, 2, 13),
                 // Two token groups (256 tokens each at most).
                 (4, 1, 300),
             ];
-            // Miri is far too slow for the full list: decode, a token tail, and 2 × 4 tiles with both tails.
+            // Miri is far too slow for the full list: decode, a token tail, and tiles with both tails.
             #[cfg(miri)]
             let shapes = [(3, 2, 1), (5, 3, 2), (7, 1, 5)];
             for (rows, nblk, t) in shapes {
@@ -1094,7 +1095,7 @@ mod tests {
 
     #[test]
     fn matmul_rows_matches_full_product() {
-        // 40 rows: 3-row panels and 2 × 4 tiles with a row left over; 7 and 13 tokens: tails.
+        // 40 rows: 3-row panels and 2-row tiles with a row left over; 7 and 13 tokens: tails.
         for dtype in TYPES {
             let (rows, cols) = (40, 256);
             let wq = random_blocks(dtype, rows * cols / dtype.block().0, 4);
