@@ -442,19 +442,14 @@ pub fn matmul_acts(
     }
     // Prefill: each task owns a block of rows and writes them for every token into its own part of a
     // buffer (`t × its rows`), so tasks never share output cache lines; the parts are then copied into
-    // place. Tokens are taken in groups whose activations
-    // fit in L2.
+    // place. Tokens are taken in groups whose activations fit in L2.
     let mut out_t = vec![0f32; rows * t];
     let tok_group = (262144 / cols).clamp(8, 256) & !7;
+    let panel = uses_panel(backend, dtype);
     // Panels take three rows at a time: tasks of a multiple of six rows leave none over.
-    let per = if uses_panel(backend, dtype) {
-        per.next_multiple_of(6)
-    } else {
-        per
-    };
+    let per = if panel { per.next_multiple_of(6) } else { per };
     #[cfg(target_arch = "x86_64")]
-    let panel_acts =
-        uses_panel(backend, dtype).then(|| super::quantized_x86::PanelActs::new(acts, dtype));
+    let panel_acts = panel.then(|| super::quantized_x86::PanelActs::new(acts, dtype));
     out_t
         .par_chunks_mut(per * t)
         .enumerate()
@@ -472,7 +467,7 @@ pub fn matmul_acts(
             }
             let args = (backend, dtype, wrows, rb, acts, tok_group, o);
             match dtype {
-                DType::Q4K | DType::Q6K => prefill_task::<1, 8>(args),
+                DType::Q4K => prefill_task::<1, 8>(args),
                 _ => prefill_task::<2, 3>(args),
             }
         });
