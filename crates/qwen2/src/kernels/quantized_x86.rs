@@ -707,7 +707,13 @@ impl<'a> PanelActs<'a> {
     pub fn new(acts: &'a QuantizedActs, dtype: DType) -> PanelActs<'a> {
         let nb = acts.cols / 32;
         let tp = acts.t.next_multiple_of(8);
-        let halves = dtype == DType::Q6K;
+        // Whether the correction works on half-pieces: the format's own `HALVES`, which `Panel::fill`
+        // follows too.
+        let halves = match dtype {
+            DType::Q5_0 => Q5_0::HALVES,
+            DType::Q6K => Q6K::HALVES,
+            _ => panic!("{dtype:?} has no panel form"),
+        };
         let units = if halves { 2 * nb } else { nb };
         let mut sums_t = vec![0f32; units * tp];
         for t in 0..acts.t {
