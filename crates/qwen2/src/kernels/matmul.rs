@@ -356,6 +356,40 @@ pub fn matmul(w: WeightSlice, rows: usize, cols: usize, x: &[f32], t: usize, out
     }
 }
 
+/// Several products of the same `x` (`t × cols`): `outs[i] = x · wᵢᵀ`. Block-quantized matrices share
+/// one quantization of `x` and one parallel step (see `quantized::matmul_acts_many`); any other form is
+/// multiplied on its own. Values are those of [`matmul`] for each matrix alone.
+pub fn matmul_many(
+    products: &mut [(WeightSlice, usize, &mut [f32])],
+    cols: usize,
+    x: &[f32],
+    t: usize,
+) {
+    use super::quantized::{self as q, Product};
+    if products
+        .iter()
+        .all(|p| matches!(p.0, WeightSlice::Quant(_)))
+    {
+        assert!(x.len() == t * cols);
+        let acts = q::quantize_acts(x, t, cols);
+        let mut qs: Vec<Product> = products
+            .iter_mut()
+            .map(|(w, rows, out)| match w {
+                WeightSlice::Quant(w) => Product {
+                    w: *w,
+                    rows: *rows,
+                    out,
+                },
+                _ => unreachable!("all quantized"),
+            })
+            .collect();
+        return q::matmul_acts_many(q::Backend::best(), &mut qs, cols, &acts);
+    }
+    for (w, rows, out) in products.iter_mut() {
+        matmul(*w, *rows, cols, x, t, out);
+    }
+}
+
 /// The definition: one dot product per (token, row), in order.
 pub fn matmul_scalar<W: WeightElem>(
     w: &[W],

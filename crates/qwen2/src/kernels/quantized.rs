@@ -418,60 +418,117 @@ pub fn matmul_acts(
     acts: &QuantizedActs,
     out: &mut [f32],
 ) {
+    matmul_acts_many(backend, &mut [Product { w, rows, out }], cols, acts);
+}
+
+/// One matrix of a [`matmul_acts_many`] call and where its `t × rows` result goes.
+pub struct Product<'a, 'o> {
+    pub w: QuantSlice<'a>,
+    pub rows: usize,
+    pub out: &'o mut [f32],
+}
+
+/// Several products of the same activations in one parallel step: the tasks of every matrix are
+/// scheduled together. Why: a decode step's small products cost more in waking and joining the other
+/// thread than in arithmetic (the 128-row k and v products alone are below `PARALLEL_MIN_BYTES` and ran
+/// on one core), so q, k and v (and gate and up) go as one step. Each row's value is what the product
+/// alone gives, bit for bit: tasks only decide which thread computes a row.
+pub fn matmul_acts_many(
+    backend: Backend,
+    products: &mut [Product],
+    cols: usize,
+    acts: &QuantizedActs,
+) {
     assert!(backend.is_available(), "{backend:?} is not available here");
-    let rb = check(&w, rows, cols);
     let t = acts.t;
-    assert!(acts.cols == cols && out.len() == t * rows);
-    let dtype = w.dtype;
-    let per = rows_per_task(rows, rb, t);
+    assert!(acts.cols == cols);
+    let ws: Vec<(QuantSlice, usize, usize)> = products
+        .iter()
+        .map(|p| {
+            let rb = check(&p.w, p.rows, cols);
+            assert!(p.out.len() == t * p.rows);
+            (p.w, rb, rows_per_task(p.rows, rb, t))
+        })
+        .collect();
     if t == 1 {
         // Decode: each task multiplies a run of consecutive rows, one sequential stream.
         let a = acts.row(0);
-        let run = |r0: usize, o: &mut [f32]| {
-            let w = &w.bytes[r0 * rb..(r0 + o.len()) * rb];
-            rows_dot(backend, dtype, w, rb, a, o);
+        let run = |(w, rb, _): (QuantSlice, usize, usize), r0: usize, o: &mut [f32]| {
+            let bytes = &w.bytes[r0 * rb..(r0 + o.len()) * rb];
+            rows_dot(backend, w.dtype, bytes, rb, a, o);
         };
-        if w.bytes.len() < PARALLEL_MIN_BYTES {
-            run(0, out);
-        } else {
-            out.par_chunks_mut(per)
-                .enumerate()
-                .for_each(|(c, o)| run(c * per, o));
+        let total: usize = ws.iter().map(|(w, ..)| w.bytes.len()).sum();
+        if total < PARALLEL_MIN_BYTES {
+            for (p, &w) in products.iter_mut().zip(&ws) {
+                run(w, 0, p.out);
+            }
+            return;
         }
+        let mut tasks = Vec::new();
+        for (p, &w) in products.iter_mut().zip(&ws) {
+            let per = w.2;
+            tasks.extend(
+                p.out
+                    .chunks_mut(per)
+                    .enumerate()
+                    .map(|(c, o)| (w, c * per, o)),
+            );
+        }
+        tasks.into_par_iter().for_each(|(w, r0, o)| run(w, r0, o));
         return;
     }
     // Prefill: each task owns a block of rows and writes them for every token into its own part of a
     // buffer (`t × its rows`), so tasks never share output cache lines; the parts are then copied into
     // place. Tokens are taken in groups whose activations fit in L2.
-    let mut out_t = vec![0f32; rows * t];
     let tok_group = (262144 / cols).clamp(8, 256) & !7;
-    let panel = uses_panel(backend, dtype);
+    let panels: Vec<bool> = ws
+        .iter()
+        .map(|(w, ..)| uses_panel(backend, w.dtype))
+        .collect();
     // Panels take three rows at a time: tasks of a multiple of six rows leave none over.
-    let per = if panel { per.next_multiple_of(6) } else { per };
+    let pers: Vec<usize> = ws
+        .iter()
+        .zip(&panels)
+        .map(|(&(_, _, per), &panel)| if panel { per.next_multiple_of(6) } else { per })
+        .collect();
     #[cfg(target_arch = "x86_64")]
-    let panel_acts = panel.then(|| super::quantized_x86::PanelActs::new(acts, dtype));
-    out_t
-        .par_chunks_mut(per * t)
-        .enumerate()
-        .for_each(|(c, o)| {
-            let r0 = c * per;
-            let wrows = &w.bytes[r0 * rb..(r0 + o.len() / t) * rb];
-            // Shapes measured best on AVX2 (A/B in one process, 13-64 tokens): 3 rows × 2 tokens on
-            // panels, where the accumulators, weights and scales then fit the sixteen registers; for the
-            // tiles that decode as they go, 2 × 3 for Q8_0, whose pieces are plain bytes (2 × 4 spilled
-            // an accumulator: 2 × 3 was 1-12 % faster), and 1 × 8 for Q4_K (10-20 % over 2 × 4), whose
-            // pieces gain from serving more tokens.
-            #[cfg(target_arch = "x86_64")]
-            if let Some(pacts) = &panel_acts {
-                return prefill_task_panel::<3, 2>(backend, dtype, wrows, rb, pacts, tok_group, o);
-            }
-            let args = (backend, dtype, wrows, rb, acts, tok_group, o);
-            match dtype {
-                DType::Q4K => prefill_task::<1, 8>(args),
-                _ => prefill_task::<2, 3>(args),
-            }
-        });
-    assemble(&out_t, per, rows, t, out);
+    let panel_acts: Vec<Option<super::quantized_x86::PanelActs>> = ws
+        .iter()
+        .zip(&panels)
+        .map(|(w, &panel)| panel.then(|| super::quantized_x86::PanelActs::new(acts, w.0.dtype)))
+        .collect();
+    let mut parts: Vec<Vec<f32>> = products.iter().map(|p| vec![0f32; p.rows * t]).collect();
+    let mut tasks = Vec::new();
+    for (i, part) in parts.iter_mut().enumerate() {
+        let per = pers[i];
+        tasks.extend(
+            part.chunks_mut(per * t)
+                .enumerate()
+                .map(|(c, o)| (i, c * per, o)),
+        );
+    }
+    tasks.into_par_iter().for_each(|(i, r0, o)| {
+        let (w, rb, _) = ws[i];
+        let dtype = w.dtype;
+        let wrows = &w.bytes[r0 * rb..(r0 + o.len() / t) * rb];
+        // Shapes measured best on AVX2 (A/B in one process, 13-64 tokens): 3 rows × 2 tokens on
+        // panels, where the accumulators, weights and scales then fit the sixteen registers; for the
+        // tiles that decode as they go, 2 × 3 for Q8_0, whose pieces are plain bytes (2 × 4 spilled
+        // an accumulator: 2 × 3 was 1-12 % faster), and 1 × 8 for Q4_K (10-20 % over 2 × 4), whose
+        // pieces gain from serving more tokens.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(pacts) = &panel_acts[i] {
+            return prefill_task_panel::<3, 2>(backend, dtype, wrows, rb, pacts, tok_group, o);
+        }
+        let args = (backend, dtype, wrows, rb, acts, tok_group, o);
+        match dtype {
+            DType::Q4K => prefill_task::<1, 8>(args),
+            _ => prefill_task::<2, 3>(args),
+        }
+    });
+    for ((p, part), per) in products.iter_mut().zip(&parts).zip(pers) {
+        assemble(part, per, p.rows, t, p.out);
+    }
 }
 
 /// The tasks' results, each `t × nrows` for its block of rows, into `out` (`t × rows`).
@@ -1049,6 +1106,53 @@ mod tests {
                     let mut got = vec![f32::NAN; t * rows];
                     matmul_with(backend, w, rows, cols, &x, t, &mut got);
                     assert_close(&got, &want, 2e-5, &format!("{dtype:?} {backend:?} t={t}"));
+                }
+            }
+        }
+    }
+
+    /// One step over several matrices of mixed types (as q, k and v are in the default file): each
+    /// result matches the reference, and equals that matrix's product alone bit for bit. Decode (t = 1)
+    /// covers small matrices that alone would stay on one thread; the large one makes the step parallel.
+    #[test]
+    fn several_products_in_one_step_match_the_reference() {
+        let cols = 512;
+        let shapes = [(DType::Q5_0, 1000), (DType::Q8_0, 37), (DType::Q6K, 20), (DType::Q4K, 9)];
+        let weights: Vec<(DType, usize, Vec<u8>)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(dtype, rows))| {
+                let (vals, _) = dtype.block();
+                (dtype, rows, random_blocks(dtype, rows * cols / vals, 30 + i as u64))
+            })
+            .collect();
+        let total: usize = weights.iter().map(|w| w.2.len()).sum();
+        assert!(total >= PARALLEL_MIN_BYTES && weights[1].2.len() < PARALLEL_MIN_BYTES);
+        for t in [1, 7] {
+            let x = data(t * cols, 31);
+            let acts = quantize_acts(&x, t, cols);
+            for backend in Backend::available() {
+                let mut outs: Vec<Vec<f32>> =
+                    weights.iter().map(|w| vec![f32::NAN; t * w.1]).collect();
+                let mut products: Vec<Product> = weights
+                    .iter()
+                    .zip(&mut outs)
+                    .map(|((dtype, rows, bytes), out)| Product {
+                        w: QuantSlice { dtype: *dtype, bytes },
+                        rows: *rows,
+                        out,
+                    })
+                    .collect();
+                matmul_acts_many(backend, &mut products, cols, &acts);
+                for ((dtype, rows, bytes), got) in weights.iter().zip(&outs) {
+                    let w = QuantSlice { dtype: *dtype, bytes };
+                    let what = format!("{dtype:?} {backend:?} t={t}");
+                    let mut want = vec![0f32; t * rows];
+                    matmul_reference(w, *rows, cols, &x, t, true, &mut want);
+                    assert_close(got, &want, 2e-5, &what);
+                    let mut alone = vec![0f32; t * rows];
+                    matmul_acts(backend, w, *rows, cols, &acts, &mut alone);
+                    assert!(got == &alone, "{what}: differs from the product alone");
                 }
             }
         }
