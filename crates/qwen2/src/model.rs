@@ -4,6 +4,7 @@
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::attention::AttentionShape;
+use crate::kernels::matmul::matmul_many;
 use crate::kernels::{attention, pool, rmsnorm, rope, silu_mul, RopeTable};
 use crate::kv_cache::KvCache;
 use crate::matrix::{Matrix, WeightForm};
@@ -19,11 +20,29 @@ impl Linear {
     /// `out (t × out_features) = x · Wᵀ + b`.
     fn forward(&self, x: &[f32], t: usize, out: &mut [f32]) {
         self.weight.matmul(x, t, out);
+        self.add_bias(out);
+    }
+
+    fn add_bias(&self, out: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in out.chunks_mut(b.len()) {
                 row.iter_mut().zip(b).for_each(|(o, bi)| *o += bi);
             }
         }
+    }
+}
+
+/// `outs[i] = x · Wᵢᵀ + bᵢ` for layers that share their input (q, k and v; gate and up), computed
+/// in one step: quantized weights then share one quantization of `x` and one parallel pass.
+fn forward_shared<const N: usize>(mut layers: [(&Linear, &mut [f32]); N], x: &[f32], t: usize) {
+    let cols = layers[0].0.weight.cols;
+    let mut products: Vec<_> = layers
+        .iter_mut()
+        .map(|(l, out)| (l.weight.weights(), l.weight.rows, &mut **out))
+        .collect();
+    matmul_many(&mut products, cols, x, t);
+    for (l, out) in layers {
+        l.add_bias(out);
     }
 }
 
@@ -183,26 +202,29 @@ impl Model {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Vec<f32>> {
-        let hidden = self.hidden_states(tokens, cache)?;
-        let h = self.config.hidden_size;
-        let t = tokens.len();
-        let (rows, n) = match logits {
-            Logits::None => return Ok(Vec::new()),
-            Logits::Last => (&hidden[(t - 1) * h..], 1),
-            Logits::All => (&hidden[..], t),
+        let keep = match logits {
+            Logits::None => 0,
+            Logits::Last => 1,
+            Logits::All => tokens.len(),
         };
-        let mut out = vec![0.0; n * self.config.vocab_size];
-        self.output_matrix().matmul(rows, n, &mut out);
+        let hidden = self.hidden_states(tokens, cache, keep)?;
+        if keep == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = vec![0.0; keep * self.config.vocab_size];
+        self.output_matrix().matmul(&hidden, keep, &mut out);
         Ok(out)
     }
 
-    /// Like `forward`, but returns the final-normed hidden state of every new position, so a caller can
-    /// multiply only the output rows it needs (label scoring).
-    pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        pool::install(|| self.hidden_states(tokens, cache))
+    /// Like `forward`, but returns the final-normed hidden state of the last new position, so a caller
+    /// can multiply only the output rows it needs (label scoring).
+    pub fn forward_last_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        pool::install(|| self.hidden_states(tokens, cache, 1))
     }
 
-    fn hidden_states(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    /// Runs the layers over `tokens` and returns the final-normed hidden states of the last `keep` of
+    /// them.
+    fn hidden_states(&self, tokens: &[u32], cache: &mut KvCache, keep: usize) -> Result<Vec<f32>> {
         let c = &self.config;
         let t = tokens.len();
         if t == 0 {
@@ -215,6 +237,7 @@ impl Model {
             ));
         }
         let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let inter = c.intermediate_size;
         let start = cache.len();
 
         // Buffers, each named for what it holds; every one is `t` rows.
@@ -225,8 +248,8 @@ impl Model {
         let mut v = vec![0.0f32; t * kvd];
         let mut att = vec![0.0f32; t * qd]; // attention output, all heads
         let mut proj = vec![0.0f32; t * h]; // o_proj / down_proj output, added to x
-        let mut gate = vec![0.0f32; t * c.intermediate_size];
-        let mut up = vec![0.0f32; t * c.intermediate_size];
+        let mut gate = vec![0.0f32; t * inter];
+        let mut up = vec![0.0f32; t * inter];
 
         // 1. Embed.
         for (i, &tok) in tokens.iter().enumerate() {
@@ -242,7 +265,13 @@ impl Model {
         let angles: Vec<(Vec<f32>, Vec<f32>)> =
             (0..t).map(|i| self.rope.cos_sin(start + i)).collect();
 
+        let last_layer = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
+            // Every layer's keys and values go into the cache for all `t` tokens, but what the last layer
+            // computes after them feeds only the hidden states asked for: its `n` rows are those.
+            let n = if l == last_layer { keep.min(t) } else { t };
+            let tail = t - n;
+
             // 2. Attention block: rmsnorm → q, k, v (+bias) → rope → attention over the cache → o_proj → residual.
             for i in 0..t {
                 rmsnorm(
@@ -253,13 +282,16 @@ impl Model {
                 );
             }
             let a = &layer.self_attn;
-            a.q_proj.forward(&xb, t, &mut q);
-            a.k_proj.forward(&xb, t, &mut k);
-            a.v_proj.forward(&xb, t, &mut v);
+            forward_shared(
+                [
+                    (&a.q_proj, &mut q),
+                    (&a.k_proj, &mut k),
+                    (&a.v_proj, &mut v),
+                ],
+                &xb,
+                t,
+            );
             for (i, (cos, sin)) in angles.iter().enumerate() {
-                q[i * qd..(i + 1) * qd]
-                    .chunks_mut(hd)
-                    .for_each(|head| rope(head, cos, sin));
                 k[i * kvd..(i + 1) * kvd]
                     .chunks_mut(hd)
                     .for_each(|head| rope(head, cos, sin));
@@ -267,24 +299,35 @@ impl Model {
             let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
             kc[start * kvd..(start + t) * kvd].copy_from_slice(&k);
             vc[start * kvd..(start + t) * kvd].copy_from_slice(&v);
+            if n == 0 {
+                break;
+            }
+            let q = &mut q[tail * qd..];
+            for (i, (cos, sin)) in angles[tail..].iter().enumerate() {
+                q[i * qd..(i + 1) * qd]
+                    .chunks_mut(hd)
+                    .for_each(|head| rope(head, cos, sin));
+            }
             let shape = AttentionShape {
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: hd,
-                start,
+                start: start + tail,
             };
+            let att = &mut att[..n * qd];
             attention(
-                &q,
+                q,
                 &kc[..(start + t) * kvd],
                 &vc[..(start + t) * kvd],
                 &shape,
-                &mut att,
+                att,
             );
-            a.o_proj.forward(&att, t, &mut proj);
-            x.iter_mut().zip(&proj).for_each(|(xi, p)| *xi += p);
+            let (x, xb, proj) = (&mut x[tail * h..], &mut xb[..n * h], &mut proj[..n * h]);
+            a.o_proj.forward(att, n, proj);
+            x.iter_mut().zip(&*proj).for_each(|(xi, p)| *xi += p);
 
             // 3. MLP block: rmsnorm → silu(gate) · up → down → residual.
-            for i in 0..t {
+            for i in 0..n {
                 rmsnorm(
                     &mut xb[i * h..(i + 1) * h],
                     &x[i * h..(i + 1) * h],
@@ -292,23 +335,32 @@ impl Model {
                     c.rms_norm_eps,
                 );
             }
-            layer.mlp.gate_proj.forward(&xb, t, &mut gate);
-            layer.mlp.up_proj.forward(&xb, t, &mut up);
-            silu_mul(&mut gate, &up);
-            layer.mlp.down_proj.forward(&gate, t, &mut proj);
-            x.iter_mut().zip(&proj).for_each(|(xi, p)| *xi += p);
+            let (gate, up) = (&mut gate[..n * inter], &mut up[..n * inter]);
+            forward_shared(
+                [
+                    (&layer.mlp.gate_proj, &mut *gate),
+                    (&layer.mlp.up_proj, &mut *up),
+                ],
+                xb,
+                n,
+            );
+            silu_mul(gate, up);
+            layer.mlp.down_proj.forward(gate, n, proj);
+            x.iter_mut().zip(&*proj).for_each(|(xi, p)| *xi += p);
         }
         cache.advance(t);
 
-        // 4. Final norm.
-        for i in 0..t {
+        // 4. Final norm, of the rows kept.
+        let n = keep.min(t);
+        let (x, mut out) = (&x[(t - n) * h..], vec![0.0f32; n * h]);
+        for i in 0..n {
             rmsnorm(
-                &mut xb[i * h..(i + 1) * h],
+                &mut out[i * h..(i + 1) * h],
                 &x[i * h..(i + 1) * h],
                 &self.norm,
                 c.rms_norm_eps,
             );
         }
-        Ok(xb)
+        Ok(out)
     }
 }

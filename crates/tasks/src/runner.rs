@@ -199,7 +199,7 @@ impl Runner {
         // same for every label, so it cancels when the scores are normalised over the labels. Later tokens
         // of a multi-token label need their own full normaliser.
         let prompt_len = cache.len() + rest.len();
-        let hidden = self.model.forward_hidden(&rest, &mut cache)?;
+        let hidden = self.model.forward_last_hidden(&rest, &mut cache)?;
         let last = &hidden[hidden.len() - self.model.config.hidden_size..];
         let first_ids: Vec<usize> = label_ids.iter().map(|ids| ids[0] as usize).collect();
         let mut first = vec![0f32; first_ids.len()];
