@@ -222,10 +222,16 @@ pub fn render_chatml(messages: &[Message], add_generation_prompt: bool) -> Strin
 
 /// Turns a growing list of token ids into text pieces that are always whole UTF-8: a character whose
 /// bytes are split across tokens is held back until its last byte arrives.
+///
+/// Each push decodes a short window, not every id so far (which made a long generation quadratic): the
+/// ids from `prefix` on, with `ids[prefix..read]` already emitted. The window starts where an earlier
+/// piece ended whole, so its text is exactly the tail of the full decode.
 #[derive(Default)]
 pub struct TextStream {
     ids: Vec<u32>,
-    /// Text already emitted, as decoded from `ids[..emitted_ids]`.
+    prefix: usize,
+    read: usize,
+    /// All text emitted so far.
     emitted: String,
 }
 
@@ -237,28 +243,41 @@ impl TextStream {
     /// Adds one id; returns the new complete text, possibly empty.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids, true)?;
-        // An incomplete multi-byte character decodes to U+FFFD at the end: wait for the next token.
-        if text.ends_with('\u{FFFD}') {
+        let (before, now) = self.window(tok)?;
+        // An incomplete multi-byte character decodes to U+FFFD at the end: wait for the next token. So
+        // does an id that adds no text (a skipped special token): the window grows until one does.
+        if now.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let new = match text.strip_prefix(self.emitted.as_str()) {
-            Some(rest) => rest.to_string(),
-            None => String::new(),
-        };
-        self.emitted = text;
-        Ok(new)
+        match now.strip_prefix(before.as_str()) {
+            Some(new) if !new.is_empty() => {
+                let new = new.to_string();
+                self.emit(&new);
+                Ok(new)
+            }
+            _ => Ok(String::new()),
+        }
     }
 
     /// Whatever is still held back (at the end of generation), lossily decoded.
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
-        let text = tok.decode(&self.ids, true)?;
-        let rest = text
-            .strip_prefix(self.emitted.as_str())
-            .unwrap_or("")
-            .to_string();
-        self.emitted = text;
+        let (before, now) = self.window(tok)?;
+        let rest = now.strip_prefix(before.as_str()).unwrap_or("").to_string();
+        self.emit(&rest);
         Ok(rest)
+    }
+
+    /// The window's emitted text, and its text with the ids after it.
+    fn window(&self, tok: &Tokenizer) -> Result<(String, String)> {
+        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
+        let now = tok.decode(&self.ids[self.prefix..], true)?;
+        Ok((before, now))
+    }
+
+    fn emit(&mut self, piece: &str) {
+        self.emitted.push_str(piece);
+        self.prefix = self.read;
+        self.read = self.ids.len();
     }
 
     pub fn text(&self) -> &str {

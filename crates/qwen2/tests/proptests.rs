@@ -103,6 +103,15 @@ proptest! {
         prop_assert_eq!(streamed(&ids), tok.decode(&ids, true).unwrap());
     }
 
+    /// Any ids at all, including byte tokens that never complete a character and special tokens: the
+    /// pieces still add up to the whole decode (the stream decodes a window, not the whole list).
+    #[test]
+    fn stream_of_any_ids_adds_up_to_the_decode(picks in vec(any::<proptest::sample::Index>(), 0..120)) {
+        let tok = tokenizer();
+        let ids: Vec<u32> = picks.iter().map(|i| i.index(tok.vocab_size()) as u32).collect();
+        prop_assert_eq!(streamed(&ids), tok.decode(&ids, true).unwrap());
+    }
+
     #[test]
     fn stream_of_nfc_stable_text_is_the_text(s in nfc_stable_string()) {
         let ids = tokenizer().encode(&s).unwrap();

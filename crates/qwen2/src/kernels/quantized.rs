@@ -1117,13 +1117,22 @@ mod tests {
     #[test]
     fn several_products_in_one_step_match_the_reference() {
         let cols = 512;
-        let shapes = [(DType::Q5_0, 1000), (DType::Q8_0, 37), (DType::Q6K, 20), (DType::Q4K, 9)];
+        let shapes = [
+            (DType::Q5_0, 1000),
+            (DType::Q8_0, 37),
+            (DType::Q6K, 20),
+            (DType::Q4K, 9),
+        ];
         let weights: Vec<(DType, usize, Vec<u8>)> = shapes
             .iter()
             .enumerate()
             .map(|(i, &(dtype, rows))| {
                 let (vals, _) = dtype.block();
-                (dtype, rows, random_blocks(dtype, rows * cols / vals, 30 + i as u64))
+                (
+                    dtype,
+                    rows,
+                    random_blocks(dtype, rows * cols / vals, 30 + i as u64),
+                )
             })
             .collect();
         let total: usize = weights.iter().map(|w| w.2.len()).sum();
@@ -1138,14 +1147,20 @@ mod tests {
                     .iter()
                     .zip(&mut outs)
                     .map(|((dtype, rows, bytes), out)| Product {
-                        w: QuantSlice { dtype: *dtype, bytes },
+                        w: QuantSlice {
+                            dtype: *dtype,
+                            bytes,
+                        },
                         rows: *rows,
                         out,
                     })
                     .collect();
                 matmul_acts_many(backend, &mut products, cols, &acts);
                 for ((dtype, rows, bytes), got) in weights.iter().zip(&outs) {
-                    let w = QuantSlice { dtype: *dtype, bytes };
+                    let w = QuantSlice {
+                        dtype: *dtype,
+                        bytes,
+                    };
                     let what = format!("{dtype:?} {backend:?} t={t}");
                     let mut want = vec![0f32; t * rows];
                     matmul_reference(w, *rows, cols, &x, t, true, &mut want);
