@@ -3,7 +3,7 @@
 
 use crate::common::{load_runner, Global};
 use anyhow::{Context, Result};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use tasks::eval::{evaluate, read_tsv, ModeReport};
 use tasks::ClassifyMode;
 
@@ -40,11 +40,19 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         } else {
             "generation mode"
         };
+        // A counter rewritten in place on a terminal; into a log, a line per tenth of the way.
+        let tty = std::io::stderr().is_terminal();
         let r = evaluate(&mut runner, &a.task, &examples, mode, lang, &mut |i, n| {
-            eprint!("\r{name}: {i}/{n}");
-            let _ = std::io::stderr().flush();
+            if tty {
+                eprint!("\r{name}: {i}/{n}");
+                let _ = std::io::stderr().flush();
+            } else if i == n || i % n.div_ceil(10).max(1) == 0 {
+                eprintln!("{name}: {i}/{n}");
+            }
         })?;
-        eprintln!();
+        if tty {
+            eprintln!();
+        }
         reports.push(r);
     }
     if a.json {
