@@ -118,3 +118,77 @@ fn real_model_tasks() {
     assert!(cached.cache.hits > 0);
     assert!(cached.cache.bytes() <= cached.cache.max_bytes());
 }
+
+/// The reply step answers complaints the way its prompt asks: in the message's language, acknowledging
+/// the feeling, and never with a refusal. Before the reply task had worked examples, the default model
+/// refused the first and fourth of these ("I'm sorry, but I can't assist with that request.",
+/// "抱歉，我无法帮助您。") and answered the third with a bare instruction.
+#[test]
+fn replies_to_complaints_acknowledge_and_never_refuse() {
+    let mut r = runner(256 << 20);
+    let refusals = [
+        "can't assist",
+        "cannot assist",
+        "can't help",
+        "cannot help",
+        "无法帮助",
+        "不能帮助",
+        "无法协助",
+    ];
+    for text in [
+        "The delivery was late and the box was damaged.",
+        "I was charged twice for the same subscription this month.",
+        "快递太慢了，包装也破了。",
+        "客服态度太差了，问了三遍都不回答。",
+    ] {
+        let lang = Lang::detect(text);
+        let c = r
+            .classify(
+                "sentiment",
+                text,
+                lang,
+                &BTreeMap::new(),
+                ClassifyMode::Scoring,
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(c.label.as_deref(), Some("negative"), "{text}");
+        let mut vars = BTreeMap::new();
+        vars.insert("sentiment".to_string(), c.display.clone());
+        let reply = r
+            .generate(
+                "reply",
+                text,
+                lang,
+                &vars,
+                &[],
+                Some(64),
+                &mut |_| {},
+                &mut |_| true,
+            )
+            .unwrap()
+            .text;
+        let lower = reply.to_lowercase();
+        assert!(
+            !refusals.iter().any(|p| lower.contains(p)),
+            "{text} → {reply}"
+        );
+        let acknowledges = match lang {
+            Lang::Zh => ["抱歉", "对不起", "不好意思", "理解"]
+                .iter()
+                .any(|w| reply.contains(w)),
+            Lang::En => ["sorry", "apolog", "understand"]
+                .iter()
+                .any(|w| lower.contains(w)),
+        };
+        assert!(acknowledges, "{text} → {reply}");
+        let cjk = reply
+            .chars()
+            .filter(|c| ('\u{4e00}'..='\u{9fff}').contains(c))
+            .count();
+        match lang {
+            Lang::Zh => assert!(cjk >= 5, "{text} → {reply}"),
+            Lang::En => assert_eq!(cjk, 0, "{text} → {reply}"),
+        }
+    }
+}
