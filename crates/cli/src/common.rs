@@ -76,7 +76,52 @@ pub fn load_runner(g: &Global) -> Result<tasks::Runner> {
         eprintln!("duet: warning: {e}");
     }
     let m = load_model(g)?;
-    Ok(tasks::Runner::new(m.model, m.tokenizer, library))
+    let mut runner = tasks::Runner::new(m.model, m.tokenizer, library);
+    if let Some((dir, key)) = prefix_cache_dir(&m.path, g.form().name()) {
+        runner.cache.use_disk(dir, key);
+    }
+    Ok(runner)
+}
+
+/// Where prompt prefixes are kept across runs, and the key naming what their values depend on: the model
+/// file (path, size, modification time; each file's for a directory), the weight form and this binary
+/// (its size and modification time: any rebuild may change the numbers). `$DUET_CACHE_DIR` (empty:
+/// off), else `$XDG_CACHE_HOME/duet`, else `~/.cache/duet`.
+fn prefix_cache_dir(model: &std::path::Path, form: &str) -> Option<(PathBuf, String)> {
+    let base = match std::env::var_os("DUET_CACHE_DIR") {
+        Some(d) if d.is_empty() => return None,
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+            Some(d) => PathBuf::from(d).join("duet"),
+            None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/duet"),
+        },
+    };
+    let stamp = |p: &std::path::Path| -> Option<String> {
+        let m = std::fs::metadata(p).ok()?;
+        let t = m
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        Some(format!("{}:{}:{}", p.display(), m.len(), t.as_nanos()))
+    };
+    let mut key = vec![env!("CARGO_PKG_VERSION").to_string(), form.to_string()];
+    key.push(stamp(&std::env::current_exe().ok()?)?);
+    let model = std::fs::canonicalize(model).ok()?;
+    if model.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&model)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for f in files {
+            key.push(stamp(&f)?);
+        }
+    } else {
+        key.push(stamp(&model)?);
+    }
+    Some((base.join("prefixes"), key.join("\n")))
 }
 
 /// The language for a text: --lang if given, else detected.
@@ -97,9 +142,13 @@ pub fn print_trace(e: &tasks::TraceEvent) {
                 eprintln!("[trace]   | {line}");
             }
         }
-        T::Cache { hit, prefix_tokens, cache_bytes, entries } => eprintln!(
+        T::Cache { hit, from_disk, prefix_tokens, cache_bytes, entries } => eprintln!(
             "[trace] PromptCache::prepare → {} ({prefix_tokens} prefix tokens; cache holds {entries} prefixes, {:.1} MiB)",
-            if *hit { "hit" } else { "miss: prefix computed now" },
+            match (hit, from_disk) {
+                (true, true) => "hit: read from the disk cache",
+                (true, false) => "hit",
+                _ => "miss: prefix computed now",
+            },
             *cache_bytes as f64 / (1 << 20) as f64
         ),
         T::Tokens { ids, cached } => {

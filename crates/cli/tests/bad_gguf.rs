@@ -296,6 +296,7 @@ fn duet(args: &[&str]) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
         .args(args)
         .env_remove("DUET_MODEL")
+        .env("DUET_CACHE_DIR", "")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

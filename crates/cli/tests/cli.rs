@@ -16,9 +16,15 @@ fn tiny() -> PathBuf {
 }
 
 fn duet(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    duet_with(args, stdin, "")
+}
+
+/// `duet` with `$DUET_CACHE_DIR` set (empty: no prefix cache on disk, so tests neither read nor leave one).
+fn duet_with(args: &[&str], stdin: Option<&[u8]>, cache_dir: &str) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
     cmd.args(args)
         .env_remove("DUET_MODEL")
+        .env("DUET_CACHE_DIR", cache_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -441,6 +447,53 @@ fn errors_are_one_line() {
     );
 }
 
+/// The prompt prefixes a run computed are read back from `$DUET_CACHE_DIR` by the next run, with the same
+/// answer; an empty `$DUET_CACHE_DIR` turns that off.
+#[test]
+fn prefixes_are_kept_across_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let t = tiny();
+    let args = [
+        "--model",
+        t.to_str().unwrap(),
+        "--trace",
+        "analyze",
+        "hello there",
+        "--json",
+        "--max-new-tokens",
+        "6",
+    ];
+    let answer = |o: &Output| {
+        assert!(o.status.success(), "{}", stderr(o));
+        let v: Value = serde_json::from_str(stdout(o).trim()).unwrap();
+        (v["sentiment"].clone(), v["reply"].clone())
+    };
+    let first = duet_with(&args, None, d);
+    assert_eq!(
+        stderr(&first).matches("miss: prefix computed now").count(),
+        2,
+        "{}",
+        stderr(&first)
+    );
+    let second = duet_with(&args, None, d);
+    assert_eq!(
+        stderr(&second).matches("read from the disk cache").count(),
+        2,
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(answer(&first), answer(&second));
+    let off = duet_with(&args, None, "");
+    assert_eq!(
+        stderr(&off).matches("miss: prefix computed now").count(),
+        2,
+        "{}",
+        stderr(&off)
+    );
+    assert_eq!(answer(&off), answer(&first));
+}
+
 #[test]
 fn real_model_dual_task() {
     let model = qwen2::fetch::resolve_model(None).unwrap();
@@ -488,6 +541,7 @@ fn ctrl_c_stops_the_reply_not_the_chat() {
     use std::io::Read;
     let model = qwen2::fetch::resolve_model(None).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .env("DUET_CACHE_DIR", "")
         .args([
             "--model",
             model.to_str().unwrap(),

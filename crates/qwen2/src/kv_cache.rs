@@ -4,6 +4,11 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// The first bytes of a file [`KvCache::save`] wrote.
+const FILE_MAGIC: &[u8; 8] = b"DUETKV01";
 
 #[derive(Clone)]
 pub struct KvCache {
@@ -97,6 +102,81 @@ impl KvCache {
         }
         self.len = len;
         Ok(())
+    }
+
+    /// Writes the used positions to `path`, for a prefix cache kept across runs: a header (layers, kv_dim,
+    /// positions as u64), then every layer's keys and every layer's values as little-endian f32. Written
+    /// to a temporary file and renamed into place, so a reader never sees half a file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            f.write_all(FILE_MAGIC)?;
+            for n in [self.k.len(), self.kv_dim, self.len] {
+                f.write_all(&(n as u64).to_le_bytes())?;
+            }
+            let n = self.len * self.kv_dim;
+            for layer in self.k.iter().chain(&self.v) {
+                for x in &layer[..n] {
+                    f.write_all(&x.to_le_bytes())?;
+                }
+            }
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(path, e)
+        })
+    }
+
+    /// Reads a file [`save`](Self::save) wrote, checking that it fits `config`'s model: a cache with
+    /// exactly the saved positions.
+    pub fn load(config: &ModelConfig, path: &Path) -> Result<KvCache> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bad = |why: &str| {
+            Error::Invalid(format!(
+                "{}: not a usable KV cache file: {why}",
+                path.display()
+            ))
+        };
+        let (magic, rest) = bytes.split_at_checked(8).ok_or_else(|| bad("too short"))?;
+        if magic != FILE_MAGIC {
+            return Err(bad("wrong magic"));
+        }
+        let header: Vec<usize> = rest
+            .chunks_exact(8)
+            .take(3)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as usize)
+            .collect();
+        let [layers, kv_dim, len] = header[..] else {
+            return Err(bad("too short"));
+        };
+        if layers != config.num_hidden_layers || kv_dim != config.kv_dim() {
+            return Err(bad("made for a different model"));
+        }
+        if len == 0 || len > config.max_position_embeddings {
+            return Err(bad("bad length"));
+        }
+        let data = &rest[24..];
+        if Some(data.len()) != (2 * layers).checked_mul(len * kv_dim * 4) {
+            return Err(bad("wrong size"));
+        }
+        let mut layers_data = data.chunks_exact(len * kv_dim * 4).map(|layer| {
+            layer
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<f32>>()
+        });
+        let k = layers_data.by_ref().take(layers).collect();
+        let v = layers_data.collect();
+        Ok(KvCache {
+            k,
+            v,
+            kv_dim,
+            len,
+            capacity: len,
+        })
     }
 
     /// A compact copy holding only the used positions (for a prefix cache).

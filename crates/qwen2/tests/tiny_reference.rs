@@ -151,6 +151,57 @@ fn prefill_then_decode_equals_recomputing() {
     }
 }
 
+/// A cache saved to a file and read back continues exactly as the original does (the same logits, bit
+/// for bit); a file cut short, with a wrong magic or for a model of another shape is refused with an
+/// error, not used.
+#[test]
+fn saved_cache_reads_back_exactly_and_bad_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = qwen2::load(&dir("qwen25-gqa-untied-f32")).unwrap();
+    let other = qwen2::load(&dir("qwen15-mha-tied-bf16")).unwrap();
+    let prompt = ids(&reference("qwen25-gqa-untied-f32")["prompt_ids"]);
+    let split = prompt.len() - 2;
+    let mut cache = KvCache::new(&m.model.config, 64).unwrap();
+    m.model
+        .forward(&prompt[..split], &mut cache, Logits::None)
+        .unwrap();
+    let path = tmp.path().join("prefix.kv");
+    cache.snapshot().save(&path).unwrap();
+
+    let mut read = KvCache::new(&m.model.config, 64).unwrap();
+    read.copy_prefix_from(&KvCache::load(&m.model.config, &path).unwrap(), split)
+        .unwrap();
+    let want = m
+        .model
+        .forward(&prompt[split..], &mut cache, Logits::All)
+        .unwrap();
+    let got = m
+        .model
+        .forward(&prompt[split..], &mut read, Logits::All)
+        .unwrap();
+    assert!(got == want, "read-back cache gives other logits");
+
+    let bytes = std::fs::read(&path).unwrap();
+    let bad = tmp.path().join("bad.kv");
+    for (what, data) in [
+        ("cut short", bytes[..bytes.len() - 4].to_vec()),
+        ("only the magic", bytes[..8].to_vec()),
+        (
+            "wrong magic",
+            [b"NOTDUET!".as_slice(), &bytes[8..]].concat(),
+        ),
+        ("empty", Vec::new()),
+    ] {
+        std::fs::write(&bad, data).unwrap();
+        assert!(KvCache::load(&m.model.config, &bad).is_err(), "{what}");
+    }
+    let err = match KvCache::load(&other.model.config, &path) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a cache for another model's shape was accepted"),
+    };
+    assert!(err.contains("different model"), "{err}");
+}
+
 #[test]
 fn running_past_the_context_is_an_error() {
     let m = qwen2::load(&dir("qwen25-gqa-untied-f32")).unwrap();

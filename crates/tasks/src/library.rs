@@ -315,6 +315,15 @@ impl Library {
         }
     }
 
+    /// Whether `s` is text of the library itself (a label's name or a placeholder's default), as opposed
+    /// to something a user wrote.
+    pub fn is_library_text(&self, s: &str) -> bool {
+        self.tasks.values().any(|t| {
+            t.labels.iter().any(|l| l.zh == s || l.en == s)
+                || t.defaults.values().any(|d| d.zh == s || d.en == s)
+        })
+    }
+
     pub fn task(&self, name: &str) -> Result<&Task> {
         self.tasks
             .get(name)

@@ -1,8 +1,23 @@
 //! `PromptCache`: the KV state of fixed prompt prefixes, computed once per loaded model and reused by
 //! every request that starts with the same prefix. Memory is bounded: least recently used entries go first.
+//!
+//! Optionally a directory keeps them across runs too ([`PromptCache::use_disk`]): a one-shot command
+//! then skips the prefix's prefill (~1.3 s for each of the dual task's two prompts on a 2-core machine).
 
 use crate::error::Result;
 use qwen2::{KvCache, Logits, Model};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Prefix files kept in the directory; older ones are removed (each is a few MiB).
+pub const DISK_MAX_FILES: usize = 64;
+
+/// Where prefixes are kept across runs, for one model, weight form and engine build: `key` names all
+/// three, so a file is only ever read back by the computation that wrote it.
+struct DiskTier {
+    dir: PathBuf,
+    key: String,
+}
 
 struct Entry {
     ids: Vec<u32>,
@@ -14,6 +29,7 @@ pub struct PromptCache {
     entries: Vec<Entry>,
     max_bytes: usize,
     clock: u64,
+    disk: Option<DiskTier>,
     pub hits: u64,
     pub misses: u64,
 }
@@ -23,6 +39,8 @@ pub struct Prepared {
     pub cache: KvCache,
     pub reused: usize,
     pub hit: bool,
+    /// The hit was read from the disk directory.
+    pub from_disk: bool,
 }
 
 impl PromptCache {
@@ -32,9 +50,28 @@ impl PromptCache {
             entries: Vec::new(),
             max_bytes,
             clock: 0,
+            disk: None,
             hits: 0,
             misses: 0,
         }
+    }
+
+    /// Also keeps prefixes in `dir` across runs. `key` must change whenever the KV values of a prefix
+    /// could: another model file, weight form or engine build.
+    pub fn use_disk(&mut self, dir: PathBuf, key: String) {
+        self.disk = Some(DiskTier { dir, key });
+    }
+
+    /// The file for `ids` in the disk directory, if there is one.
+    fn disk_path(&self, ids: &[u32]) -> Option<PathBuf> {
+        let d = self.disk.as_ref()?;
+        let mut h = Sha256::new();
+        h.update(d.key.as_bytes());
+        h.update([0]);
+        for id in ids {
+            h.update(id.to_le_bytes());
+        }
+        Some(d.dir.join(format!("{:x}.kv", h.finalize())))
     }
 
     pub fn bytes(&self) -> usize {
@@ -62,6 +99,7 @@ impl PromptCache {
         prefix_ids: &[u32],
         full_ids: &[u32],
         capacity: usize,
+        persist: bool,
     ) -> Result<Prepared> {
         let mut cache = KvCache::new(&model.config, capacity)?;
         if self.max_bytes == 0 {
@@ -69,6 +107,7 @@ impl PromptCache {
                 cache,
                 reused: 0,
                 hit: false,
+                from_disk: false,
             }); // caching disabled
         }
         // Keep at least one token of the request to run, so the caller always gets fresh logits.
@@ -80,12 +119,14 @@ impl PromptCache {
                 cache,
                 reused: 0,
                 hit: false,
+                from_disk: false,
             });
         }
         self.clock += 1;
         let now = self.clock;
         let found = self.entries.iter_mut().find(|e| e.ids == prefix_ids);
         let hit = found.is_some();
+        let mut from_disk = false;
         match found {
             Some(e) => {
                 e.last_used = now;
@@ -93,13 +134,37 @@ impl PromptCache {
                 self.hits += 1;
             }
             None => {
-                let mut kv = KvCache::new(&model.config, prefix_ids.len())?;
-                model.forward(prefix_ids, &mut kv, Logits::None)?;
+                // A copy on disk from an earlier run, if it is whole and of this prefix's length;
+                // anything else (missing, cut short, another model) is computed again.
+                let path = if persist {
+                    self.disk_path(prefix_ids)
+                } else {
+                    None
+                };
+                let saved = path
+                    .as_deref()
+                    .and_then(|p| KvCache::load(&model.config, p).ok())
+                    .filter(|kv| kv.len() == prefix_ids.len());
+                let kv = match saved {
+                    Some(kv) => {
+                        from_disk = true;
+                        self.hits += 1;
+                        kv
+                    }
+                    None => {
+                        let mut kv = KvCache::new(&model.config, prefix_ids.len())?;
+                        model.forward(prefix_ids, &mut kv, Logits::None)?;
+                        self.misses += 1;
+                        if let Some(p) = &path {
+                            keep_on_disk(&kv, p);
+                        }
+                        kv.snapshot()
+                    }
+                };
                 cache.copy_prefix_from(&kv, prefix_ids.len())?;
-                self.misses += 1;
                 self.insert(Entry {
                     ids: prefix_ids.to_vec(),
-                    kv: kv.snapshot(),
+                    kv,
                     last_used: now,
                 });
             }
@@ -107,7 +172,8 @@ impl PromptCache {
         Ok(Prepared {
             cache,
             reused: prefix_ids.len(),
-            hit,
+            hit: hit || from_disk,
+            from_disk,
         })
     }
 
@@ -129,5 +195,28 @@ impl PromptCache {
             self.entries.swap_remove(oldest);
         }
         self.entries.push(e);
+    }
+}
+
+/// Writes `kv` to `path` and trims the directory to [`DISK_MAX_FILES`], oldest first. Failing to keep a
+/// prefix costs only its recomputation next time, so errors are ignored.
+fn keep_on_disk(kv: &KvCache, path: &Path) {
+    let Some(dir) = path.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() || kv.save(path).is_err() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "kv"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if files.len() > DISK_MAX_FILES {
+        files.sort();
+        for (_, p) in &files[..files.len() - DISK_MAX_FILES] {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }

@@ -112,13 +112,23 @@ impl Runner {
             )));
         }
         let t = Instant::now();
-        let prepared = self.cache.prepare(&self.model, &prefix_ids, &ids, needed)?;
+        // Only a prefix made of library text (system prompt, examples, label names, defaults) may be kept
+        // on disk, never one holding the user's words: earlier turns, or a pipeline value taken from the
+        // text (the input itself, an earlier step's output) that the prompt puts before the text.
+        let persist = history.is_empty()
+            && vars.values().all(|v| {
+                v.is_empty() || self.library.is_library_text(v) || !p.prefix.contains(v.as_str())
+            });
+        let prepared = self
+            .cache
+            .prepare(&self.model, &prefix_ids, &ids, needed, persist)?;
         trace(TraceEvent::Timing {
             stage: "PromptCache::prepare".into(),
             ms: t.elapsed().as_secs_f64() * 1e3,
         });
         trace(TraceEvent::Cache {
             hit: prepared.hit,
+            from_disk: prepared.from_disk,
             prefix_tokens: prepared.reused,
             cache_bytes: self.cache.bytes(),
             entries: self.cache.len(),

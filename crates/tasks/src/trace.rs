@@ -18,6 +18,8 @@ pub enum TraceEvent {
     /// `PromptCache::prefix`: hit or miss, and the cache's memory.
     Cache {
         hit: bool,
+        /// The hit came from the disk directory (an earlier run).
+        from_disk: bool,
         prefix_tokens: usize,
         cache_bytes: usize,
         entries: usize,

@@ -241,3 +241,94 @@ fn conversation_drops_the_oldest_turns_to_fit() {
     c.trim_to_fit(&r.tokenizer, 1, &render);
     assert!(c.turns.is_empty());
 }
+
+/// A prefix kept on disk by one runner is read back by a fresh one (a new process, in effect) and gives
+/// exactly the results of computing it; a damaged file is computed again; a conversation's prefix, which
+/// holds the user's earlier turns, is never written.
+#[test]
+fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
+    let dirs = [tasks::library::shipped_dir()];
+    let disk = tempfile::tempdir().unwrap();
+    let with_disk = || {
+        let mut r = runner(&dirs, 1 << 24);
+        r.cache
+            .use_disk(disk.path().to_path_buf(), "tiny model, f32".into());
+        r
+    };
+    let files = || std::fs::read_dir(disk.path()).map_or(0, |d| d.count());
+    let mut uncached = runner(&dirs, 0);
+    let none = BTreeMap::new();
+    let text = "the parcel came late";
+    let run = |r: &mut Runner, events: &mut Vec<bool>| {
+        let c = r
+            .classify(
+                "sentiment",
+                text,
+                Lang::En,
+                &none,
+                ClassifyMode::Scoring,
+                &mut |e| {
+                    if let tasks::TraceEvent::Cache { from_disk, .. } = e {
+                        events.push(from_disk);
+                    }
+                },
+            )
+            .unwrap();
+        let g = r
+            .generate(
+                "reply",
+                text,
+                Lang::En,
+                &none,
+                &[],
+                Some(8),
+                &mut |_| {},
+                &mut |_| true,
+            )
+            .unwrap();
+        (c.scores.iter().map(|s| s.prob).collect::<Vec<f32>>(), g.ids)
+    };
+    let want = run(&mut uncached, &mut Vec::new());
+
+    let mut seen = Vec::new();
+    assert_eq!(run(&mut with_disk(), &mut seen), want);
+    assert_eq!(seen, [false]);
+    assert_eq!(files(), 2, "the sentiment and reply prefixes");
+
+    let mut seen = Vec::new();
+    assert_eq!(run(&mut with_disk(), &mut seen), want);
+    assert_eq!(seen, [true], "read back by a fresh runner");
+
+    for f in std::fs::read_dir(disk.path()).unwrap() {
+        let p = f.unwrap().path();
+        let len = std::fs::metadata(&p).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    assert_eq!(run(&mut with_disk(), &mut seen), want);
+    assert_eq!(seen, [false], "a cut file is computed again");
+
+    let history = [
+        qwen2::Message::user("my first message"),
+        qwen2::Message::assistant("a reply"),
+    ];
+    let before = files();
+    let mut r = with_disk();
+    r.generate(
+        "reply",
+        text,
+        Lang::En,
+        &none,
+        &history,
+        Some(4),
+        &mut |_| {},
+        &mut |_| true,
+    )
+    .unwrap();
+    assert_eq!(files(), before, "a conversation's prefix stays in memory");
+}
