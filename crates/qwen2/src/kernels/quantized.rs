@@ -491,12 +491,16 @@ pub fn matmul_acts_many(
         .zip(&panels)
         .map(|(&(_, _, per), &panel)| if panel { per.next_multiple_of(6) } else { per })
         .collect();
+    // One per panel type, not per matrix: q, k and v (gate and up) are often of one type, and its
+    // activation sums are the same for each.
     #[cfg(target_arch = "x86_64")]
-    let panel_acts: Vec<Option<super::quantized_x86::PanelActs>> = ws
-        .iter()
-        .zip(&panels)
-        .map(|(w, &panel)| panel.then(|| super::quantized_x86::PanelActs::new(acts, w.0.dtype)))
-        .collect();
+    let mut panel_acts: Vec<(DType, super::quantized_x86::PanelActs)> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    for ((w, ..), &panel) in ws.iter().zip(&panels) {
+        if panel && !panel_acts.iter().any(|(d, _)| *d == w.dtype) {
+            panel_acts.push((w.dtype, super::quantized_x86::PanelActs::new(acts, w.dtype)));
+        }
+    }
     let mut parts: Vec<Vec<f32>> = products.iter().map(|p| vec![0f32; p.rows * t]).collect();
     let mut tasks = Vec::new();
     for (i, part) in parts.iter_mut().enumerate() {
@@ -517,7 +521,7 @@ pub fn matmul_acts_many(
         // an accumulator: 2 × 3 was 1-12 % faster), and 1 × 8 for Q4_K (10-20 % over 2 × 4), whose
         // pieces gain from serving more tokens.
         #[cfg(target_arch = "x86_64")]
-        if let Some(pacts) = &panel_acts[i] {
+        if let Some((_, pacts)) = panel_acts.iter().find(|(d, _)| *d == dtype) {
             return prefill_task_panel::<3, 2>(backend, dtype, wrows, rb, pacts, tok_group, o);
         }
         let args = (backend, dtype, wrows, rb, acts, tok_group, o);
@@ -1122,6 +1126,8 @@ mod tests {
             (DType::Q8_0, 37),
             (DType::Q6K, 20),
             (DType::Q4K, 9),
+            // A second matrix of a panel type: it shares the first one's panel activations.
+            (DType::Q5_0, 12),
         ];
         let weights: Vec<(DType, usize, Vec<u8>)> = shapes
             .iter()
