@@ -629,9 +629,13 @@ fn prefill_task<const R: usize, const T: usize>(args: TaskArgs) {
                     ti += 4;
                 }
             }
-            while ti < g1 {
-                span.tiles::<R, 1>(rows, ti, o);
-                ti += 1;
+            // Fewer than four left: one tile of their own size. One token at a time, each would
+            // decode the rows again.
+            match g1 - ti {
+                0 => {}
+                1 => span.tiles::<R, 1>(rows, ti, o),
+                2 => span.tiles::<R, 2>(rows, ti, o),
+                _ => span.tiles::<R, 3>(rows, ti, o),
             }
             r += rows;
         }
@@ -1059,6 +1063,9 @@ mod tests {
                 // 13 tokens: 1 × 8 tiles, then a 4-token and a 1-token tail (Q4_K); 2 × 3 with a
                 // 1-token tail and an odd row (Q8_0); 3 × 2 panels with a token and rows left over.
                 (5, 2, 13),
+                // 14 and 15 tokens: the 2- and 3-token tail tiles (Q4_K), the 2-token one (Q8_0).
+                (5, 2, 14),
+                (5, 2, 15),
                 // Two token groups (256 tokens each at most).
                 (4, 1, 300),
             ];

@@ -783,6 +783,8 @@ impl Panel {
         self.s.resize(nb * rows, _mm256_setzero_ps());
         self.zero.resize(units * rows, 0.0);
         let zero = F::ZERO as f32;
+        let (w_out, s_out) = (self.w.as_mut_ptr(), self.s.as_mut_ptr());
+        let zero_out = self.zero.as_mut_ptr();
         for r in 0..rows {
             for sb in 0..nsb {
                 // SAFETY: super-block sb of row r lies within `w`.
@@ -798,16 +800,24 @@ impl Panel {
                     // SAFETY: as above; j < SUBS.
                     let (v, scale) = unsafe { F::raw(base, &hdr, j) };
                     let b = sb * F::SUBS + j;
-                    self.w[b * rows + r] = v;
-                    self.s[b * rows + r] = scale;
-                    let mut lanes = [0f32; 8];
-                    // SAFETY: lanes holds eight f32.
-                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), scale) };
-                    if F::HALVES {
-                        self.zero[r * units + 2 * b] = zero * lanes[0];
-                        self.zero[r * units + 2 * b + 1] = zero * lanes[4];
-                    } else {
-                        self.zero[r * units + b] = zero * lanes[0];
+                    // Lane 0 scales the piece (its first half for Q6_K), lane 4 the second half.
+                    let (s0, s4) = (
+                        _mm256_cvtss_f32(scale),
+                        _mm_cvtss_f32(_mm256_extractf128_ps::<1>(scale)),
+                    );
+                    // SAFETY: b < nb and r < rows, so b · rows + r < nb · rows, the length of `w`
+                    // and `s`; the unit indices below are < rows · units, the length of `zero`
+                    // (resized above). Unchecked: this loop runs once per piece and prefill token
+                    // group, and its bounds checks were a fifth of its instructions.
+                    unsafe {
+                        w_out.add(b * rows + r).write(v);
+                        s_out.add(b * rows + r).write(scale);
+                        if F::HALVES {
+                            zero_out.add(r * units + 2 * b).write(zero * s0);
+                            zero_out.add(r * units + 2 * b + 1).write(zero * s4);
+                        } else {
+                            zero_out.add(r * units + b).write(zero * s0);
+                        }
                     }
                 }
             }
@@ -847,50 +857,63 @@ impl Panel {
             // SAFETY: as above.
             _ => unsafe { avx2::panel_span::<R, T>(pw, ps, nb, acts, tk, op, os) },
         }
-        for r in 0..R {
-            let zero = &self.zero[r * units..(r + 1) * units];
-            let mut t0 = tokens.start;
-            while t0 < tokens.end {
-                let n = (tokens.end - t0).min(32);
-                let mut c = [0f32; 32];
-                // SAFETY: AVX2 checked above.
-                unsafe {
-                    match n.div_ceil(8) {
-                        1 => correction::<1>(zero, acts, t0, &mut c),
-                        2 => correction::<2>(zero, acts, t0, &mut c),
-                        3 => correction::<3>(zero, acts, t0, &mut c),
-                        _ => correction::<4>(zero, acts, t0, &mut c),
-                    }
+        let mut t0 = tokens.start;
+        while t0 < tokens.end {
+            let n = (tokens.end - t0).min(32);
+            let mut c = [[0f32; 32]; R];
+            // SAFETY: AVX2 checked above.
+            unsafe {
+                match n.div_ceil(8) {
+                    1 => correction::<R, 1>(&self.zero, acts, t0, &mut c),
+                    2 => correction::<R, 2>(&self.zero, acts, t0, &mut c),
+                    3 => correction::<R, 3>(&self.zero, acts, t0, &mut c),
+                    _ => correction::<R, 4>(&self.zero, acts, t0, &mut c),
                 }
+            }
+            for (r, c) in c.iter().enumerate() {
                 for (k, c) in c.iter().take(n).enumerate() {
                     out[(t0 + k) * os + r] -= c;
                 }
-                t0 += n;
             }
+            t0 += n;
         }
     }
 }
 
-/// `c[8k + i] = Σ_u zero_u · S[t0 + 8k + i][u]` for `k < K`, `S` the activations' sums per unit: the
-/// zero point's share of the sums of eight tokens per multiply-add, each unit's factor broadcast once.
+/// `c[r][8k + i] = Σ_u zero[r][u] · S[t0 + 8k + i][u]` for the `R` rows of a panel (`zero` is `R`
+/// rows of units) and `k < K`: the zero point's share of each row's sums. The rows go together so that
+/// `R · K` sums are in flight: one row alone is a chain of dependent multiply-adds, as slow as their
+/// latency, and each activation load serves every row.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn correction<const K: usize>(zero: &[f32], acts: &PanelActs, t0: usize, c: &mut [f32; 32]) {
+fn correction<const R: usize, const K: usize>(
+    zero: &[f32],
+    acts: &PanelActs,
+    t0: usize,
+    c: &mut [[f32; 32]; R],
+) {
     let (tp, sums_t) = (acts.tp, &acts.sums_t);
+    let units = zero.len() / R;
     // Rows of `tp` values with `t0 + 8K ≤ tp` (t0 a multiple of 8): every load stays within row u.
-    assert!(t0 + 8 * K <= tp && sums_t.len() >= zero.len() * tp);
-    let mut acc = [_mm256_setzero_ps(); K];
-    for (u, &z) in zero.iter().enumerate() {
-        let z = _mm256_set1_ps(z);
-        for (k, a) in acc.iter_mut().enumerate() {
-            // SAFETY: u · tp + t0 + 8k + 8 ≤ (u + 1) · tp ≤ sums_t.len() (asserted above).
-            let s = unsafe { _mm256_loadu_ps(sums_t.as_ptr().add(u * tp + t0 + 8 * k)) };
-            *a = _mm256_fmadd_ps(z, s, *a);
+    assert!(t0 + 8 * K <= tp && sums_t.len() >= units * tp && zero.len() == R * units);
+    let mut acc = [[_mm256_setzero_ps(); K]; R];
+    for u in 0..units {
+        // SAFETY: u · tp + t0 + 8k + 8 ≤ (u + 1) · tp ≤ sums_t.len() (asserted above).
+        let s: [__m256; K] = std::array::from_fn(|k| unsafe {
+            _mm256_loadu_ps(sums_t.as_ptr().add(u * tp + t0 + 8 * k))
+        });
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let z = _mm256_set1_ps(zero[r * units + u]);
+            for (a, s) in acc.iter_mut().zip(s) {
+                *a = _mm256_fmadd_ps(z, s, *a);
+            }
         }
     }
-    for (k, a) in acc.iter().enumerate() {
-        // SAFETY: c holds 32 ≥ 8K f32.
-        unsafe { _mm256_storeu_ps(c.as_mut_ptr().add(8 * k), *a) };
+    for (acc, c) in acc.iter().zip(c.iter_mut()) {
+        for (k, a) in acc.iter().enumerate() {
+            // SAFETY: c holds 32 ≥ 8K f32.
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr().add(8 * k), *a) };
+        }
     }
 }
 
