@@ -18,6 +18,7 @@ pub mod matrix;
 pub mod model;
 pub mod sampler;
 pub mod tokenizer;
+mod tokenizer_json;
 pub mod weights;
 
 pub use config::ModelConfig;

@@ -58,11 +58,14 @@ impl Tokenizer {
         };
         let template =
             template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
-        // Straight from the text: a `serde_json::Value` of a 7 MB tokenizer.json first, as before, cost
-        // more than `tokenizers` building the tokenizer.
-        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
-            Error::Tokenizer(format!("{}: cannot build tokenizer: {e}", path.display()))
-        })?;
+        // A BPE tokenizer (every Qwen2) is read by our quicker reader; anything else, and any error,
+        // by `tokenizers`' own, straight from the text.
+        let inner = match crate::tokenizer_json::read_bpe(&text) {
+            Some(inner) => inner,
+            None => text.parse().map_err(|e| {
+                Error::Tokenizer(format!("{}: cannot build tokenizer: {e}", path.display()))
+            })?,
+        };
         Ok(Tokenizer {
             inner,
             chat_template: template,
