@@ -7,8 +7,25 @@ use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
 
-/// The first bytes of a file [`KvCache::save`] wrote.
-const FILE_MAGIC: &[u8; 8] = b"DUETKV01";
+/// The first bytes of a file [`KvCache::save`] wrote (02: with a checksum at the end).
+const FILE_MAGIC: &[u8; 8] = b"DUETKV02";
+
+/// A 64-bit checksum of `bytes`, to refuse a kept cache file whose contents changed on disk: a wrong
+/// value of the right size would otherwise go into every later answer unnoticed. Not cryptographic;
+/// each step is a bijection of the state, so a change in any one 8-byte word always changes the result,
+/// and it costs well under a millisecond for a prefix's few MiB.
+fn checksum(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut words = bytes.chunks_exact(8);
+    let mut h = K ^ bytes.len() as u64;
+    for w in words.by_ref() {
+        h = (h.rotate_left(23) ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(K);
+    }
+    for &b in words.remainder() {
+        h = (h.rotate_left(23) ^ b as u64).wrapping_mul(K);
+    }
+    h ^ (h >> 29)
+}
 
 #[derive(Clone)]
 pub struct KvCache {
@@ -105,23 +122,27 @@ impl KvCache {
     }
 
     /// Writes the used positions to `path`, for a prefix cache kept across runs: a header (layers, kv_dim,
-    /// positions as u64), then every layer's keys and every layer's values as little-endian f32. Written
-    /// to a temporary file and renamed into place, so a reader never sees half a file.
+    /// positions as u64), every layer's keys and every layer's values as little-endian f32, then a
+    /// checksum of all that (u64). Written to a temporary file and renamed into place, so a reader never
+    /// sees half a file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let n = self.len * self.kv_dim;
+        let mut bytes = Vec::with_capacity(32 + 2 * self.k.len() * n * 4 + 8);
+        bytes.extend_from_slice(FILE_MAGIC);
+        for n in [self.k.len(), self.kv_dim, self.len] {
+            bytes.extend_from_slice(&(n as u64).to_le_bytes());
+        }
+        for layer in self.k.iter().chain(&self.v) {
+            for x in &layer[..n] {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        bytes.extend_from_slice(&checksum(&bytes).to_le_bytes());
         let write = || -> std::io::Result<()> {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            f.write_all(FILE_MAGIC)?;
-            for n in [self.k.len(), self.kv_dim, self.len] {
-                f.write_all(&(n as u64).to_le_bytes())?;
-            }
-            let n = self.len * self.kv_dim;
-            for layer in self.k.iter().chain(&self.v) {
-                for x in &layer[..n] {
-                    f.write_all(&x.to_le_bytes())?;
-                }
-            }
-            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
             std::fs::rename(&tmp, path)
         };
         write().map_err(|e| {
@@ -140,10 +161,20 @@ impl KvCache {
                 path.display()
             ))
         };
-        let (magic, rest) = bytes.split_at_checked(8).ok_or_else(|| bad("too short"))?;
+        let (magic, _) = bytes.split_at_checked(8).ok_or_else(|| bad("too short"))?;
         if magic != FILE_MAGIC {
             return Err(bad("wrong magic"));
         }
+        let (body, sum) = bytes
+            .split_at_checked(bytes.len().saturating_sub(8))
+            .filter(|(body, _)| body.len() >= 32)
+            .ok_or_else(|| bad("too short"))?;
+        if checksum(body).to_le_bytes() != sum {
+            return Err(bad(
+                "checksum mismatch (the file changed after it was written)",
+            ));
+        }
+        let rest = &body[8..];
         let header: Vec<usize> = rest
             .chunks_exact(8)
             .take(3)

@@ -152,8 +152,8 @@ fn prefill_then_decode_equals_recomputing() {
 }
 
 /// A cache saved to a file and read back continues exactly as the original does (the same logits, bit
-/// for bit); a file cut short, with a wrong magic or for a model of another shape is refused with an
-/// error, not used.
+/// for bit); a file cut short, with a wrong magic, changed contents or for a model of another shape is
+/// refused with an error, not used.
 #[test]
 fn saved_cache_reads_back_exactly_and_bad_files_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -191,6 +191,18 @@ fn saved_cache_reads_back_exactly_and_bad_files_are_refused() {
             [b"NOTDUET!".as_slice(), &bytes[8..]].concat(),
         ),
         ("empty", Vec::new()),
+        // One bit of one stored value flipped: the right size, a wrong number.
+        ("a changed value", {
+            let mut b = bytes.clone();
+            b[32 + 5] ^= 0x10;
+            b
+        }),
+        // A checksum that does not fit the contents.
+        ("a changed checksum", {
+            let mut b = bytes.clone();
+            *b.last_mut().unwrap() ^= 1;
+            b
+        }),
     ] {
         std::fs::write(&bad, data).unwrap();
         assert!(KvCache::load(&m.model.config, &bad).is_err(), "{what}");
