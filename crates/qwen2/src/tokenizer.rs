@@ -60,11 +60,17 @@ impl Tokenizer {
             template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
         // A BPE tokenizer (every Qwen2) is read by our quicker reader; anything else, and any error,
         // by `tokenizers`' own, straight from the text.
+        let cannot = |e: &dyn std::fmt::Display| {
+            Error::Tokenizer(format!("{}: cannot build tokenizer: {e}", path.display()))
+        };
         let inner = match crate::tokenizer_json::read_bpe(&text) {
-            Some(inner) => inner,
-            None => text.parse().map_err(|e| {
-                Error::Tokenizer(format!("{}: cannot build tokenizer: {e}", path.display()))
-            })?,
+            Some(inner) => inner.map_err(|e| cannot(&e))?,
+            None => {
+                // `tokenizers`' reader panics on some malformed JSON (a syntax error inside a decoder,
+                // found by fuzzing) instead of returning an error: the syntax is checked first.
+                serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| cannot(&e))?;
+                text.parse().map_err(|e| cannot(&e))?
+            }
         };
         Ok(Tokenizer {
             inner,

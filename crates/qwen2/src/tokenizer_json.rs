@@ -15,21 +15,32 @@ use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
 };
 
-/// The parts of `tokenizer.json` this reader covers; other keys are ignored, as `tokenizers` does.
+/// The parts of `tokenizer.json` this reader covers. Another key makes `tokenizers`' reader fail (it
+/// does not skip the value of a key it does not know; fuzzing found this), so it makes this one decline.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TokenizerFile {
-    version: Option<String>,
+    /// Missing is fine, as for `tokenizers`; anything but the string "1.0" (null too) is not.
+    #[serde(default = "version_one")]
+    version: serde_json::Value,
     #[serde(default)]
     truncation: serde_json::Value,
     #[serde(default)]
     padding: serde_json::Value,
     #[serde(default)]
     added_tokens: Vec<FileAddedToken>,
-    normalizer: Option<NormalizerWrapper>,
-    pre_tokenizer: Option<PreTokenizerWrapper>,
-    post_processor: Option<PostProcessorWrapper>,
-    decoder: Option<DecoderWrapper>,
+    // Read as JSON values first, then as `tokenizers`' types: its readers of these types panic on some
+    // malformed JSON (a decoder with a non-string key, say) instead of returning an error; from a value
+    // they cannot meet a syntax error.
+    normalizer: Option<serde_json::Value>,
+    pre_tokenizer: Option<serde_json::Value>,
+    post_processor: Option<serde_json::Value>,
+    decoder: Option<serde_json::Value>,
     model: BpeFile,
+}
+
+fn version_one() -> serde_json::Value {
+    "1.0".into()
 }
 
 #[derive(Deserialize)]
@@ -40,9 +51,10 @@ struct FileAddedToken {
     token: AddedToken,
 }
 
-/// The `model` object of a BPE tokenizer; absent options keep the builder's defaults, as in
-/// `tokenizers`' reader.
+/// The `model` object of a BPE tokenizer; absent options keep the builder's defaults, and another key
+/// fails, as in `tokenizers`' reader.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BpeFile {
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -137,9 +149,11 @@ impl<'de> Deserialize<'de> for Merge {
 
 /// The tokenizer `text` (a `tokenizer.json`) describes, if it is a BPE tokenizer without truncation or
 /// padding; `None` for anything else, including errors, which `tokenizers`' own reader then reports.
-pub fn read_bpe(text: &str) -> Option<tokenizers::Tokenizer> {
+/// `Some(Err)` refuses a vocabulary that gives one id to two tokens: `tokenizers` accepts it, and which
+/// token the id then decodes to depends on its hash map's random iteration order (fuzzing found this).
+pub fn read_bpe(text: &str) -> Option<Result<tokenizers::Tokenizer, String>> {
     let file: TokenizerFile = serde_json::from_str(text).ok()?;
-    let supported = file.version.as_deref().is_none_or(|v| v == "1.0")
+    let supported = file.version == "1.0"
         && file.truncation.is_null()
         && file.padding.is_null()
         && file.model.kind.as_deref().is_none_or(|k| k == "BPE");
@@ -147,6 +161,16 @@ pub fn read_bpe(text: &str) -> Option<tokenizers::Tokenizer> {
         return None;
     }
     let m = file.model;
+    let mut ids: Vec<u32> = m.vocab.values().copied().collect();
+    ids.sort_unstable();
+    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+        let id = w[0];
+        let mut tokens: Vec<&String> = m.vocab.iter().filter(|e| *e.1 == id).map(|e| e.0).collect();
+        tokens.sort();
+        return Some(Err(format!(
+            "the vocabulary gives id {id} to more than one token ({tokens:?})"
+        )));
+    }
     let mut bpe = BPE::builder().vocab_and_merges(m.vocab, m.merges);
     if let Some(p) = m.dropout {
         bpe = bpe.dropout(p);
@@ -169,15 +193,22 @@ pub fn read_bpe(text: &str) -> Option<tokenizers::Tokenizer> {
     if let Some(f) = m.ignore_merges {
         bpe = bpe.ignore_merges(f);
     }
+    fn part<T: serde::de::DeserializeOwned>(v: Option<serde_json::Value>) -> Option<Option<T>> {
+        v.map(serde_json::from_value).transpose().ok()
+    }
+    let normalizer: Option<NormalizerWrapper> = part(file.normalizer)?;
+    let pre_tokenizer: Option<PreTokenizerWrapper> = part(file.pre_tokenizer)?;
+    let post_processor: Option<PostProcessorWrapper> = part(file.post_processor)?;
+    let decoder: Option<DecoderWrapper> = part(file.decoder)?;
     let mut tok = tokenizers::Tokenizer::new(bpe.build().ok()?);
-    tok.with_normalizer(file.normalizer)
-        .with_pre_tokenizer(file.pre_tokenizer)
-        .with_post_processor(file.post_processor)
-        .with_decoder(file.decoder);
+    tok.with_normalizer(normalizer)
+        .with_pre_tokenizer(pre_tokenizer)
+        .with_post_processor(post_processor)
+        .with_decoder(decoder);
     // As `tokenizers` does: added tokens keep the id their content has, or get the next free one.
     let added: Vec<AddedToken> = file.added_tokens.into_iter().map(|t| t.token).collect();
     tok.add_tokens(&added);
-    Some(tok)
+    Some(Ok(tok))
 }
 
 #[cfg(test)]
@@ -215,7 +246,9 @@ mod tests {
 
     /// Our reader and `tokenizers`' give the same ids, pieces and decoded text.
     fn assert_same(what: &str, text: &str) {
-        let ours = read_bpe(text).unwrap_or_else(|| panic!("{what}: not read"));
+        let ours = read_bpe(text)
+            .unwrap_or_else(|| panic!("{what}: not read"))
+            .unwrap();
         let theirs: tokenizers::Tokenizer = text.parse().unwrap();
         assert_eq!(
             ours.get_vocab_size(true),
@@ -299,6 +332,12 @@ mod tests {
                 edit(&|v| v["model"]["type"] = json!("WordPiece")),
             ),
             ("another version", edit(&|v| v["version"] = json!("2.0"))),
+            ("an unknown key", edit(&|v| v["truncatio*"] = json!(null))),
+            ("a null version", edit(&|v| v["version"] = json!(null))),
+            (
+                "an unknown model key",
+                edit(&|v| v["model"]["vocab2"] = json!({})),
+            ),
             (
                 "no merges",
                 edit(&|v| {
@@ -323,5 +362,16 @@ mod tests {
         for (what, text) in cases {
             assert!(read_bpe(&text).is_none(), "{what}");
         }
+        // Two tokens with one id: refused, naming them.
+        let mut v = base.clone();
+        let vocab = v["model"]["vocab"].as_object_mut().unwrap();
+        let first = vocab.iter().find(|e| e.1 == 0).unwrap().0.clone();
+        let other = vocab.iter().find(|e| e.1 == 1).unwrap().0.clone();
+        vocab.insert(other.clone(), json!(0));
+        let err = read_bpe(&v.to_string()).unwrap().err().unwrap();
+        assert!(
+            err.contains("id 0") && err.contains(&first) && err.contains(&other),
+            "{err}"
+        );
     }
 }

@@ -65,6 +65,11 @@ fn config_json_seeds() {
 }
 
 #[test]
+fn tokenizer_json_seeds() {
+    replay("tokenizer_json", targets::tokenizer_json);
+}
+
+#[test]
 fn gguf_tokenizer_seeds() {
     replay("gguf_tokenizer", targets::gguf_tokenizer);
 }
