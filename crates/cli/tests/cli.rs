@@ -371,6 +371,28 @@ fn errors_are_one_line() {
         ),
         "tokenizer.json: cannot build tokenizer",
     );
+    // Found by fuzzing: a syntax error inside the decoder (tokenizers' reader panicked on it), and a
+    // vocabulary giving one id to two tokens (tokenizers takes it; its decoding is then random).
+    let good = std::fs::read_to_string(tiny().join("tokenizer.json")).unwrap();
+    let at = good.find("\"decoder\":").unwrap();
+    let bad_decoder = format!("{}\"decoder\":{{1:2}},{}", &good[..at], &good[at..]);
+    let mut dup: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let vocab = dup["model"]["vocab"].as_object_mut().unwrap();
+    let second = vocab.iter().find(|e| e.1 == 1).unwrap().0.clone();
+    vocab.insert(second, serde_json::json!(0));
+    for (text, want) in [
+        (bad_decoder, "key must be a string"),
+        (dup.to_string(), "gives id 0 to more than one token"),
+    ] {
+        std::fs::write(notok.join("tokenizer.json"), text).unwrap();
+        assert_clean_error(
+            &duet(
+                &["--model", notok.to_str().unwrap(), "tokenize", "hi"],
+                None,
+            ),
+            want,
+        );
+    }
     // A shape that disagrees with the config.
     let shape = t.join("shape");
     std::fs::create_dir(&shape).unwrap();
