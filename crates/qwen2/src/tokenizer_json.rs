@@ -6,7 +6,8 @@
 //! 151,000 entries, tries them as pairs, then again as strings. Here the two large parts (vocabulary and
 //! merges) are read once, typed, and everything else goes through `tokenizers`' own types, then the same
 //! builder calls its reader makes. Anything this reader does not cover (another model type, truncation,
-//! padding) returns `None`, and the caller takes `tokenizers`' full reader.
+//! padding, a key `tokenizers` would refuse) returns `None`, and the caller takes `tokenizers`' full
+//! reader; the two accept the same files, which the `tokenizer_json` fuzz target checks.
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -45,6 +46,8 @@ fn version_one() -> serde_json::Value {
 
 #[derive(Deserialize)]
 struct FileAddedToken {
+    // Required, as in `tokenizers`' reader, though unused: an added token's id is the one its content
+    // has in the vocabulary, or the next free one (`add_tokens`).
     #[allow(dead_code)]
     id: u32,
     #[serde(flatten)]
