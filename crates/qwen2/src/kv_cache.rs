@@ -174,22 +174,19 @@ impl KvCache {
                 "checksum mismatch (the file changed after it was written)",
             ));
         }
-        let rest = &body[8..];
-        let header: Vec<usize> = rest
-            .chunks_exact(8)
-            .take(3)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as usize)
-            .collect();
-        let [layers, kv_dim, len] = header[..] else {
-            return Err(bad("too short"));
+        // The body holds at least the magic and the three header words (checked above).
+        let word = |i: usize| {
+            let at = 8 + 8 * i;
+            u64::from_le_bytes(body[at..at + 8].try_into().unwrap()) as usize
         };
+        let (layers, kv_dim, len) = (word(0), word(1), word(2));
         if layers != config.num_hidden_layers || kv_dim != config.kv_dim() {
             return Err(bad("made for a different model"));
         }
         if len == 0 || len > config.max_position_embeddings {
             return Err(bad("bad length"));
         }
-        let data = &rest[24..];
+        let data = &body[32..];
         if Some(data.len()) != (2 * layers).checked_mul(len * kv_dim * 4) {
             return Err(bad("wrong size"));
         }
