@@ -485,11 +485,11 @@ pub fn matmul_acts_many(
         .iter()
         .map(|(w, ..)| uses_panel(backend, w.dtype))
         .collect();
-    // Panels take three rows at a time: tasks of a multiple of six rows leave none over.
+    // Panels take eight rows at a time: tasks of a multiple of eight rows leave none over.
     let pers: Vec<usize> = ws
         .iter()
         .zip(&panels)
-        .map(|(&(_, _, per), &panel)| if panel { per.next_multiple_of(6) } else { per })
+        .map(|(&(_, _, per), &panel)| if panel { per.next_multiple_of(8) } else { per })
         .collect();
     // One per panel type, not per matrix: q, k and v (gate and up) are often of one type, and its
     // activation sums are the same for each.
@@ -515,20 +515,13 @@ pub fn matmul_acts_many(
         let (w, rb, _) = ws[i];
         let dtype = w.dtype;
         let wrows = &w.bytes[r0 * rb..(r0 + o.len() / t) * rb];
-        // Shapes measured best on AVX2 (A/B in one process, 13-64 tokens): 3 rows × 2 tokens on
-        // panels, where the accumulators, weights and scales then fit the sixteen registers; for the
-        // tiles that decode as they go, 2 × 3 for Q8_0, whose pieces are plain bytes (2 × 4 spilled
-        // an accumulator: 2 × 3 was 1-12 % faster), and 1 × 8 for Q4_K (10-20 % over 2 × 4), whose
-        // pieces gain from serving more tokens.
         #[cfg(target_arch = "x86_64")]
         if let Some((_, pacts)) = panel_acts.iter().find(|(d, _)| *d == dtype) {
-            return prefill_task_panel::<3, 2>(backend, dtype, wrows, rb, pacts, tok_group, o);
+            return prefill_task_panel(backend, dtype, wrows, rb, pacts, tok_group, o);
         }
-        let args = (backend, dtype, wrows, rb, acts, tok_group, o);
-        match dtype {
-            DType::Q4K => prefill_task::<1, 8>(args),
-            _ => prefill_task::<2, 3>(args),
-        }
+        // 2 × 3 tiles measured best for Q8_0 on AVX2 (A/B in one process, 13-64 tokens): its pieces
+        // are plain bytes, and 2 × 4 spilled an accumulator (2 × 3 was 1-12 % faster).
+        prefill_task::<2, 3>((backend, dtype, wrows, rb, acts, tok_group, o))
     });
     for ((p, part), per) in products.iter_mut().zip(&parts).zip(pers) {
         assemble(part, per, p.rows, t, p.out);
@@ -565,11 +558,10 @@ fn uses_panel(backend: Backend, dtype: DType) -> bool {
     false
 }
 
-/// The prefill task of the panel formats: `o` (`t × nrows`) for the rows in `w`; each span of
-/// `R` rows (the last ones one at a time) is decoded once per token group and multiplied with all of its
-/// tokens.
+/// The prefill task of the panel formats: `o` (`t × nrows`) for the rows in `w`; each span of eight rows
+/// (fewer at the end) is decoded once per token group and multiplied with all of its tokens.
 #[cfg(target_arch = "x86_64")]
-fn prefill_task_panel<const R: usize, const T: usize>(
+fn prefill_task_panel(
     backend: Backend,
     dtype: DType,
     w: &[u8],
@@ -583,24 +575,17 @@ fn prefill_task_panel<const R: usize, const T: usize>(
     let mut panel = super::quantized_x86::Panel::default();
     for g0 in (0..t).step_by(tok_group) {
         let tokens = g0..(g0 + tok_group).min(t);
-        let mut r = 0;
-        while r < nrows {
-            let rows = if r + R <= nrows { R } else { 1 };
-            panel.fill(dtype, &w[r * rb..(r + rows) * rb], rb, rows);
-            let o = &mut o[r..];
-            if rows == R {
-                panel.run::<R, T>(backend, acts, tokens.clone(), o, nrows);
-            } else {
-                panel.run::<1, T>(backend, acts, tokens.clone(), o, nrows);
-            }
-            r += rows;
+        for r in (0..nrows).step_by(8) {
+            let n = (nrows - r).min(8);
+            let rows: [&[u8]; 8] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
+            panel.fill(dtype, &rows[..n]);
+            panel.run(backend, acts, tokens.clone(), &mut o[r..], nrows);
         }
     }
 }
 
-/// One prefill task: `o` (`t × nrows`) for the rows in `w`, in tiles of `R` rows × `T`
-/// tokens; the tokens left over go four at a time (when `T` > 4), then one at a time; leftover rows one at
-/// a time.
+/// One prefill task: `o` (`t × nrows`) for the rows in `w`, in tiles of `R` rows × `T` tokens; the
+/// tokens left over in one tile of their own size, leftover rows one at a time.
 fn prefill_task<const R: usize, const T: usize>(args: TaskArgs) {
     let (backend, dtype, w, rb, acts, tok_group, o) = args;
     let t = acts.t;
@@ -622,12 +607,6 @@ fn prefill_task<const R: usize, const T: usize>(args: TaskArgs) {
             while ti + T <= g1 {
                 span.tiles::<R, T>(rows, ti, o);
                 ti += T;
-            }
-            if T > 4 {
-                while ti + 4 <= g1 {
-                    span.tiles::<R, 4>(rows, ti, o);
-                    ti += 4;
-                }
             }
             // Fewer than four left: one tile of their own size. One token at a time, each would
             // decode the rows again.
@@ -709,9 +688,10 @@ pub fn matmul_rows(
     if uses_panel(backend, w.dtype) {
         let pacts = super::quantized_x86::PanelActs::new(&acts, w.dtype);
         let mut panel = super::quantized_x86::Panel::default();
-        for (i, &r) in ids.iter().enumerate() {
-            panel.fill(w.dtype, &w.bytes[r * rb..(r + 1) * rb], rb, 1);
-            panel.run::<1, 1>(backend, &pacts, 0..t, &mut out[i..], ids.len());
+        for (c, ids8) in ids.chunks(8).enumerate() {
+            let rows: Vec<&[u8]> = ids8.iter().map(|&r| &w.bytes[r * rb..][..rb]).collect();
+            panel.fill(w.dtype, &rows);
+            panel.run(backend, &pacts, 0..t, &mut out[8 * c..], ids.len());
         }
         return;
     }
@@ -1060,10 +1040,10 @@ mod tests {
                 (9, 4, 6),
                 (18, 2, 9),
                 (33, 3, 1),
-                // 13 tokens: 1 × 8 tiles, then a 4-token and a 1-token tail (Q4_K); 2 × 3 with a
-                // 1-token tail and an odd row (Q8_0); 3 × 2 panels with a token and rows left over.
+                // 13 tokens: 2 × 3 tiles with a 1-token tail and an odd row (Q8_0); panels of five
+                // rows (eight lanes, three repeated) with a 1-token tail.
                 (5, 2, 13),
-                // 14 and 15 tokens: the 2- and 3-token tail tiles (Q4_K), the 2-token one (Q8_0).
+                // 14 and 15 tokens: the 2- and 3-token panel tails, the 2-token tile tail (Q8_0).
                 (5, 2, 14),
                 (5, 2, 15),
                 // Two token groups (256 tokens each at most).
@@ -1220,9 +1200,56 @@ mod tests {
         }
     }
 
+    /// The largest stored values times the largest activations, of one sign and alternating: the
+    /// integer sums that the kernels add up in i16 before widening (panels) or that `vpmaddubsw`
+    /// saturates at must not overflow. Each format's value bits are set to all ones (Q8_0: -128, its
+    /// largest magnitude); its scales stay as drawn.
+    #[test]
+    fn largest_values_do_not_overflow() {
+        for dtype in TYPES {
+            let (vals, bytes) = dtype.block();
+            // The byte range of each block holding values, and what to fill it with.
+            let (range, fill) = match dtype {
+                DType::Q8_0 => (2..34, 0x80),
+                DType::Q5_0 => (2..22, 0xFF),
+                DType::Q4K => (16..144, 0xFF),
+                DType::Q6K => (0..192, 0xFF),
+                _ => unreachable!(),
+            };
+            let (rows, nblk, t) = (9, 3, 6);
+            let mut wq = random_blocks(dtype, rows * nblk, 5);
+            for block in wq.chunks_mut(bytes) {
+                block[range.clone()].fill(fill);
+            }
+            let w = QuantSlice { dtype, bytes: &wq };
+            let cols = nblk * vals;
+            for x in [
+                vec![1.0f32; t * cols],
+                (0..t * cols)
+                    .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+                    .collect(),
+                (0..t * cols)
+                    .map(|i| if i % 4 < 2 { -1.0 } else { 1.0 })
+                    .collect(),
+            ] {
+                let mut want = vec![0f32; t * rows];
+                matmul_reference(w, rows, cols, &x, t, true, &mut want);
+                for backend in Backend::available() {
+                    for t in [1, t] {
+                        let mut got = vec![f32::NAN; t * rows];
+                        matmul_with(backend, w, rows, cols, &x[..t * cols], t, &mut got);
+                        let what = format!("{dtype:?} {backend:?} t={t} x={:?}", &x[..4]);
+                        assert_close(&got, &want[..t * rows], 2e-5, &what);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn matmul_rows_matches_full_product() {
-        // 40 rows: 3-row panels and 2-row tiles with a row left over; 7 and 13 tokens: tails.
+        // 40 rows: five 8-row panels, 2-row tiles; 7 and 13 tokens: tails. Ten rows asked for: a
+        // panel of eight and one of two, in another order than the full product's.
         for dtype in TYPES {
             let (rows, cols) = (40, 256);
             let wq = random_blocks(dtype, rows * cols / dtype.block().0, 4);
@@ -1231,13 +1258,13 @@ mod tests {
                 let x = data(t * cols, 8);
                 let mut full = vec![0f32; t * rows];
                 matmul(w, rows, cols, &x, t, &mut full);
-                let ids = [39, 0, 17];
-                let mut some = vec![0f32; t * 3];
+                let ids = [39, 0, 17, 5, 6, 30, 8, 9, 10, 21];
+                let mut some = vec![0f32; t * ids.len()];
                 matmul_rows(w, rows, cols, &ids, &x, t, &mut some);
                 for ti in 0..t {
                     for (i, &r) in ids.iter().enumerate() {
                         assert_eq!(
-                            some[ti * 3 + i].to_bits(),
+                            some[ti * ids.len() + i].to_bits(),
                             full[ti * rows + r].to_bits(),
                             "{dtype:?} t={t} row {r} token {ti}"
                         );

@@ -7,12 +7,13 @@
 //! `|w| · (x · sign w)`. No i16 pair can saturate: activations are within ±127 and `|w| ≤ 128` gives at
 //! most 2 · 128 · 127 = 32512. Each piece's i32 sums are then converted and scaled once in f32.
 //!
-//! Decode (`rows`) and the prefill tiles of Q8_0 and Q4_K decode each piece as they go. Prefill of Q5_0
-//! and Q6_K decodes a few rows once into a [`Panel`] and multiplies it with every token: the stored
-//! values, unsigned, times the signed activations (no sign trick), their zero point taken off afterwards.
+//! Decode (`rows`) and the prefill tiles of Q8_0 decode each piece as they go. Prefill of Q4_K, Q5_0 and
+//! Q6_K decodes eight rows once into a [`Panel`], row `r` in lane `r` of every register, and multiplies
+//! it with every token: the stored values, unsigned, times the token's signed activations broadcast four
+//! at a time (no sign trick), the zero point or min taken off per piece from the activations' sums.
 //!
-//! The AVX-512 VNNI variant differs from the AVX2 one only in that multiply (one macro, two expansions),
-//! so the AVX2 tests cover the rest of its logic.
+//! The AVX-512 VNNI variant differs from the AVX2 one only in that multiply and in how the panel kernel
+//! adds up its products (one macro, two expansions), so the AVX2 tests cover the rest of its logic.
 
 use super::quantized::{ActRow, Backend, QuantizedActs};
 use crate::weights::DType;
@@ -63,10 +64,17 @@ trait Fmt {
     unsafe fn sub(p: *const u8, h: &Self::Hdr, j: usize) -> (__m256i, __m256);
     /// `dmin · m_j` for the eight pieces (formats with mins only).
     unsafe fn mins(h: &Self::Hdr) -> __m256;
+    /// `dmin · m_j` of piece `j` (formats with mins only).
+    fn min(_h: &Self::Hdr, _j: usize) -> f32 {
+        unreachable!()
+    }
     /// The zero point of the stored values (`sub` returns them minus it), and whether a piece's two
     /// 16-value halves have scales of their own (Q6_K): what a [`Panel`] needs.
     const ZERO: i8 = 0;
     const HALVES: bool = false;
+    /// For a [`Panel`]: how many groups of four stored values `vpmaddubsw`'s i16 pair sums can be
+    /// added up for before they are widened: `PANEL_G · 2 · max · 127 ≤ 32767` (0: no panel form).
+    const PANEL_G: usize = 0;
     /// Piece `j` as stored: `sub`'s values plus `ZERO`, unsigned.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -142,19 +150,15 @@ impl Fmt for Q8_0 {
 }
 
 struct Q5_0;
-impl Fmt for Q5_0 {
-    const SB_VALS: usize = 32;
-    const SB_BYTES: usize = 22;
-    const SIGNED: bool = true;
-    const MINS: bool = false;
-    const ZERO: i8 = 16;
-    type Hdr = ();
-    #[inline]
-    unsafe fn header(_p: *const u8) {}
+impl Q5_0 {
+    /// A block's scale, its 32 low nibbles as bytes, and 0xFF in the bytes whose fifth bit is set.
+    ///
+    /// # Safety
+    /// `p` points at a whole 22-byte block: f16 scale, u32 fifth bits, 16 bytes of nibbles.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn sub(p: *const u8, _h: &(), _j: usize) -> (__m256i, __m256) {
-        // SAFETY: p points at a whole 22-byte block: f16 scale, u32 fifth bits, 16 bytes of nibbles.
+    unsafe fn parts(p: *const u8) -> (f32, __m256i, __m256i) {
+        // SAFETY: as the caller guarantees.
         let (d, qh, qs) = unsafe {
             (
                 f16_at(p),
@@ -168,11 +172,35 @@ impl Fmt for Q5_0 {
             _mm_and_si128(_mm_srli_epi16(qs, 4), m4),
             _mm_and_si128(qs, m4),
         );
+        (d, v, bits_to_bytes(qh))
+    }
+}
+
+impl Fmt for Q5_0 {
+    const SB_VALS: usize = 32;
+    const SB_BYTES: usize = 22;
+    const SIGNED: bool = true;
+    const MINS: bool = false;
+    const ZERO: i8 = 16;
+    const PANEL_G: usize = 4;
+    type Hdr = ();
+    #[inline]
+    unsafe fn header(_p: *const u8) {}
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sub(p: *const u8, _h: &(), _j: usize) -> (__m256i, __m256) {
+        // SAFETY: p points at a whole block.
+        let (d, v, fifth) = unsafe { Self::parts(p) };
         // (v | fifth bit << 4) − 16  ==  v − (16 where the fifth bit is clear).
-        let v = _mm256_sub_epi8(
-            v,
-            _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(16)),
-        );
+        let v = _mm256_sub_epi8(v, _mm256_andnot_si256(fifth, _mm256_set1_epi8(16)));
+        (v, _mm256_set1_ps(d))
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn raw(p: *const u8, _h: &(), _j: usize) -> (__m256i, __m256) {
+        // SAFETY: p points at a whole block.
+        let (d, v, fifth) = unsafe { Self::parts(p) };
+        let v = _mm256_or_si256(v, _mm256_and_si256(fifth, _mm256_set1_epi8(16)));
         (v, _mm256_set1_ps(d))
     }
     #[inline]
@@ -194,6 +222,7 @@ impl Fmt for Q4K {
     const SB_BYTES: usize = 144;
     const SIGNED: bool = false;
     const MINS: bool = true;
+    const PANEL_G: usize = 8;
     type Hdr = Q4KHdr;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -235,6 +264,9 @@ impl Fmt for Q4K {
         // SAFETY: reads the eight f32 of an array.
         unsafe { _mm256_loadu_ps(h.mins.as_ptr()) }
     }
+    fn min(h: &Q4KHdr, j: usize) -> f32 {
+        h.mins[j]
+    }
 }
 
 struct Q6K;
@@ -245,6 +277,7 @@ impl Fmt for Q6K {
     const MINS: bool = false;
     const ZERO: i8 = 32;
     const HALVES: bool = true;
+    const PANEL_G: usize = 2;
     type Hdr = f32;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -307,7 +340,13 @@ fn hsum(v: __m256) -> f32 {
 /// The kernels of one instruction set: `$dot(u, s)` is the i32x8 of 4-byte dot products of unsigned
 /// bytes `u` with signed bytes `s`. Expanded once for AVX2 and once for AVX-512 VNNI.
 macro_rules! instruction_set {
-    ($m:ident, $features:literal, |$u:ident, $s:ident| $dot:expr) => {
+    (
+        $m:ident,
+        $features:literal,
+        dot: |$u:ident, $s:ident| $dot:expr,
+        step: |$a16:ident, $w:ident, $x:ident| $step:expr,
+        flush: |$a32:ident, $s16:ident| $flush:expr $(,)?
+    ) => {
         mod $m {
             use super::*;
 
@@ -502,101 +541,117 @@ macro_rules! instruction_set {
                 out
             }
 
-            /// Prefill on a decoded [`Panel`] of `R` rows: for every token in `tokens`, the sums
-            /// `Σ_b scale_b · dx_b · Σ q·x` of the stored (unsigned) values `q` into `out[t · os + r]`,
-            /// `T` tokens at a time, then one at a time. Each product is one multiply (`$dot`), a
-            /// conversion, a multiply and a multiply-add: decoding and the sign trick are out of the
-            /// loop. [`Panel::run`] then takes off the zero point's share.
+            /// Prefill on a [`Panel`]: tokens `t0..t0 + T` times the panel's eight rows, row `r` in lane `r`
+            /// of every register, into `out[t · os + r]` for `r < n`.
+            ///
+            /// Per 4-value group `g` of piece `b`, one register holds the eight rows' four bytes and the
+            /// token's four activations are broadcast to every lane, so one `$step` does four values of
+            /// eight row × token products, and the sums come out one row per lane: no horizontal adds,
+            /// and the conversion and scaling happen once per unit (a piece, or a half-piece when
+            /// `F::HALVES`) for eight rows. On AVX2 `$step` adds `vpmaddubsw`'s i16 pairs for
+            /// `F::PANEL_G` groups before widening them (`$flush`): as many as the format's value range
+            /// allows without overflowing i16. The zero point or min comes off per unit as
+            /// `m · (dx · Σ x)`, from the activations' sums.
             ///
             /// # Safety
-            /// `pw`, `ps` hold `nb · R` entries; the activations hold tokens `tokens` (rows of `32 · nb`
-            /// values and `nb` scales); `out` holds the tokens `tokens` (stride `os`) of `R` rows;
-            /// the CPU has `$features`.
-            #[target_feature(enable = $features)]
-            pub unsafe fn panel_span<const R: usize, const T: usize>(
-                pw: *const __m256i,
-                ps: *const __m256,
-                nb: usize,
-                acts: &PanelActs,
-                tokens: std::ops::Range<usize>,
-                out: *mut f32,
-                os: usize,
-            ) {
-                let mut t0 = tokens.start;
-                while t0 + T <= tokens.end {
-                    // SAFETY: tokens t0..t0 + T lie within `tokens`.
-                    let acc = unsafe { panel_tile::<R, T>(pw, ps, nb, acts, t0) };
-                    for r in 0..R {
-                        // SAFETY: row r, tokens t0..t0 + T of `out`.
-                        unsafe { store_sums(&acc[r], out.add(t0 * os + r), os) };
-                    }
-                    t0 += T;
-                }
-                for t in t0..tokens.end {
-                    // SAFETY: token t lies within `tokens`.
-                    let acc = unsafe { panel_tile::<R, 1>(pw, ps, nb, acts, t) };
-                    for r in 0..R {
-                        // SAFETY: row r, token t of `out`.
-                        unsafe { store_sums(&acc[r], out.add(t * os + r), os) };
-                    }
-                }
-            }
-
-            /// `R` rows × tokens `t0..t0 + T` of [`panel_span`]: the accumulators.
-            ///
-            /// # Safety
-            /// As [`panel_span`], for tokens `t0..t0 + T`.
+            /// `p` describes a panel of `F` filled with `nb` pieces; the activations hold tokens
+            /// `t0..t0 + T` (`nb` blocks and the sums of their units each); `out` has room for those
+            /// tokens (stride `os`) of `n ≤ 8` rows; the CPU has `$features`.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn panel_tile<const R: usize, const T: usize>(
-                pw: *const __m256i,
-                ps: *const __m256,
-                nb: usize,
-                acts: &PanelActs,
+            pub unsafe fn panel_tile<F: Fmt, const T: usize>(
+                p: &PanelPtr,
+                a: &PanelActPtr,
                 t0: usize,
-            ) -> [[__m256; T]; R] {
-                let (qs, d, cols) = (&acts.acts.qs, &acts.acts.d, acts.acts.cols);
-                let xq: [*const i8; T] = std::array::from_fn(|t| qs[(t0 + t) * cols..].as_ptr());
-                let dx: [*const f32; T] = std::array::from_fn(|t| d[(t0 + t) * nb..].as_ptr());
-                let mut acc = [[_mm256_setzero_ps(); T]; R];
-                for b in 0..nb {
-                    for t in 0..T {
-                        // SAFETY: b < nb: block b of token t0 + t's activations, its scale.
-                        let (x, d) = unsafe {
-                            (
-                                _mm256_loadu_si256(xq[t].add(32 * b) as *const __m256i),
-                                _mm256_broadcast_ss(&*dx[t].add(b)),
-                            )
-                        };
-                        for r in 0..R {
-                            // SAFETY: b · R + r < nb · R.
-                            let (wv, sv) = unsafe { (*pw.add(b * R + r), *ps.add(b * R + r)) };
-                            let isum = {
-                                let ($u, $s) = (wv, x);
-                                $dot
+                out: *mut f32,
+                os: usize,
+                n: usize,
+            ) {
+                const { assert!(F::PANEL_G > 0) };
+                let (units, g16) = (if F::HALVES { 2 } else { 1 }, F::PANEL_G);
+                let gu = 8 / units;
+                // SAFETY (for the offsets below): token t0 + t is within the activations.
+                let xq: [*const i8; T] =
+                    std::array::from_fn(|t| unsafe { a.qs.add((t0 + t) * 32 * p.nb) });
+                let dx: [*const f32; T] =
+                    std::array::from_fn(|t| unsafe { a.d.add((t0 + t) * p.nb) });
+                let sx: [*const f32; T] =
+                    std::array::from_fn(|t| unsafe { a.sums.add((t0 + t) * p.nb * units) });
+                let mut acc = [_mm256_setzero_ps(); T];
+                for b in 0..p.nb {
+                    for u in 0..units {
+                        let mut a32 = [_mm256_setzero_si256(); T];
+                        for c in 0..gu / g16 {
+                            let mut a16 = [_mm256_setzero_si256(); T];
+                            for k in 0..g16 {
+                                let g = u * gu + c * g16 + k;
+                                // SAFETY: b < nb and g < 8: within the panel's 8 · nb groups.
+                                let $w = unsafe { *p.w.add(8 * b + g) };
+                                for t in 0..T {
+                                    // SAFETY: values 32b + 4g .. + 4 of token t0 + t.
+                                    let $x = _mm256_set1_epi32(unsafe {
+                                        (xq[t].add(32 * b + 4 * g) as *const i32).read_unaligned()
+                                    });
+                                    let $a16 = a16[t];
+                                    a16[t] = $step;
+                                }
+                            }
+                            for t in 0..T {
+                                let ($a32, $s16) = (a32[t], a16[t]);
+                                a32[t] = $flush;
+                            }
+                        }
+                        // SAFETY: unit units · b + u < nb · units of the panel and of each token's sums.
+                        let (s, m) = unsafe { (*p.s.add(units * b + u), *p.m.add(units * b + u)) };
+                        for t in 0..T {
+                            // SAFETY: as above; block b of token t0 + t.
+                            let (d, sum) = unsafe {
+                                (
+                                    _mm256_broadcast_ss(&*dx[t].add(b)),
+                                    _mm256_broadcast_ss(&*sx[t].add(units * b + u)),
+                                )
                             };
-                            acc[r][t] = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(isum),
-                                _mm256_mul_ps(d, sv),
-                                acc[r][t],
+                            acc[t] = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(a32[t]),
+                                _mm256_mul_ps(s, d),
+                                acc[t],
                             );
+                            acc[t] = _mm256_fnmadd_ps(m, sum, acc[t]);
                         }
                     }
                 }
-                acc
+                for (t, acc) in acc.iter().enumerate() {
+                    // SAFETY: row r < n of token t0 + t is within `out`.
+                    unsafe {
+                        let o = out.add((t0 + t) * os);
+                        if n == 8 {
+                            _mm256_storeu_ps(o, *acc);
+                        } else {
+                            let mut v = [0f32; 8];
+                            _mm256_storeu_ps(v.as_mut_ptr(), *acc);
+                            std::ptr::copy_nonoverlapping(v.as_ptr(), o, n);
+                        }
+                    }
+                }
             }
         }
     };
 }
 
-instruction_set!(avx2, "avx2,fma,f16c", |u, s| _mm256_madd_epi16(
-    _mm256_maddubs_epi16(u, s),
-    _mm256_set1_epi16(1)
-));
+instruction_set!(
+    avx2,
+    "avx2,fma,f16c",
+    dot: |u, s| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
+    step: |acc, w, x| _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x)),
+    flush: |acc, s16| _mm256_add_epi32(acc, _mm256_madd_epi16(s16, _mm256_set1_epi16(1))),
+);
+// VNNI accumulates in i32 as it goes: its `step` cannot overflow, and `flush` only adds.
 instruction_set!(
     vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    |u, s| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    dot: |u, s| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s),
+    step: |acc, w, x| _mm256_dpbusd_epi32(acc, w, x),
+    flush: |acc, s| _mm256_add_epi32(acc, s),
 );
 
 /// Checks that `backend` runs here (AVX2 when not VNNI): the condition for calling its kernels.
@@ -660,7 +715,6 @@ pub fn tile<const R: usize, const T: usize>(
 ) -> [[f32; T]; R] {
     match dtype {
         DType::Q8_0 => run_tile::<Q8_0, R, T>(backend, w, a),
-        DType::Q4K => run_tile::<Q4K, R, T>(backend, w, a),
         _ if panel_format(dtype) => panic!("{dtype:?} prefill runs on a `Panel`"),
         _ => panic!("{dtype:?} is not block-quantized"),
     }
@@ -684,149 +738,205 @@ pub fn rows(
     }
 }
 
-/// Whether prefill of `dtype` runs on decoded [`Panel`]s: Q5_0 and Q6_K, whose pieces are dear to decode
-/// (~15 and ~20 vector operations) and whose stored values are unsigned and small (0..=31, 0..=63), so
-/// they can be `vpmaddubsw`'s unsigned operand as they are, times the signed activations, without
-/// saturating its i16 pair sums (2 · 63 · 127 = 16002). Q8_0's values are signed (it keeps the sign
-/// trick); Q4_K's nibbles decode in two operations, and its 1 × 8 tiles measured as fast as a panel.
+/// Whether prefill of `dtype` runs on decoded [`Panel`]s: the formats whose stored values are unsigned
+/// and small — Q4_K (0..=15), Q5_0 (0..=31), Q6_K (0..=63) — so they can be `vpmaddubsw`'s unsigned
+/// operand as they are, times the signed activations, with a few of its i16 pair sums added before
+/// widening (2 · 63 · 127 · 2 = 32004 at most). Q8_0's values are signed: it keeps the sign trick and
+/// its tiles, which multiply plain bytes.
 pub fn panel_format(dtype: DType) -> bool {
-    matches!(dtype, DType::Q5_0 | DType::Q6K)
+    matches!(dtype, DType::Q4K | DType::Q5_0 | DType::Q6K)
 }
 
-/// One product's activations as the panel kernels read them, made once per product: the block sums
-/// (or, for Q6_K, half-block sums) transposed, `[k][t]` with tokens padded to eight, for
-/// [`Panel::run`]'s correction.
+/// One product's activations as the panel kernels read them, made once per product: each unit's sum
+/// `dx · Σ x` (a 32-value block's, or for Q6_K each 16-value half's), `[t][unit]`.
 pub struct PanelActs<'a> {
     acts: &'a QuantizedActs,
-    /// Tokens rounded up to eight: the row length of `sums_t`.
-    tp: usize,
-    sums_t: Vec<f32>,
+    units: usize,
+    /// The half-block sums when `units` is 2; the block sums are `acts.sums`.
+    half_sums: Vec<f32>,
 }
 
 impl<'a> PanelActs<'a> {
     pub fn new(acts: &'a QuantizedActs, dtype: DType) -> PanelActs<'a> {
-        let nb = acts.cols / 32;
-        let tp = acts.t.next_multiple_of(8);
-        // Whether the correction works on half-pieces: the format's own `HALVES`, which `Panel::fill`
-        // follows too.
+        // Units per piece: the format's `HALVES`, which `Panel::fill` follows too.
         let halves = match dtype {
+            DType::Q4K => Q4K::HALVES,
             DType::Q5_0 => Q5_0::HALVES,
             DType::Q6K => Q6K::HALVES,
             _ => panic!("{dtype:?} has no panel form"),
         };
-        let units = if halves { 2 * nb } else { nb };
-        let mut sums_t = vec![0f32; units * tp];
-        for t in 0..acts.t {
-            let row = acts.row(t);
-            for b in 0..nb {
-                if halves {
-                    for h in 0..2 {
-                        let q = &row.qs[32 * b + 16 * h..32 * b + 16 * h + 16];
-                        let sum: i32 = q.iter().map(|&q| q as i32).sum();
-                        sums_t[(2 * b + h) * tp + t] = row.d[b] * sum as f32;
-                    }
-                } else {
-                    sums_t[b * tp + t] = row.sums[b];
+        let units = if halves { 2 } else { 1 };
+        let mut half_sums = Vec::new();
+        if units == 2 {
+            let nb = acts.cols / 32;
+            half_sums.reserve(2 * nb * acts.t);
+            for t in 0..acts.t {
+                let row = acts.row(t);
+                for (q, d) in row
+                    .qs
+                    .chunks_exact(16)
+                    .zip(row.d.iter().flat_map(|d| [d, d]))
+                {
+                    let sum: i32 = q.iter().map(|&q| q as i32).sum();
+                    half_sums.push(d * sum as f32);
                 }
             }
         }
-        PanelActs { acts, tp, sums_t }
+        PanelActs {
+            acts,
+            units,
+            half_sums,
+        }
+    }
+
+    fn ptr(&self) -> PanelActPtr {
+        let sums = if self.units == 2 {
+            &self.half_sums
+        } else {
+            &self.acts.sums
+        };
+        assert!(sums.len() == self.acts.t * self.units * (self.acts.cols / 32));
+        PanelActPtr {
+            qs: self.acts.qs.as_ptr(),
+            d: self.acts.d.as_ptr(),
+            sums: sums.as_ptr(),
+        }
     }
 }
 
-/// A few weight rows decoded once for a prefill: each 32-value piece's stored values as bytes with its
-/// f32 lane scales, interleaved by row so the kernel reads one stream, and per row and piece (half-piece
-/// for Q6_K) what the values' zero point adds to the kernel's sums.
+/// [`PanelActs`] as raw pointers for the kernels.
+struct PanelActPtr {
+    qs: *const i8,
+    d: *const f32,
+    sums: *const f32,
+}
+
+/// A [`Panel`] as raw pointers for the kernels.
+struct PanelPtr {
+    nb: usize,
+    w: *const __m256i,
+    s: *const __m256,
+    m: *const __m256,
+}
+
+/// Up to eight weight rows decoded once for a prefill, interleaved so that row `r` is lane `r`: for
+/// each 32-value piece, eight registers of four values (one group) from each row, and per unit (piece or
+/// half-piece) a vector of the rows' scales and one of what their zero point or min takes off.
 ///
-/// Why: prefill multiplies every weight piece with every token. Decoding the piece inside the tile, as
-/// decode must, cost about as much as the multiplies it served (four tokens), and the decoder's constants
-/// pushed accumulators out of registers. A decoded panel serves every token of the product; its kernel
-/// multiplies the unsigned stored values with the signed activations directly, one operation per product
-/// fewer than the sign trick; and the zero point's share, `zero · scale · Σ x` per piece, comes off
-/// afterwards from the activations' block sums, eight tokens per multiply-add.
+/// Why: prefill multiplies every weight piece with every token. A register holding one row's 32 values
+/// costs a multiply, a widening, a conversion, a scale and an add per row × token, and a horizontal sum
+/// at the end; with eight rows across the lanes, the token's four values are broadcast and one multiply
+/// serves eight rows, and the widening, conversion and scaling are shared by eight rows and several
+/// groups. Decoding the pieces (and transposing eight of them) happens once per panel, for all tokens.
 #[derive(Default)]
 pub struct Panel {
+    /// Rows filled (the other lanes are zeros); pieces per row; units per piece.
     rows: usize,
     nb: usize,
-    /// `[b · rows + r]`: piece `b` of row `r`, and its scale per i32 lane.
+    units: usize,
+    dtype: Option<DType>,
+    /// `[8 · b + g]`: group `g` of piece `b`, row `r` in the i32 lane `r`.
     w: Vec<__m256i>,
+    /// `[units · b + u]`: the rows' scales of unit `u` of piece `b`, and their zero point × scale (or min).
     s: Vec<__m256>,
-    /// `[r · units + k]`: `zero · scale` of unit `k` (a piece, or for Q6_K a half-piece).
-    zero: Vec<f32>,
+    m: Vec<__m256>,
 }
 
 impl Panel {
-    /// Decodes `rows` consecutive rows of `row_bytes` bytes of `dtype` (a [`panel_format`]).
-    pub fn fill(&mut self, dtype: DType, w: &[u8], row_bytes: usize, rows: usize) {
-        assert!(w.len() == rows * row_bytes && rows > 0);
+    /// Decodes `rows` (one to eight rows of `dtype`, a [`panel_format`], of one length).
+    pub fn fill(&mut self, dtype: DType, rows: &[&[u8]]) {
+        assert!((1..=8).contains(&rows.len()));
+        assert!(rows.iter().all(|r| r.len() == rows[0].len()));
         assert!(has_avx2(), "AVX2/FMA/F16C are not available");
         // SAFETY: lengths and CPU features checked above.
         unsafe {
             match dtype {
-                DType::Q5_0 => self.fill_fmt::<Q5_0>(w, row_bytes, rows),
-                DType::Q6K => self.fill_fmt::<Q6K>(w, row_bytes, rows),
+                DType::Q4K => self.fill_fmt::<Q4K>(rows),
+                DType::Q5_0 => self.fill_fmt::<Q5_0>(rows),
+                DType::Q6K => self.fill_fmt::<Q6K>(rows),
                 _ => panic!("{dtype:?} has no panel form"),
             }
         }
+        self.dtype = Some(dtype);
     }
 
     /// # Safety
-    /// `w` holds `rows` rows of `row_bytes` bytes; the CPU has AVX2, FMA and F16C.
+    /// `rows` holds one to eight rows of one length; the CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fill_fmt<F: Fmt>(&mut self, w: &[u8], row_bytes: usize, rows: usize) {
+    unsafe fn fill_fmt<F: Fmt>(&mut self, rows: &[&[u8]]) {
+        let row_bytes = rows[0].len();
         let nsb = row_bytes / F::SB_BYTES;
-        assert!(nsb * F::SB_BYTES == row_bytes && !F::MINS && F::ZERO > 0);
-        let nb = nsb * F::SUBS;
-        let units = if F::HALVES { 2 * nb } else { nb };
-        (self.rows, self.nb) = (rows, nb);
-        self.w.resize(nb * rows, _mm256_setzero_si256());
-        self.s.resize(nb * rows, _mm256_setzero_ps());
-        self.zero.resize(units * rows, 0.0);
+        assert!(nsb * F::SB_BYTES == row_bytes && nsb > 0);
+        let (nb, units) = (nsb * F::SUBS, if F::HALVES { 2 } else { 1 });
+        (self.rows, self.nb, self.units) = (rows.len(), nb, units);
+        self.w.resize(8 * nb, _mm256_setzero_si256());
+        self.s.resize(units * nb, _mm256_setzero_ps());
+        self.m.resize(units * nb, _mm256_setzero_ps());
+        // Lanes past the last row repeat it (`run` stores only the rows filled), so every loop below
+        // has eight rows.
+        let base: [*const u8; 8] = std::array::from_fn(|r| rows[r.min(rows.len() - 1)].as_ptr());
+        let w_out = self.w.as_mut_ptr();
+        // The scales go into place one by one, not through a register: no shuffles to gather them,
+        // and nothing reads them before the tokens run.
+        let (s_out, m_out) = (
+            self.s.as_mut_ptr() as *mut f32,
+            self.m.as_mut_ptr() as *mut f32,
+        );
         let zero = F::ZERO as f32;
-        let (w_out, s_out) = (self.w.as_mut_ptr(), self.s.as_mut_ptr());
-        let zero_out = self.zero.as_mut_ptr();
-        for r in 0..rows {
-            for sb in 0..nsb {
-                // SAFETY: super-block sb of row r lies within `w`.
-                let base = unsafe { w.as_ptr().add(r * row_bytes + sb * F::SB_BYTES) };
-                // This is where a prefill first reads the weights, from DRAM: ask ahead, past the
-                // panel's end into the next one's rows, as decode does (a hint; never faults).
+        let mut hdr = [F::Hdr::default(); 8];
+        // One row at a time, pieces kept in memory for the transpose: measured 1.1-1.3× faster than
+        // decoding the eight rows as one unrolled expression, whose values spilled anyway.
+        let mut v = [_mm256_setzero_si256(); 8];
+        for sb in 0..nsb {
+            for r in 0..8 {
+                // SAFETY: super-block sb of row r lies within it.
+                let p = unsafe { base[r].add(sb * F::SB_BYTES) };
+                // This is where a prefill first reads the weights, from DRAM. Ask for the same place
+                // eight rows on — the next panel's, for consecutive rows — while this one's tokens
+                // run (a hint; never faults).
                 for off in (0..F::SB_BYTES).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH + off) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(8 * row_bytes + off) as *const i8);
                 }
-                // SAFETY: base points at a whole super-block.
-                let hdr = unsafe { F::header(base) };
-                for j in 0..F::SUBS {
+                // SAFETY: p points at a whole super-block.
+                hdr[r] = unsafe { F::header(p) };
+            }
+            for j in 0..F::SUBS {
+                let b = sb * F::SUBS + j;
+                for r in 0..8 {
                     // SAFETY: as above; j < SUBS.
-                    let (v, scale) = unsafe { F::raw(base, &hdr, j) };
-                    let b = sb * F::SUBS + j;
+                    let (vr, scale) = unsafe { F::raw(base[r].add(sb * F::SB_BYTES), &hdr[r], j) };
+                    v[r] = vr;
                     // Lane 0 scales the piece (its first half for Q6_K), lane 4 the second half.
-                    let (s0, s4) = (
+                    let s = [
                         _mm256_cvtss_f32(scale),
                         _mm_cvtss_f32(_mm256_extractf128_ps::<1>(scale)),
-                    );
-                    // SAFETY: b < nb and r < rows, so b · rows + r < nb · rows, the length of `w`
-                    // and `s`; the unit indices below are < rows · units, the length of `zero`
-                    // (resized above). Unchecked: this loop runs once per piece and prefill token
-                    // group, and its bounds checks were a fifth of its instructions.
-                    unsafe {
-                        w_out.add(b * rows + r).write(v);
-                        s_out.add(b * rows + r).write(scale);
-                        if F::HALVES {
-                            zero_out.add(r * units + 2 * b).write(zero * s0);
-                            zero_out.add(r * units + 2 * b + 1).write(zero * s4);
+                    ];
+                    for (u, s) in s.iter().enumerate().take(units) {
+                        let k = 8 * (units * b + u) + r;
+                        let m = if F::MINS {
+                            F::min(&hdr[r], j)
                         } else {
-                            zero_out.add(r * units + b).write(zero * s0);
+                            zero * s
+                        };
+                        // SAFETY: b < nb, u < units, r < 8: k < 8 · units · nb, the f32 length of
+                        // `s` and `m` as resized above. Unchecked: this runs once per piece and row
+                        // of every panel.
+                        unsafe {
+                            s_out.add(k).write(*s);
+                            m_out.add(k).write(m);
                         }
                     }
+                }
+                for (k, g) in transpose8x8(v).into_iter().enumerate() {
+                    // SAFETY: 8b + k < 8 · nb, the length of `w`.
+                    unsafe { w_out.add(8 * b + k).write(g) };
                 }
             }
         }
     }
 
-    /// `out[t · os + r] = row r · token t` for the panel's `R` rows (`R` must be the number filled) and
-    /// the tokens in `tokens` (which start at a multiple of eight).
-    pub fn run<const R: usize, const T: usize>(
+    /// `out[t · os + r] = row r · token t` for the panel's rows and the tokens in `tokens`.
+    pub fn run(
         &self,
         backend: Backend,
         acts: &PanelActs,
@@ -834,113 +944,106 @@ impl Panel {
         out: &mut [f32],
         os: usize,
     ) {
-        assert_eq!(R, self.rows, "kernel rows vs panel rows");
-        let nb = self.nb;
-        let units = self.zero.len() / R;
-        assert!(acts.acts.cols == 32 * nb && tokens.end <= acts.acts.t && !tokens.is_empty());
-        assert!(
-            acts.sums_t.len() == units * acts.tp,
-            "activation sums vs panel format"
-        );
-        assert!(
-            tokens.start.is_multiple_of(8) && os >= R && out.len() >= (tokens.end - 1) * os + R
-        );
+        let dtype = self.dtype.expect("an unfilled panel");
+        let (units, nb, n) = (self.units, self.nb, self.rows);
+        assert!(acts.acts.cols == 32 * nb && acts.units == units);
+        assert!(tokens.end <= acts.acts.t && !tokens.is_empty());
+        assert!(os >= n && out.len() >= (tokens.end - 1) * os + n);
         check_features(backend);
-        let (pw, ps, op) = (self.w.as_ptr(), self.s.as_ptr(), out.as_mut_ptr());
-        let tk = tokens.clone();
-        match backend {
-            // SAFETY: the panel holds nb · R pieces, the activations every token of `tokens`, `out`
-            // those tokens (stride os ≥ R) of R rows; lengths and CPU features checked above.
-            Backend::Avx512Vnni => unsafe {
-                vnni::panel_span::<R, T>(pw, ps, nb, acts, tk, op, os)
-            },
-            // SAFETY: as above.
-            _ => unsafe { avx2::panel_span::<R, T>(pw, ps, nb, acts, tk, op, os) },
-        }
+        let p = PanelPtr {
+            nb,
+            w: self.w.as_ptr(),
+            s: self.s.as_ptr(),
+            m: self.m.as_ptr(),
+        };
+        let a = acts.ptr();
+        let o = out.as_mut_ptr();
+        type Span = unsafe fn(&PanelPtr, &PanelActPtr, usize, usize, *mut f32, usize, usize);
+        let span: Span = match (backend, dtype) {
+            (Backend::Avx512Vnni, DType::Q4K) => vnni_span::<Q4K>,
+            (Backend::Avx512Vnni, DType::Q5_0) => vnni_span::<Q5_0>,
+            (Backend::Avx512Vnni, DType::Q6K) => vnni_span::<Q6K>,
+            (_, DType::Q4K) => avx2_span::<Q4K>,
+            (_, DType::Q5_0) => avx2_span::<Q5_0>,
+            (_, DType::Q6K) => avx2_span::<Q6K>,
+            _ => unreachable!("`fill` takes only panel formats"),
+        };
+        // Four tokens at a time: their accumulators fit the sixteen registers with the weights (three
+        // at a time measured no faster).
         let mut t0 = tokens.start;
         while t0 < tokens.end {
-            let n = (tokens.end - t0).min(32);
-            let mut c = [[0f32; 32]; R];
-            // SAFETY: AVX2 checked above.
+            let k = (tokens.end - t0).min(4);
+            // SAFETY: the panel holds nb pieces of `units` units, the activations every token of
+            // `tokens`, `out` those tokens (stride os ≥ n) of n rows; lengths and CPU features
+            // checked above.
+            unsafe { span(&p, &a, t0, k, o, os, n) };
+            t0 += k;
+        }
+    }
+}
+
+/// Expands to a function running `panel_tile` of one instruction set on `k ≤ 4` tokens.
+macro_rules! panel_span {
+    ($name:ident, $m:ident) => {
+        /// # Safety
+        /// As `panel_tile`, for tokens `t0..t0 + k`.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<F: Fmt>(
+            p: &PanelPtr,
+            a: &PanelActPtr,
+            t0: usize,
+            k: usize,
+            o: *mut f32,
+            os: usize,
+            n: usize,
+        ) {
+            // SAFETY: as the caller guarantees.
             unsafe {
-                match n.div_ceil(8) {
-                    1 => correction::<R, 1>(&self.zero, acts, t0, &mut c),
-                    2 => correction::<R, 2>(&self.zero, acts, t0, &mut c),
-                    3 => correction::<R, 3>(&self.zero, acts, t0, &mut c),
-                    _ => correction::<R, 4>(&self.zero, acts, t0, &mut c),
+                match k {
+                    4 => $m::panel_tile::<F, 4>(p, a, t0, o, os, n),
+                    3 => $m::panel_tile::<F, 3>(p, a, t0, o, os, n),
+                    2 => $m::panel_tile::<F, 2>(p, a, t0, o, os, n),
+                    _ => $m::panel_tile::<F, 1>(p, a, t0, o, os, n),
                 }
             }
-            for (r, c) in c.iter().enumerate() {
-                for (k, c) in c.iter().take(n).enumerate() {
-                    out[(t0 + k) * os + r] -= c;
-                }
-            }
-            t0 += n;
         }
-    }
+    };
 }
+panel_span!(avx2_span, avx2);
+panel_span!(vnni_span, vnni);
 
-/// `c[r][8k + i] = Σ_u zero[r][u] · S[t0 + 8k + i][u]` for the `R` rows of a panel (`zero` is `R`
-/// rows of units) and `k < K`: the zero point's share of each row's sums. The rows go together so that
-/// `R · K` sums are in flight: one row alone is a chain of dependent multiply-adds, as slow as their
-/// latency, and each activation load serves every row.
+/// `out[g]` lane `r` = i32 lane `g` of `v[r]`: an 8 × 8 transpose of 32-bit values.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn correction<const R: usize, const K: usize>(
-    zero: &[f32],
-    acts: &PanelActs,
-    t0: usize,
-    c: &mut [[f32; 32]; R],
-) {
-    let (tp, sums_t) = (acts.tp, &acts.sums_t);
-    let units = zero.len() / R;
-    // Rows of `tp` values with `t0 + 8K ≤ tp` (t0 a multiple of 8): every load stays within row u.
-    assert!(t0 + 8 * K <= tp && sums_t.len() >= units * tp && zero.len() == R * units);
-    let mut acc = [[_mm256_setzero_ps(); K]; R];
-    for u in 0..units {
-        // SAFETY: u · tp + t0 + 8k + 8 ≤ (u + 1) · tp ≤ sums_t.len() (asserted above).
-        let s: [__m256; K] = std::array::from_fn(|k| unsafe {
-            _mm256_loadu_ps(sums_t.as_ptr().add(u * tp + t0 + 8 * k))
-        });
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let z = _mm256_set1_ps(zero[r * units + u]);
-            for (a, s) in acc.iter_mut().zip(s) {
-                *a = _mm256_fmadd_ps(z, s, *a);
-            }
+fn transpose8x8(v: [__m256i; 8]) -> [__m256i; 8] {
+    // Pairs of rows interleaved, then quadruples; both stay within 128-bit lanes, so rows 0..4 and
+    // 4..8 are then joined across lanes: the low lanes hold values 0..4, the high ones 4..8.
+    let t: [__m256i; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[2 * (i / 2)], v[2 * (i / 2) + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi32(a, b)
+        } else {
+            _mm256_unpackhi_epi32(a, b)
         }
-    }
-    for (acc, c) in acc.iter().zip(c.iter_mut()) {
-        for (k, a) in acc.iter().enumerate() {
-            // SAFETY: c holds 32 ≥ 8K f32.
-            unsafe { _mm256_storeu_ps(c.as_mut_ptr().add(8 * k), *a) };
+    });
+    // q[4h + k]: rows 4h..4h + 4, value k of each 128-bit lane.
+    let q: [__m256i; 8] = std::array::from_fn(|i| {
+        let (h, k) = (i / 4, i % 4);
+        let (a, b) = (t[4 * h + k / 2], t[4 * h + 2 + k / 2]);
+        if k % 2 == 0 {
+            _mm256_unpacklo_epi64(a, b)
+        } else {
+            _mm256_unpackhi_epi64(a, b)
         }
-    }
-}
-
-/// `acc[t]`'s horizontal sums written to `out[t · stride]`, four at a time with pairwise adds. Fewer than four
-/// are padded with zeros, so every sum is added up in the same order whatever `T` is: a product's values
-/// do not depend on how its tokens were tiled.
-///
-/// # Safety
-/// `out` has room for `T` values at `stride`; the CPU has AVX2.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn store_sums<const T: usize>(acc: &[__m256; T], out: *mut f32, stride: usize) {
-    let z = _mm256_setzero_ps();
-    let mut t = 0;
-    while t < T {
-        let v: [__m256; 4] = std::array::from_fn(|k| if t + k < T { acc[t + k] } else { z });
-        let a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
-        let mut four = [0f32; 4];
-        // SAFETY: four holds four f32.
-        unsafe { _mm_storeu_ps(four.as_mut_ptr(), s) };
-        for (k, &v) in four.iter().enumerate().take(T - t) {
-            // SAFETY: out[(t + k) · stride] with t + k < T is within the caller's room.
-            unsafe { out.add((t + k) * stride).write(v) };
+    });
+    std::array::from_fn(|g| {
+        let k = g % 4;
+        if g < 4 {
+            _mm256_permute2x128_si256::<0x20>(q[k], q[4 + k])
+        } else {
+            _mm256_permute2x128_si256::<0x31>(q[k], q[4 + k])
         }
-        t += 4;
-    }
+    })
 }
 
 /// AVX2 version of `quantized::quantize_block`, bit for bit: the same scale, the same products
