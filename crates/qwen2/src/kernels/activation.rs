@@ -1,13 +1,26 @@
 //! Softmax and the SwiGLU gate.
 
+use wide::f32x8;
+
 /// In-place softmax; subtracting the max keeps `exp` finite for any logits.
+///
+/// Eight values at a time with `wide`'s polynomial `exp` (within a few ulp of libm's): attention calls
+/// this for every head, token and cached position, and libm's scalar `exp` was a fifth of its time.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
-    for v in x.iter_mut() {
+    let mut chunks = x.chunks_exact_mut(8);
+    let mut acc = f32x8::ZERO;
+    for c in &mut chunks {
+        let e = (f32x8::from(&*c) - f32x8::splat(max)).exp();
+        c.copy_from_slice(&e.to_array());
+        acc += e;
+    }
+    for v in chunks.into_remainder() {
         *v = (*v - max).exp();
         sum += *v;
     }
+    sum += acc.reduce_add();
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;

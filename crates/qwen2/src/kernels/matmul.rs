@@ -86,7 +86,7 @@ pub enum WeightSlice<'a> {
 }
 
 #[inline(always)]
-fn load8(s: &[f32]) -> f32x8 {
+pub(crate) fn load8(s: &[f32]) -> f32x8 {
     f32::load8(s)
 }
 
