@@ -75,6 +75,12 @@ trait Fmt {
     /// For a [`Panel`]: how many groups of four stored values `vpmaddubsw`'s i16 pair sums can be
     /// added up for before they are widened: `PANEL_G · 2 · max · 127 ≤ 32767` (0: no panel form).
     const PANEL_G: usize = 0;
+    /// For a [`Panel`]: the scales of piece `j` of eight rows' super-blocks at `p`, row `r` in lane
+    /// `r`, where the format can gather them in a few vector operations (Q5_0); `None` otherwise.
+    #[inline]
+    unsafe fn panel_scales(_p: &[*const u8; 8], _j: usize) -> Option<__m256> {
+        None
+    }
     /// Piece `j` as stored: `sub`'s values plus `ZERO`, unsigned.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -202,6 +208,16 @@ impl Fmt for Q5_0 {
         let (d, v, fifth) = unsafe { Self::parts(p) };
         let v = _mm256_or_si256(v, _mm256_and_si256(fifth, _mm256_set1_epi8(16)));
         (v, _mm256_set1_ps(d))
+    }
+    /// The eight f16 scales side by side, widened in one `vcvtph2ps`: a lookup per row in the 256 KiB
+    /// table, and a store per row, were a fifth of a panel's fill.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn panel_scales(p: &[*const u8; 8], _j: usize) -> Option<__m256> {
+        // SAFETY: each p[r] points at a whole block, whose first two bytes are its f16 scale.
+        let d: [i16; 8] = std::array::from_fn(|r| unsafe { (p[r] as *const i16).read_unaligned() });
+        let d = _mm_setr_epi16(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]);
+        Some(_mm256_cvtph_ps(d))
     }
     #[inline]
     unsafe fn mins(_h: &()) -> __m256 {
@@ -902,10 +918,27 @@ impl Panel {
             }
             for j in 0..F::SUBS {
                 let b = sb * F::SUBS + j;
+                let p: [*const u8; 8] =
+                    std::array::from_fn(|r| base[r].wrapping_add(sb * F::SB_BYTES));
+                // SAFETY: as above.
+                let gathered = unsafe { F::panel_scales(&p, j) };
+                if let Some(sv) = gathered {
+                    assert!(units == 1);
+                    // SAFETY: b < nb: within `s` and `m`, one unit per piece.
+                    unsafe {
+                        (s_out as *mut __m256).add(b).write(sv);
+                        (m_out as *mut __m256)
+                            .add(b)
+                            .write(_mm256_mul_ps(sv, _mm256_set1_ps(zero)));
+                    }
+                }
                 for r in 0..8 {
                     // SAFETY: as above; j < SUBS.
-                    let (vr, scale) = unsafe { F::raw(base[r].add(sb * F::SB_BYTES), &hdr[r], j) };
+                    let (vr, scale) = unsafe { F::raw(p[r], &hdr[r], j) };
                     v[r] = vr;
+                    if gathered.is_some() {
+                        continue;
+                    }
                     // Lane 0 scales the piece (its first half for Q6_K), lane 4 the second half.
                     let s = [
                         _mm256_cvtss_f32(scale),
