@@ -156,32 +156,6 @@ impl Fmt for Q8_0 {
 }
 
 struct Q5_0;
-impl Q5_0 {
-    /// A block's scale, its 32 low nibbles as bytes, and 0xFF in the bytes whose fifth bit is set.
-    ///
-    /// # Safety
-    /// `p` points at a whole 22-byte block: f16 scale, u32 fifth bits, 16 bytes of nibbles.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn parts(p: *const u8) -> (f32, __m256i, __m256i) {
-        // SAFETY: as the caller guarantees.
-        let (d, qh, qs) = unsafe {
-            (
-                f16_at(p),
-                (p.add(2) as *const u32).read_unaligned(),
-                _mm_loadu_si128(p.add(6) as *const __m128i),
-            )
-        };
-        let m4 = _mm_set1_epi8(0x0F);
-        // Values 0..16 are the low nibbles, 16..32 the high ones.
-        let v = _mm256_set_m128i(
-            _mm_and_si128(_mm_srli_epi16(qs, 4), m4),
-            _mm_and_si128(qs, m4),
-        );
-        (d, v, bits_to_bytes(qh))
-    }
-}
-
 impl Fmt for Q5_0 {
     const SB_VALS: usize = 32;
     const SB_BYTES: usize = 22;
@@ -192,21 +166,33 @@ impl Fmt for Q5_0 {
     type Hdr = ();
     #[inline]
     unsafe fn header(_p: *const u8) {}
+    /// The stored values minus the zero point. Not on a hot path: Q5_0 decode runs eight rows at a time
+    /// ([`Rows8`]) and its prefill on panels, both from the stored values.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn sub(p: *const u8, _h: &(), _j: usize) -> (__m256i, __m256) {
-        // SAFETY: p points at a whole block.
-        let (d, v, fifth) = unsafe { Self::parts(p) };
-        // (v | fifth bit << 4) − 16  ==  v − (16 where the fifth bit is clear).
-        let v = _mm256_sub_epi8(v, _mm256_andnot_si256(fifth, _mm256_set1_epi8(16)));
-        (v, _mm256_set1_ps(d))
+    unsafe fn sub(p: *const u8, h: &(), j: usize) -> (__m256i, __m256) {
+        // SAFETY: as the caller guarantees.
+        let (v, scale) = unsafe { Self::raw(p, h, j) };
+        (_mm256_sub_epi8(v, _mm256_set1_epi8(16)), scale)
     }
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn raw(p: *const u8, _h: &(), _j: usize) -> (__m256i, __m256) {
-        // SAFETY: p points at a whole block.
-        let (d, v, fifth) = unsafe { Self::parts(p) };
-        let v = _mm256_or_si256(v, _mm256_and_si256(fifth, _mm256_set1_epi8(16)));
+        // SAFETY: p points at a whole 22-byte block: f16 scale, u32 fifth bits, 16 bytes of nibbles.
+        let (d, qh, qs) = unsafe {
+            (
+                f16_at(p),
+                (p.add(2) as *const u32).read_unaligned(),
+                _mm_loadu_si128(p.add(6) as *const __m128i),
+            )
+        };
+        let m4 = _mm_set1_epi8(0x0F);
+        // Values 0..16 are the low nibbles, 16..32 the high ones; the fifth bit adds 16.
+        let v = _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16(qs, 4), m4),
+            _mm_and_si128(qs, m4),
+        );
+        let v = _mm256_or_si256(v, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16)));
         (v, _mm256_set1_ps(d))
     }
 
