@@ -866,30 +866,38 @@ fn run_tile<F: Fmt, const R: usize, const T: usize>(
     }
 }
 
-fn run_rows<F: Fmt>(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, out: &mut [f32]) {
+/// A decode kernel's arguments, after the checks that make its raw-pointer reads sound: rows, their
+/// count, the activations, super-blocks per row, the output.
+fn rows_args<F: Fmt>(
+    backend: Backend,
+    w: &[u8],
+    row_bytes: usize,
+    a: ActRow,
+    out: &mut [f32],
+) -> (*const u8, usize, ActPtr, usize, *mut f32) {
     let nsb = row_bytes / F::SB_BYTES;
     assert!(row_bytes == nsb * F::SB_BYTES && w.len() == out.len() * row_bytes);
     let ap = act_ptr(&a, nsb * F::SB_VALS);
     check_features(backend);
-    let (wp, n, op) = (w.as_ptr(), out.len(), out.as_mut_ptr());
+    (w.as_ptr(), out.len(), ap, nsb, out.as_mut_ptr())
+}
+
+fn run_rows<F: Fmt>(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, out: &mut [f32]) {
+    let (wp, n, ap, nsb, op) = rows_args::<F>(backend, w, row_bytes, a, out);
     match backend {
-        // SAFETY: lengths and CPU features checked above.
+        // SAFETY: `rows_args` checked the lengths and CPU features.
         Backend::Avx512Vnni => unsafe { vnni::rows::<F>(wp, row_bytes, n, ap, nsb, op) },
-        // SAFETY: lengths and CPU features checked above.
+        // SAFETY: as above.
         _ => unsafe { avx2::rows::<F>(wp, row_bytes, n, ap, nsb, op) },
     }
 }
 
 fn run_rows8<F: Rows8>(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, out: &mut [f32]) {
-    let nsb = row_bytes / F::SB_BYTES;
-    assert!(row_bytes == nsb * F::SB_BYTES && w.len() == out.len() * row_bytes);
-    let ap = act_ptr(&a, nsb * F::SB_VALS);
-    check_features(backend);
-    let (wp, n, op) = (w.as_ptr(), out.len(), out.as_mut_ptr());
+    let (wp, n, ap, nsb, op) = rows_args::<F>(backend, w, row_bytes, a, out);
     match backend {
-        // SAFETY: lengths and CPU features checked above.
+        // SAFETY: `rows_args` checked the lengths and CPU features.
         Backend::Avx512Vnni => unsafe { vnni::rows8::<F>(wp, row_bytes, n, ap, nsb, op) },
-        // SAFETY: lengths and CPU features checked above.
+        // SAFETY: as above.
         _ => unsafe { avx2::rows8::<F>(wp, row_bytes, n, ap, nsb, op) },
     }
 }
