@@ -1,6 +1,6 @@
 //! Softmax and the SwiGLU gate.
 
-use wide::f32x8;
+use wide::{f32x8, CmpLt};
 
 /// In-place softmax; subtracting the max keeps `exp` finite for any logits.
 ///
@@ -28,11 +28,28 @@ pub fn softmax(x: &mut [f32]) {
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]` where `silu(g) = g · sigmoid(g)` — the SwiGLU MLP's middle.
+///
+/// Eight values at a time with `wide`'s `exp`, as in [`softmax`]: with libm's scalar `exp` this was 8 %
+/// of a 14-token prefill of the default model (4864 values per token and layer, on one thread).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    let mut g8 = gate.chunks_exact_mut(8);
+    let mut u8 = up.chunks_exact(8);
+    for (g, u) in (&mut g8).zip(&mut u8) {
+        let gv = f32x8::from(&*g);
+        let s = gv / (f32x8::ONE + (-gv).exp());
+        // `wide`'s `exp` returns 0 for arguments past ±87 (where libm's overflows or underflows): right
+        // for large positive g (silu(g) → g), wrong for large negative g, where silu is below 1e-35.
+        let s = gv.cmp_lt(f32x8::splat(-87.0)).blend(f32x8::ZERO, s) * f32x8::from(u);
+        g.copy_from_slice(&s.to_array());
     }
+    for (g, &u) in g8.into_remainder().iter_mut().zip(u8.remainder()) {
+        *g = silu_scalar(*g) * u;
+    }
+}
+
+fn silu_scalar(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
 }
 
 #[cfg(test)]
@@ -47,6 +64,27 @@ mod tests {
         let mut y = [1.0, 1.0 + (3.0f32).ln()];
         softmax(&mut y);
         assert!((y[0] - 0.25).abs() < 1e-6 && (y[1] - 0.75).abs() < 1e-6);
+    }
+
+    /// The vector path against libm's `exp`, over the range activations take and past where `exp`
+    /// overflows, where silu must go to 0 (large negative) or to the value itself (large positive).
+    #[test]
+    fn silu_vector_matches_scalar() {
+        let mut g: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.05).collect();
+        g.extend([
+            -1e4, -300.0, -89.0, -88.5, 88.5, 89.0, 300.0, 1e4, 0.0, -0.0, 1e-30, -1e-30,
+        ]);
+        let up: Vec<f32> = (0..g.len()).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+        let mut out = g.clone();
+        silu_mul(&mut out, &up);
+        for ((&x, &u), &y) in g.iter().zip(&up).zip(&out) {
+            let want = (x as f64 / (1.0 + (-(x as f64)).exp())) * u as f64;
+            let err = (y as f64 - want).abs();
+            assert!(
+                y.is_finite() && err <= 4e-7 * want.abs() + 1e-35,
+                "silu({x}) · {u} = {y}, want {want}"
+            );
+        }
     }
 
     #[test]
