@@ -746,13 +746,15 @@ macro_rules! instruction_set {
                 const { assert!(F::PANEL_G > 0) };
                 let (units, g16) = (if F::HALVES { 2 } else { 1 }, F::PANEL_G);
                 let gu = 8 / units;
-                // SAFETY (for the offsets below): token t0 + t is within the activations.
-                let xq: [*const i8; T] =
-                    std::array::from_fn(|t| unsafe { a.qs.add((t0 + t) * 32 * p.nb) });
-                let dx: [*const f32; T] =
-                    std::array::from_fn(|t| unsafe { a.d.add((t0 + t) * p.nb) });
-                let sx: [*const f32; T] =
-                    std::array::from_fn(|t| unsafe { a.sums.add((t0 + t) * p.nb * units) });
+                // The span of tokens t0..t0 + T, interleaved per block (see `PanelActs`).
+                // SAFETY (for the offsets below): the span lies within the activations.
+                let (xq, dx, sx) = unsafe {
+                    (
+                        a.qs.add(t0 * 32 * p.nb),
+                        a.d.add(t0 * p.nb),
+                        a.sums.add(t0 * p.nb * units),
+                    )
+                };
                 let mut acc = [_mm256_setzero_ps(); T];
                 for b in 0..p.nb {
                     for u in 0..units {
@@ -764,9 +766,10 @@ macro_rules! instruction_set {
                                 // SAFETY: b < nb and g < 8: within the panel's 8 · nb groups.
                                 let $w = unsafe { *p.w.add(8 * b + g) };
                                 for t in 0..T {
-                                    // SAFETY: values 32b + 4g .. + 4 of token t0 + t.
+                                    // SAFETY: values 4g .. + 4 of block b of token t0 + t.
                                     let $x = _mm256_set1_epi32(unsafe {
-                                        (xq[t].add(32 * b + 4 * g) as *const i32).read_unaligned()
+                                        (xq.add(32 * (T * b + t) + 4 * g) as *const i32)
+                                            .read_unaligned()
                                     });
                                     let $a16 = a16[t];
                                     a16[t] = $step;
@@ -783,8 +786,8 @@ macro_rules! instruction_set {
                             // SAFETY: as above; block b of token t0 + t.
                             let (d, sum) = unsafe {
                                 (
-                                    _mm256_broadcast_ss(&*dx[t].add(b)),
-                                    _mm256_broadcast_ss(&*sx[t].add(units * b + u)),
+                                    _mm256_broadcast_ss(&*dx.add(T * b + t)),
+                                    _mm256_broadcast_ss(&*sx.add(T * (units * b + u) + t)),
                                 )
                             };
                             acc[t] = _mm256_fmadd_ps(
@@ -945,13 +948,27 @@ pub fn panel_format(dtype: DType) -> bool {
     matches!(dtype, DType::Q4K | DType::Q5_0 | DType::Q6K)
 }
 
-/// One product's activations as the panel kernels read them, made once per product: each unit's sum
-/// `dx · Σ x` (a 32-value block's, or for Q6_K each 16-value half's), `[t][unit]`.
+/// Tokens per span of the panel kernel: `Panel::run` takes tokens four at a time from a multiple of four.
+const SPAN: usize = 4;
+
+/// One product's activations as the panel kernels read them, made once per product, with the tokens of
+/// each span of four interleaved per block: block `b` of span `s` holds its tokens' 32 values one after
+/// the other, then their scales `dx`, then each unit's sum `dx · Σ x` (a 32-value block's, or for Q6_K
+/// each 16-value half's).
+///
+/// Why: with each token in its own row, the kernel kept a pointer per token and array (twelve for four
+/// tokens) and recomputed or spilled them; a fifth of its instructions were address arithmetic. With the
+/// span's tokens side by side, one pointer per array walks the blocks and every token is a fixed offset
+/// from it.
 pub struct PanelActs<'a> {
     acts: &'a QuantizedActs,
     units: usize,
-    /// The half-block sums when `units` is 2; the block sums are `acts.sums`.
-    half_sums: Vec<f32>,
+    /// `[span][b][t][32]`: token `4s + t`'s values of block `b` (a last span may hold fewer tokens).
+    qs: Vec<i8>,
+    /// `[span][b][t]`.
+    d: Vec<f32>,
+    /// `[span][b][u][t]`.
+    sums: Vec<f32>,
 }
 
 impl<'a> PanelActs<'a> {
@@ -964,40 +981,49 @@ impl<'a> PanelActs<'a> {
             _ => panic!("{dtype:?} has no panel form"),
         };
         let units = if halves { 2 } else { 1 };
-        let mut half_sums = Vec::new();
-        if units == 2 {
-            let nb = acts.cols / 32;
-            half_sums.reserve(2 * nb * acts.t);
-            for t in 0..acts.t {
-                let row = acts.row(t);
-                for (q, d) in row
-                    .qs
-                    .chunks_exact(16)
-                    .zip(row.d.iter().flat_map(|d| [d, d]))
-                {
-                    let sum: i32 = q.iter().map(|&q| q as i32).sum();
-                    half_sums.push(d * sum as f32);
+        let (t, nb) = (acts.t, acts.cols / 32);
+        let (mut qs, mut d, mut sums) = (
+            Vec::with_capacity(t * 32 * nb),
+            Vec::with_capacity(t * nb),
+            Vec::with_capacity(t * nb * units),
+        );
+        for t0 in (0..t).step_by(SPAN) {
+            let rows: Vec<ActRow> = (t0..(t0 + SPAN).min(t)).map(|i| acts.row(i)).collect();
+            for b in 0..nb {
+                for r in &rows {
+                    qs.extend_from_slice(&r.qs[32 * b..32 * (b + 1)]);
+                }
+                d.extend(rows.iter().map(|r| r.d[b]));
+                for u in 0..units {
+                    let len = 32 / units;
+                    sums.extend(rows.iter().map(|r| {
+                        if units == 1 {
+                            r.sums[b]
+                        } else {
+                            let q = &r.qs[32 * b + len * u..][..len];
+                            r.d[b] * q.iter().map(|&q| q as i32).sum::<i32>() as f32
+                        }
+                    }));
                 }
             }
         }
         PanelActs {
             acts,
             units,
-            half_sums,
+            qs,
+            d,
+            sums,
         }
     }
 
     fn ptr(&self) -> PanelActPtr {
-        let sums = if self.units == 2 {
-            &self.half_sums
-        } else {
-            &self.acts.sums
-        };
-        assert!(sums.len() == self.acts.t * self.units * (self.acts.cols / 32));
+        let (t, nb) = (self.acts.t, self.acts.cols / 32);
+        assert!(self.qs.len() == t * 32 * nb && self.d.len() == t * nb);
+        assert!(self.sums.len() == t * nb * self.units);
         PanelActPtr {
-            qs: self.acts.qs.as_ptr(),
-            d: self.acts.d.as_ptr(),
-            sums: sums.as_ptr(),
+            qs: self.qs.as_ptr(),
+            d: self.d.as_ptr(),
+            sums: self.sums.as_ptr(),
         }
     }
 }
@@ -1163,6 +1189,12 @@ impl Panel {
         let (units, nb, n) = (self.units, self.nb, self.rows);
         assert!(acts.acts.cols == 32 * nb && acts.units == units);
         assert!(tokens.end <= acts.acts.t && !tokens.is_empty());
+        // Spans start at multiples of four, as `PanelActs` interleaves them.
+        assert!(
+            tokens.start.is_multiple_of(SPAN),
+            "tokens from {}",
+            tokens.start
+        );
         assert!(os >= n && out.len() >= (tokens.end - 1) * os + n);
         check_features(backend);
         let p = PanelPtr {
@@ -1187,7 +1219,13 @@ impl Panel {
         // at a time measured no faster).
         let mut t0 = tokens.start;
         while t0 < tokens.end {
-            let k = (tokens.end - t0).min(4);
+            let k = (tokens.end - t0).min(SPAN);
+            // A span cut short by `tokens` would not match the interleaving: only the last may be.
+            assert!(
+                k == SPAN || t0 + k == acts.acts.t,
+                "a span cut at {}",
+                t0 + k
+            );
             // SAFETY: the panel holds nb pieces of `units` units, the activations every token of
             // `tokens`, `out` those tokens (stride os ≥ n) of n rows; lengths and CPU features
             // checked above.
