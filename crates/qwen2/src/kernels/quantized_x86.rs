@@ -967,9 +967,8 @@ pub fn panel_format(dtype: DType) -> bool {
 const SPAN: usize = 4;
 
 /// One product's activations as the panel kernels read them, made once per product, with the tokens of
-/// each span of four interleaved per block: block `b` of span `s` holds its tokens' 32 values one after
-/// the other, then their scales `dx`, then each unit's sum `dx · Σ x` (a 32-value block's, or for Q6_K
-/// each 16-value half's).
+/// each span of four side by side per block in each of three arrays: their 32 values, their scales `dx`,
+/// and each unit's sum `dx · Σ x` (a 32-value block's, or for Q6_K each 16-value half's).
 ///
 /// Why: with each token in its own row, the kernel kept a pointer per token and array (twelve for four
 /// tokens) and recomputed or spilled them; a fifth of its instructions were address arithmetic. With the
