@@ -71,6 +71,14 @@ impl MappedFile {
         // SAFETY: the file is mapped read-only. Another process truncating or rewriting a model file while
         // we run is outside what any mmap-based loader (llama.cpp, safetensors) can defend against.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // Transparent huge pages (a hint, ignored where unsupported). A decode step reads every weight
+        // once; in 4 KiB pages that is a page-table entry, often a page walk, per 4 KiB. With this advice
+        // Linux reads the file into 2 MiB page-cache folios as the mapping faults, and maps each with one
+        // entry. The default model's 128-token decode took 3.41 s in huge pages against 3.85 s in small
+        // ones (medians of six runs, alternating, the file evicted and read back before each three).
+        // Pages already cached in small folios stay small: see `fetch`, which drops a written model.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         Ok(Arc::new(MappedFile { map }))
     }
 
