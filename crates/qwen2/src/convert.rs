@@ -159,7 +159,8 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
     })
 }
 
-/// Writes `path` through a temporary file beside it, synced and renamed into place only on success.
+/// Writes `path` through a temporary file beside it, synced and renamed into place only on success, and
+/// dropped from the page cache so that a model read back is mapped in huge pages.
 fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
@@ -175,6 +176,7 @@ fn write_atomically(
         write(&mut w)?;
         w.flush()?;
         w.get_ref().sync_all()?;
+        crate::weights::drop_cached_pages(w.get_ref());
         drop(w);
         fs::rename(&tmp, path)
     })();

