@@ -139,7 +139,7 @@ const KC: usize = 256;
 const MC: usize = 64;
 
 /// The activations repacked for the GEMM: panel `p` holds tokens `24p..24p+24` as `[k][24]`, so the
-/// micro-kernel reads three contiguous vectors per `k`; tokens past `t` are zeros.
+/// micro-kernel reads three contiguous vectors per `k`. Tokens past `t` are zeros.
 struct Panels {
     data: Vec<f32>,
     cols: usize,
@@ -148,21 +148,48 @@ struct Panels {
     n: usize,
 }
 
+/// Panel buffers up to this size (16 MiB) are kept for the next product on the same thread: a fresh
+/// one costs a page fault per 4 KiB, which at 128 tokens was as much as the repacking itself.
+const PANELS_KEPT_BYTES: usize = 16 << 20;
+
+thread_local! {
+    static SPARE_PANELS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 impl Panels {
     fn pack(x: &[f32], t: usize, cols: usize) -> Panels {
+        use rayon::prelude::*;
         let n = t.div_ceil(NR);
-        let mut data = vec![0f32; n * cols * NR];
-        for (p, panel) in data.chunks_exact_mut(cols * NR).enumerate() {
-            let nt = NR.min(t - p * NR);
-            // Tokens p·24.. (rows of x) become the columns of [k][24].
-            transpose(&x[p * NR * cols..], nt, cols, cols, panel, NR);
-        }
+        // Every element is written below, so a kept buffer is not cleared first.
+        let mut data = SPARE_PANELS.with(|spare| spare.take());
+        data.resize(n * cols * NR, 0.0);
+        data.par_chunks_exact_mut(cols * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let nt = NR.min(t - p * NR);
+                // Tokens p·24.. (rows of x) become the columns of [k][24]; the rest are padding.
+                transpose(&x[p * NR * cols..], nt, cols, cols, panel, NR);
+                if nt < NR {
+                    for k in 0..cols {
+                        panel[k * NR + nt..(k + 1) * NR].fill(0.0);
+                    }
+                }
+            });
         Panels { data, cols, t, n }
     }
 
     /// Panel `p` from reduction index `k0` on.
     fn at(&self, p: usize, k0: usize) -> &[f32] {
         &self.data[p * self.cols * NR + k0 * NR..(p + 1) * self.cols * NR]
+    }
+}
+
+impl Drop for Panels {
+    fn drop(&mut self) {
+        if self.data.len() * 4 <= PANELS_KEPT_BYTES {
+            let data = std::mem::take(&mut self.data);
+            SPARE_PANELS.with(|spare| spare.set(data));
+        }
     }
 }
 
@@ -237,47 +264,130 @@ fn transpose(src: &[f32], rows: usize, cols: usize, ss: usize, dst: &mut [f32], 
     }
 }
 
-/// `c[r][0..8V] (+)= Σ_k w[k][r] · panel[k][0..8V]` for `r < R`, from four weight rows packed as
-/// `[k][4]`: with `V = 3`, twelve accumulators, three panel vectors and one broadcast weight fill the
-/// sixteen registers; both operands are single sequential streams. `V < 3` serves a last, partial
-/// panel without multiplying its zero padding.
+/// The GEMM's output, `t × rows`, shared by the tasks: each task writes only its own rows, a band of
+/// columns, so no two tasks write the same element.
+#[derive(Clone, Copy)]
+struct SharedOut {
+    p: *mut f32,
+    rows: usize,
+}
+
+// SAFETY: the tasks write disjoint elements (see `gemm`), and the buffer outlives them.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+/// `out[tok][r] (+)= Σ_k w[k][r] · panel[k][tok]` for `r < R`, `tok < nt`, from four weight rows
+/// packed as `[k][4]`: with `V = 3`, twelve accumulators, three panel vectors and one broadcast
+/// weight fill the sixteen registers; both operands are single sequential streams. `V < 3` serves a
+/// last, partial panel without multiplying its zero padding.
+///
+/// The accumulators hold rows × tokens, the output is tokens × rows: each 4 × 8 block is transposed
+/// in registers and stored as eight 4-float runs, one per token, straight into the output (a
+/// separate rows × tokens buffer, transposed at the end, cost ~10 % of an F32 prefill GEMM).
 ///
 /// # Safety
-/// `wp` holds `kc · 4` f32; `xp` holds `kc · 24` f32; `c` holds `R` rows of `8V` f32 at stride `cs`;
-/// `V <= 3`; the CPU has AVX2 and FMA.
+/// `wp` holds `kc · 4` f32; `xp` holds `kc · 24` f32; `out` holds, for each token `tok < nt <= 8V`,
+/// `R` writable f32 at `out + tok · os`; `V <= 3`; the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn micro<const R: usize, const V: usize>(
     wp: *const f32,
     xp: *const f32,
     kc: usize,
-    c: *mut f32,
-    cs: usize,
+    out: *mut f32,
+    os: usize,
+    nt: usize,
     accumulate: bool,
 ) {
     let mut acc = [[_mm256_setzero_ps(); V]; MR];
-    for k in 0..kc {
-        // SAFETY: k < kc: within the panel block and the packed weights.
+    // With one vector of tokens there are only four accumulators, too few to cover the FMA latency
+    // (half speed): odd steps of k go to a second set, added in at the end.
+    let mut odd = [_mm256_setzero_ps(); MR];
+    let step = if V == 1 { 2 } else { 1 };
+    let mut k = 0;
+    while k + step <= kc {
+        // SAFETY: k + step <= kc: within the panel block and the packed weights.
         unsafe {
-            let xv: [__m256; V] = std::array::from_fn(|j| _mm256_loadu_ps(xp.add(k * NR + 8 * j)));
+            let mut xv = [_mm256_setzero_ps(); V];
+            for (j, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(xp.add(k * NR + 8 * j));
+            }
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let b = _mm256_broadcast_ss(&*wp.add(k * MR + r));
                 for j in 0..V {
                     acc_r[j] = _mm256_fmadd_ps(b, xv[j], acc_r[j]);
                 }
             }
+            if V == 1 {
+                let xv = _mm256_loadu_ps(xp.add((k + 1) * NR));
+                for (r, o) in odd.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*wp.add((k + 1) * MR + r));
+                    *o = _mm256_fmadd_ps(b, xv, *o);
+                }
+            }
+        }
+        k += step;
+    }
+    if V == 1 {
+        if k < kc {
+            // SAFETY: k < kc, as above.
+            unsafe {
+                let xv = _mm256_loadu_ps(xp.add(k * NR));
+                for (r, o) in odd.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*wp.add(k * MR + r));
+                    *o = _mm256_fmadd_ps(b, xv, *o);
+                }
+            }
+        }
+        for (acc_r, o) in acc.iter_mut().zip(odd) {
+            acc_r[0] = _mm256_add_ps(acc_r[0], o);
         }
     }
-    for (r, acc_r) in acc.iter().enumerate().take(R) {
+    let store = |tok: usize, v: __m128| {
+        // SAFETY: tok < nt, and the token's R = 4 values are writable (caller).
+        unsafe {
+            let p = out.add(tok * os);
+            let v = if accumulate {
+                _mm_add_ps(_mm_loadu_ps(p), v)
+            } else {
+                v
+            };
+            _mm_storeu_ps(p, v);
+        }
+    };
+    if R == MR && nt == 8 * V {
+        let [a0, a1, a2, a3] = acc;
+        for (j, (((a, b), c), d)) in a0.into_iter().zip(a1).zip(a2).zip(a3).enumerate() {
+            let (t0, t1) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            let (t2, t3) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+            // u_i holds tokens i (low half) and i + 4 (high half) of this vector, rows a b c d.
+            let u = [
+                _mm256_shuffle_ps::<0x44>(t0, t2),
+                _mm256_shuffle_ps::<0xEE>(t0, t2),
+                _mm256_shuffle_ps::<0x44>(t1, t3),
+                _mm256_shuffle_ps::<0xEE>(t1, t3),
+            ];
+            for (i, ui) in u.into_iter().enumerate() {
+                store(8 * j + i, _mm256_castps256_ps128(ui));
+                store(8 * j + i + 4, _mm256_extractf128_ps::<1>(ui));
+            }
+        }
+        return;
+    }
+    // Fewer rows or tokens than the tile: through a buffer, one value at a time.
+    let mut vals = [[0f32; NR]; MR];
+    for (r, acc_r) in acc.iter().enumerate() {
         for (j, a) in acc_r.iter().enumerate() {
-            // SAFETY: row r < R of c holds 24 values.
+            // SAFETY: 8j + 8 <= 8V <= NR.
+            unsafe { _mm256_storeu_ps(vals[r][8 * j..].as_mut_ptr(), *a) };
+        }
+    }
+    for tok in 0..nt {
+        for (r, v) in vals.iter().enumerate().take(R) {
+            // SAFETY: tok < nt and r < R (caller).
             unsafe {
-                let p = c.add(r * cs + 8 * j);
-                let v = if accumulate {
-                    _mm256_add_ps(_mm256_loadu_ps(p), *a)
-                } else {
-                    *a
-                };
-                _mm256_storeu_ps(p, v);
+                let p = out.add(tok * os + r);
+                *p = if accumulate { *p + v[tok] } else { v[tok] };
             }
         }
     }
@@ -322,80 +432,80 @@ fn pack4<W: super::matmul::WeightElem>(rows: [Option<&[W]>; MR], kc: usize, dst:
     }
 }
 
-/// One task's rows of the GEMM: `c` holds rows `r0..r0 + c.len() / ct` of the transposed output
-/// (`rows × ct`, `ct` = panels · 24).
+/// One task's rows of the GEMM, `r0..r0 + nrows`, stored into their columns of the output.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn gemm_rows<W: super::matmul::WeightElem>(
     w: &[W],
     cols: usize,
     r0: usize,
+    nrows: usize,
     panels: &Panels,
-    c: &mut [f32],
+    out: SharedOut,
 ) {
-    let ct = panels.n * NR;
-    let nrows = c.len() / ct;
     let mut buf = vec![0f32; MC * KC];
-    let blocks: Vec<(usize, usize)> = (0..cols)
-        .step_by(KC)
-        .flat_map(|k0| (0..nrows).step_by(MC).map(move |m0| (k0, m0)))
+    // Row blocks outside, reduction blocks inside: a row block's outputs (MC rows × t) stay in cache
+    // while its sums build up. Reduction blocks outside read and wrote the whole output once per
+    // block (~5 % slower at 128 tokens in a harness).
+    let blocks: Vec<(usize, usize)> = (0..nrows)
+        .step_by(MC)
+        .flat_map(|m0| (0..cols).step_by(KC).map(move |k0| (k0, m0)))
         .collect();
     for (bi, &(k0, m0)) in blocks.iter().enumerate() {
         let kc = KC.min(cols - k0);
         let mc = MC.min(nrows - m0);
-        {
-            // The weight block, widened and packed once, serves every token panel from L2.
-            let row = |r: usize| (r < mc).then(|| &w[(r0 + m0 + r) * cols + k0..][..kc]);
+        // The weight block, widened and packed once, serves every token panel from L2.
+        let row = |r: usize| (r < mc).then(|| &w[(r0 + m0 + r) * cols + k0..][..kc]);
+        for q in 0..mc.div_ceil(MR) {
+            let rows = [0, 1, 2, 3].map(|i| row(q * MR + i));
+            pack4(rows, kc, &mut buf[q * MR * kc..(q + 1) * MR * kc]);
+        }
+        // While this block is multiplied, the next one is fetched from memory a few rows per
+        // micro-kernel call, so the loads in `pack4` hit the cache instead of stalling.
+        let next = blocks.get(bi + 1).map(|&(k1, m1)| {
+            let (kn, mn) = (KC.min(cols - k1), MC.min(nrows - m1));
+            let calls = panels.n * mc.div_ceil(MR);
+            (k1, m1, kn, mn, mn.div_ceil(calls))
+        });
+        let mut call = 0;
+        for p in 0..panels.n {
+            // Real tokens in this panel (the last may be partial), and the vectors holding them.
+            let nt = (panels.t - p * NR).min(NR);
+            let vecs = nt.div_ceil(8);
+            let xp = panels.at(p, k0);
+            assert!(xp.len() >= kc * NR);
             for q in 0..mc.div_ceil(MR) {
-                let rows = [0, 1, 2, 3].map(|i| row(q * MR + i));
-                pack4(rows, kc, &mut buf[q * MR * kc..(q + 1) * MR * kc]);
-            }
-            // While this block is multiplied, the next one is fetched from memory a few rows per
-            // micro-kernel call, so the loads in `pack4` hit the cache instead of stalling.
-            let next = blocks.get(bi + 1).map(|&(k1, m1)| {
-                let (kn, mn) = (KC.min(cols - k1), MC.min(nrows - m1));
-                let calls = panels.n * mc.div_ceil(MR);
-                (k1, m1, kn, mn, mn.div_ceil(calls))
-            });
-            let mut call = 0;
-            for p in 0..panels.n {
-                // Vectors of real tokens in this panel (the last may be partial).
-                let vecs = (panels.t - p * NR).min(NR).div_ceil(8);
-                let xp = panels.at(p, k0);
-                assert!(xp.len() >= kc * NR);
-                for q in 0..mc.div_ceil(MR) {
-                    let r = q * MR;
-                    if let Some((k1, m1, kn, mn, per_call)) = next {
-                        for nr in (call * per_call..(call + 1) * per_call).take_while(|&nr| nr < mn)
-                        {
-                            let row = &w[(r0 + m1 + nr) * cols + k1..][..kn];
-                            for line in (0..kn).step_by(64 / std::mem::size_of::<W>()) {
-                                _mm_prefetch::<_MM_HINT_T0>(row[line..].as_ptr() as *const i8);
-                            }
+                let r = q * MR;
+                if let Some((k1, m1, kn, mn, per_call)) = next {
+                    for nr in (call * per_call..(call + 1) * per_call).take_while(|&nr| nr < mn) {
+                        let row = &w[(r0 + m1 + nr) * cols + k1..][..kn];
+                        for line in (0..kn).step_by(64 / std::mem::size_of::<W>()) {
+                            _mm_prefetch::<_MM_HINT_T0>(row[line..].as_ptr() as *const i8);
                         }
-                        call += 1;
                     }
-                    let wp = buf[r * kc..(r + MR) * kc].as_ptr();
-                    let cp = c[(m0 + r) * ct + p * NR..].as_mut_ptr();
-                    // SAFETY: wp holds kc · 4 packed weights; xp holds kc · 24 values (asserted); c
-                    // holds 24 values at stride ct for each of the rows stored (below nrows). The
-                    // features are enabled here.
-                    let xp = xp.as_ptr();
-                    let acc = k0 > 0;
-                    unsafe {
-                        match ((mc - r).min(MR), vecs) {
-                            (1, 1) => micro::<1, 1>(wp, xp, kc, cp, ct, acc),
-                            (1, 2) => micro::<1, 2>(wp, xp, kc, cp, ct, acc),
-                            (1, _) => micro::<1, 3>(wp, xp, kc, cp, ct, acc),
-                            (2, 1) => micro::<2, 1>(wp, xp, kc, cp, ct, acc),
-                            (2, 2) => micro::<2, 2>(wp, xp, kc, cp, ct, acc),
-                            (2, _) => micro::<2, 3>(wp, xp, kc, cp, ct, acc),
-                            (3, 1) => micro::<3, 1>(wp, xp, kc, cp, ct, acc),
-                            (3, 2) => micro::<3, 2>(wp, xp, kc, cp, ct, acc),
-                            (3, _) => micro::<3, 3>(wp, xp, kc, cp, ct, acc),
-                            (_, 1) => micro::<MR, 1>(wp, xp, kc, cp, ct, acc),
-                            (_, 2) => micro::<MR, 2>(wp, xp, kc, cp, ct, acc),
-                            (_, _) => micro::<MR, 3>(wp, xp, kc, cp, ct, acc),
-                        }
+                    call += 1;
+                }
+                let wp = buf[r * kc..(r + MR) * kc].as_ptr();
+                let xp = xp.as_ptr();
+                let (acc, os) = (k0 > 0, out.rows);
+                // SAFETY: wp holds kc · 4 packed weights; xp holds kc · 24 values (asserted). The
+                // output holds tokens p·24 + nt <= t at stride `rows`, and its columns
+                // r0 + m0 + r + (0..4), below r0 + nrows <= rows, are this task's alone. The
+                // features are enabled here.
+                unsafe {
+                    let op = out.p.add(p * NR * os + r0 + m0 + r);
+                    match ((mc - r).min(MR), vecs) {
+                        (1, 1) => micro::<1, 1>(wp, xp, kc, op, os, nt, acc),
+                        (1, 2) => micro::<1, 2>(wp, xp, kc, op, os, nt, acc),
+                        (1, _) => micro::<1, 3>(wp, xp, kc, op, os, nt, acc),
+                        (2, 1) => micro::<2, 1>(wp, xp, kc, op, os, nt, acc),
+                        (2, 2) => micro::<2, 2>(wp, xp, kc, op, os, nt, acc),
+                        (2, _) => micro::<2, 3>(wp, xp, kc, op, os, nt, acc),
+                        (3, 1) => micro::<3, 1>(wp, xp, kc, op, os, nt, acc),
+                        (3, 2) => micro::<3, 2>(wp, xp, kc, op, os, nt, acc),
+                        (3, _) => micro::<3, 3>(wp, xp, kc, op, os, nt, acc),
+                        (_, 1) => micro::<MR, 1>(wp, xp, kc, op, os, nt, acc),
+                        (_, 2) => micro::<MR, 2>(wp, xp, kc, op, os, nt, acc),
+                        (_, _) => micro::<MR, 3>(wp, xp, kc, op, os, nt, acc),
                     }
                 }
             }
@@ -405,7 +515,8 @@ fn gemm_rows<W: super::matmul::WeightElem>(
 
 /// Prefill `out (t × rows) = x (t × cols) · wᵀ` as a packed GEMM: activations repacked into 24-token
 /// panels once, weights read in `MC × KC` blocks (widened once per block for bf16/f16) and broadcast,
-/// 4 rows × 24 tokens per micro-kernel. Rows are split across the pool.
+/// 4 rows × 24 tokens per micro-kernel. Rows are split across the pool; each task stores its own
+/// columns of `out`.
 pub fn gemm<W: super::matmul::WeightElem>(
     w: &[W],
     rows: usize,
@@ -418,15 +529,18 @@ pub fn gemm<W: super::matmul::WeightElem>(
     assert!(w.len() >= rows * cols && x.len() == t * cols && out.len() == t * rows);
     assert!(has_avx2());
     let panels = Panels::pack(x, t, cols);
-    let ct = panels.n * NR;
     let threads = rayon::current_num_threads().max(1);
     let per = rows.div_ceil(threads * 4).next_multiple_of(MR).max(MR);
-    let mut c = vec![0f32; rows * ct];
-    c.par_chunks_mut(per * ct).enumerate().for_each(|(i, ci)| {
-        // SAFETY: the CPU features were checked above.
-        unsafe { gemm_rows(w, cols, i * per, &panels, ci) }
+    let shared = SharedOut {
+        p: out.as_mut_ptr(),
+        rows,
+    };
+    (0..rows.div_ceil(per)).into_par_iter().for_each(|i| {
+        let r0 = i * per;
+        // SAFETY: the CPU features were checked above; task i writes only columns
+        // r0..r0 + per of `out`, which `shared` points into for the whole call.
+        unsafe { gemm_rows(w, cols, r0, per.min(rows - r0), &panels, shared) }
     });
-    transpose(&c, rows, t, ct, out, rows);
 }
 
 #[cfg(test)]
