@@ -334,15 +334,8 @@ unsafe fn micro<const R: usize, const V: usize>(
     if R == MR && nt == 8 * V {
         let [a0, a1, a2, a3] = acc;
         for (j, (((a, b), c), d)) in a0.into_iter().zip(a1).zip(a2).zip(a3).enumerate() {
-            let (t0, t1) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
-            let (t2, t3) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
             // u_i holds tokens i (low half) and i + 4 (high half) of this vector, rows a b c d.
-            let u = [
-                _mm256_shuffle_ps::<0x44>(t0, t2),
-                _mm256_shuffle_ps::<0xEE>(t0, t2),
-                _mm256_shuffle_ps::<0x44>(t1, t3),
-                _mm256_shuffle_ps::<0xEE>(t1, t3),
-            ];
+            let u = interleave4(a, b, c, d);
             for (i, ui) in u.into_iter().enumerate() {
                 store(8 * j + i, _mm256_castps256_ps128(ui));
                 store(8 * j + i + 4, _mm256_extractf128_ps::<1>(ui));
@@ -369,6 +362,22 @@ unsafe fn micro<const R: usize, const V: usize>(
     }
 }
 
+/// Four 8-lane vectors `a b c d` regrouped by lane: `u[i]` holds lane `i` of each (low half) and lane
+/// `i + 4` of each (high half), in the order `a b c d`. Serves both directions of the GEMM's 4 × 8
+/// transposes: weight rows into `[k][4]`, and accumulators into per-token runs of four rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn interleave4(a: __m256, b: __m256, c: __m256, d: __m256) -> [__m256; 4] {
+    let (t0, t1) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+    let (t2, t3) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+    [
+        _mm256_shuffle_ps::<0x44>(t0, t2),
+        _mm256_shuffle_ps::<0xEE>(t0, t2),
+        _mm256_shuffle_ps::<0x44>(t1, t3),
+        _mm256_shuffle_ps::<0xEE>(t1, t3),
+    ]
+}
+
 /// Packs four weight rows (`rows[i]`, each `kc` long; missing rows are zeros) widened to f32 into
 /// `dst` as `[k][4]`, transposing eight columns at a time in registers.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -382,13 +391,8 @@ fn pack4<W: super::matmul::WeightElem>(rows: [Option<&[W]>; MR], kc: usize, dst:
     let mut k = 0;
     while k + 8 <= kc {
         let [a, b, c, d] = rows.map(|r| load(r, k));
-        let (t0, t1) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
-        let (t2, t3) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
         // u_i holds columns i and i + 4 as (a b c d).
-        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let [u0, u1, u2, u3] = interleave4(a, b, c, d);
         let out = [
             _mm256_permute2f128_ps::<0x20>(u0, u1),
             _mm256_permute2f128_ps::<0x20>(u2, u3),
