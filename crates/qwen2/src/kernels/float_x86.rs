@@ -202,30 +202,12 @@ impl Drop for Panels {
 unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
     // SAFETY: rows 0..8 of the source block are readable (caller).
     let r: [__m256; 8] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.add(i * ss)) });
-    let t: [__m256; 8] = [
-        _mm256_unpacklo_ps(r[0], r[1]),
-        _mm256_unpackhi_ps(r[0], r[1]),
-        _mm256_unpacklo_ps(r[2], r[3]),
-        _mm256_unpackhi_ps(r[2], r[3]),
-        _mm256_unpacklo_ps(r[4], r[5]),
-        _mm256_unpackhi_ps(r[4], r[5]),
-        _mm256_unpacklo_ps(r[6], r[7]),
-        _mm256_unpackhi_ps(r[6], r[7]),
-    ];
-    let u: [__m256; 8] = [
-        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
-        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
-        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
-        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
-        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
-        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
-        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
-        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
-    ];
-    // u[i] holds columns i (low half) and i + 4 (high half) of rows 0..4, u[i + 4] of rows 4..8.
-    for i in 0..4 {
-        let lo = _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]);
-        let hi = _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]);
+    let top = interleave4(r[0], r[1], r[2], r[3]);
+    let bottom = interleave4(r[4], r[5], r[6], r[7]);
+    // top[i] holds columns i (low half) and i + 4 (high half) of rows 0..4, bottom[i] of rows 4..8.
+    for (i, (t, b)) in top.into_iter().zip(bottom).enumerate() {
+        let lo = _mm256_permute2f128_ps::<0x20>(t, b);
+        let hi = _mm256_permute2f128_ps::<0x31>(t, b);
         // SAFETY: rows i and i + 4 of the destination block are writable (caller).
         unsafe {
             _mm256_storeu_ps(dst.add(i * ds), lo);
@@ -364,8 +346,9 @@ unsafe fn micro<const R: usize, const V: usize>(
 }
 
 /// Four 8-lane vectors `a b c d` regrouped by lane: `u[i]` holds lane `i` of each (low half) and lane
-/// `i + 4` of each (high half), in the order `a b c d`. Serves both directions of the GEMM's 4 × 8
-/// transposes: weight rows into `[k][4]`, and accumulators into per-token runs of four rows.
+/// `i + 4` of each (high half), in the order `a b c d`. The first stage of every transpose here: the
+/// activations' 8 × 8 blocks, weight rows into `[k][4]`, and accumulators into per-token runs of four
+/// rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn interleave4(a: __m256, b: __m256, c: __m256, d: __m256) -> [__m256; 4] {
