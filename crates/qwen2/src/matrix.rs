@@ -5,8 +5,10 @@
 use crate::error::{Error, Result};
 use crate::kernels::quantized::{self, QuantSlice};
 use crate::kernels::{matmul, WeightSlice};
+use crate::weights::quant::dequantize_into;
 use crate::weights::{quant, to_f32_vec, Bytes, DType, RawTensor};
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 /// How a checkpoint's block-quantized tensors (GGUF Q8_0, Q5_0, Q4_K, Q6_K) are held and multiplied.
 /// F32, BF16 and F16 tensors are exact in either form (mapped, widened to f32 in registers).
@@ -96,6 +98,41 @@ fn cast<T: Copy>(bytes: &[u8]) -> Option<&[T]> {
     (pre.is_empty() && post.is_empty()).then_some(mid)
 }
 
+/// A stored tensor converted to another element form, a band of rows at a time on the pool: each task
+/// widens its rows to f32 in a small buffer, and `write` turns them into its `per_row` outputs per row.
+/// Converting whole tensors held a full f32 copy of the largest one (the 151936-row embedding, 544 MB)
+/// beside its result, on one core.
+fn convert_rows<T: Copy + Default + Send>(
+    name: &str,
+    t: &RawTensor,
+    rows: usize,
+    cols: usize,
+    per_row: usize,
+    write: impl Fn(&[f32], &mut [T]) + Sync,
+) -> Result<Vec<T>> {
+    let bytes = t.bytes.as_slice();
+    let mut out = vec![T::default(); rows * per_row];
+    // Rows a task takes: ~64 KiB of f32.
+    let band = (16384 / cols.max(1)).max(1);
+    match t.dtype.bytes_for(cols) {
+        Some(rb) if rows * rb == bytes.len() && per_row > 0 => {
+            out.par_chunks_mut(band * per_row)
+                .enumerate()
+                .try_for_each(|(i, o)| {
+                    let (r0, n) = (i * band, o.len() / per_row);
+                    let mut values = vec![0f32; n * cols];
+                    dequantize_into(t.dtype, &bytes[r0 * rb..(r0 + n) * rb], &mut values)
+                        .map_err(|m| Error::tensor(name, m))?;
+                    write(&values, o);
+                    Ok(())
+                })?;
+        }
+        // Rows that are not whole blocks (or an empty matrix): the whole tensor at once.
+        _ => write(&to_f32_vec(name, t)?, &mut out),
+    }
+    Ok(out)
+}
+
 impl Matrix {
     /// Takes a checkpoint tensor as a `rows × cols` matrix. F32/BF16/F16 stay in the mapping; block-quantized
     /// types are dequantized to exact f32 values (the [`WeightForm::Exact`] form).
@@ -145,20 +182,36 @@ impl Matrix {
             {
                 Storage::Quant(q, QuantBytes::Mapped(t.bytes.clone()))
             }
-            (WeightForm::Bf16, _) => Storage::OwnedBF16(
-                to_f32_vec(name, t)?
-                    .into_iter()
-                    .map(bf16::from_f32)
-                    .collect(),
-            ),
-            (WeightForm::Q8_0, _) if whole_q8_blocks => Storage::Quant(
-                DType::Q8_0,
-                QuantBytes::Owned(quantized::reference_quantizer::quantize(
+            (WeightForm::Bf16, _) => {
+                let s = Storage::OwnedBF16(convert_rows(name, t, rows, cols, cols, |v, o| {
+                    o.iter_mut()
+                        .zip(v)
+                        .for_each(|(o, &v)| *o = bf16::from_f32(v));
+                })?);
+                t.bytes.release();
+                s
+            }
+            (WeightForm::Q8_0, _) if whole_q8_blocks => {
+                let rb = quantized::row_bytes(DType::Q8_0, cols).unwrap_or(0);
+                let s = Storage::Quant(
                     DType::Q8_0,
-                    &to_f32_vec(name, t)?,
-                )),
-            ),
-            _ => Storage::Owned(to_f32_vec(name, t)?),
+                    QuantBytes::Owned(convert_rows(name, t, rows, cols, rb, |v, o| {
+                        o.copy_from_slice(&quantized::reference_quantizer::quantize(
+                            DType::Q8_0,
+                            v,
+                        ));
+                    })?),
+                );
+                t.bytes.release();
+                s
+            }
+            _ => {
+                let s = Storage::Owned(convert_rows(name, t, rows, cols, cols, |v, o| {
+                    o.copy_from_slice(v)
+                })?);
+                t.bytes.release();
+                s
+            }
         };
         Ok(Matrix {
             rows,
@@ -377,6 +430,62 @@ mod tests {
             exact.row_into(rows - 1, &mut a);
             fast.row_into(rows - 1, &mut b);
             assert_eq!(a, b);
+        }
+    }
+
+    /// Converting forms a band of rows at a time gives every value the whole-tensor definition gives
+    /// (widen exactly; then round to bf16, or quantize each 32-value block to Q8_0), and the source
+    /// bytes read the same after their pages were released.
+    #[test]
+    fn converted_forms_hold_the_definitions_values() {
+        let (rows, cols) = (150, 256); // three bands of 64 rows, the last partial
+        let values = data(rows * cols, 11);
+        let sources: Vec<(DType, Vec<u8>)> = vec![
+            (DType::Q8_0, quantize(DType::Q8_0, &values)),
+            (DType::Q5_0, quantize(DType::Q5_0, &values)),
+            (DType::Q4K, quantize(DType::Q4K, &values)),
+            (DType::Q6K, quantize(DType::Q6K, &values)),
+            (
+                DType::F32,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            (
+                DType::F16,
+                values
+                    .iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        ];
+        for (dtype, bytes) in sources {
+            let (_f, t) = mapped(dtype, [rows, cols], &bytes);
+            let widened = quant::dequantize(dtype, &bytes, rows * cols).unwrap();
+            let via_q8 =
+                quant::dequantize(DType::Q8_0, &quantize(DType::Q8_0, &widened), rows * cols)
+                    .unwrap();
+            for (form, want) in [
+                (WeightForm::Exact, widened.clone()),
+                (
+                    WeightForm::Bf16,
+                    widened
+                        .iter()
+                        .map(|&v| bf16::from_f32(v).to_f32())
+                        .collect(),
+                ),
+                (WeightForm::Q8_0, via_q8.clone()),
+            ] {
+                let m = Matrix::from_raw_with("w", &t, rows, cols, form).unwrap();
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    m.row_into(r, &mut row);
+                    assert_eq!(
+                        row,
+                        want[r * cols..(r + 1) * cols],
+                        "{dtype:?} {form:?} row {r}"
+                    );
+                }
+                assert_eq!(t.bytes.as_slice(), &bytes[..], "{dtype:?} {form:?}");
+            }
         }
     }
 

@@ -85,6 +85,25 @@ impl MappedFile {
     pub fn bytes(&self) -> &[u8] {
         &self.map
     }
+
+    /// Takes the whole pages inside `offset..offset + len` out of this process's resident set, once a
+    /// tensor there has been converted into memory of our own: the file's bytes and the converted copy
+    /// are then not both held. The pages stay in the page cache; reading them again faults them back.
+    fn release(&self, offset: usize, len: usize) {
+        const PAGE: usize = 4096;
+        let (start, end) = (offset.next_multiple_of(PAGE), (offset + len) / PAGE * PAGE);
+        if end <= start || end > self.map.len() {
+            return;
+        }
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED cannot discard anything:
+        // the next read of the range faults in the same file contents (the file is not changed under
+        // us; see `open`). Borrowed slices of it therefore see no change.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
+    }
 }
 
 /// Drops a synced file's pages from the page cache (a hint), for the model files the engine writes (the
@@ -123,6 +142,11 @@ impl Bytes {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// See [`MappedFile::release`]: for a range whose contents now live elsewhere.
+    pub fn release(&self) {
+        self.file.release(self.offset, self.len);
     }
 }
 
