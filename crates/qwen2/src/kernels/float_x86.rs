@@ -307,9 +307,11 @@ unsafe fn micro<const R: usize, const V: usize>(
     let mut acc = [[_mm256_setzero_ps(); V]; MR];
     // Each token's sums run over k in order, whatever panel it sits in and however many tokens the
     // product has, so a prompt prefilled in two parts (after a cached prefix) gets the same bits as in
-    // one. (Splitting k over two accumulator sets took a last panel of eight tokens, 6 % of the FLOPs
-    // at 128 tokens, from 49-51 % to 71-75 % of the FMA peak in a micro-benchmark, but gave those
-    // tokens different bits.)
+    // one when both parts take the GEMM. (A second accumulator set for odd k would speed up narrow
+    // panels, but would give their tokens other bits.) A part under `GEMM_MIN_TOKENS` goes through the
+    // tiles, which sum eight lanes of k and then across them: on the tiny test model that moved the
+    // logits by up to ~1e-5, which is why the prefix cache promises the whole prompt's results within
+    // a tolerance, not bit for bit.
     for k in 0..kc {
         // SAFETY: k < kc: within the panel block and the packed weights.
         unsafe {
@@ -557,8 +559,8 @@ mod tests {
         }
     }
 
-    /// A token's outputs do not depend on the other tokens of the product: the prefix cache relies on
-    /// a prompt prefilled in two parts giving the bits of one.
+    /// A token's outputs do not depend on the other tokens of the GEMM: a prompt prefilled in two parts
+    /// of at least `GEMM_MIN_TOKENS` gets the bits of one.
     #[test]
     fn tokens_get_the_same_bits_in_any_batch() {
         if !has_avx2() {
