@@ -183,17 +183,15 @@ impl Matrix {
                 Storage::Quant(q, QuantBytes::Mapped(t.bytes.clone()))
             }
             (WeightForm::Bf16, _) => {
-                let s = Storage::OwnedBF16(convert_rows(name, t, rows, cols, cols, |v, o| {
+                Storage::OwnedBF16(convert_rows(name, t, rows, cols, cols, |v, o| {
                     o.iter_mut()
                         .zip(v)
                         .for_each(|(o, &v)| *o = bf16::from_f32(v));
-                })?);
-                t.bytes.release();
-                s
+                })?)
             }
             (WeightForm::Q8_0, _) if whole_q8_blocks => {
                 let rb = quantized::row_bytes(DType::Q8_0, cols).unwrap_or(0);
-                let s = Storage::Quant(
+                Storage::Quant(
                     DType::Q8_0,
                     QuantBytes::Owned(convert_rows(name, t, rows, cols, rb, |v, o| {
                         o.copy_from_slice(&quantized::reference_quantizer::quantize(
@@ -201,18 +199,23 @@ impl Matrix {
                             v,
                         ));
                     })?),
-                );
-                t.bytes.release();
-                s
+                )
             }
-            _ => {
-                let s = Storage::Owned(convert_rows(name, t, rows, cols, cols, |v, o| {
-                    o.copy_from_slice(v)
-                })?);
-                t.bytes.release();
-                s
-            }
+            _ => Storage::Owned(convert_rows(name, t, rows, cols, cols, |v, o| {
+                o.copy_from_slice(v)
+            })?),
         };
+        let mapped = matches!(
+            storage,
+            Storage::MappedF32(_)
+                | Storage::MappedBF16(_)
+                | Storage::MappedF16(_)
+                | Storage::Quant(_, QuantBytes::Mapped(_))
+        );
+        if !mapped {
+            // The values now live in memory of our own; the file's copy need not stay resident too.
+            t.bytes.release();
+        }
         Ok(Matrix {
             rows,
             cols,
