@@ -284,8 +284,8 @@ unsafe impl Sync for SharedOut {}
 
 /// `out[tok][r] (+)= Σ_k w[k][r] · panel[k][tok]` for `r < R`, `tok < nt`, from four weight rows
 /// packed as `[k][4]`: with `V = 3`, twelve accumulators, three panel vectors and one broadcast
-/// weight fill the sixteen registers; both operands are single sequential streams. `V < 3` serves a
-/// last, partial panel without multiplying its zero padding.
+/// weight fill the sixteen registers; both operands are single sequential streams. `V = 2` serves a
+/// panel of 16 or fewer tokens without multiplying a third vector of padding.
 ///
 /// The accumulators hold rows × tokens, the output is tokens × rows: each 4 × 8 block is transposed
 /// in registers and stored as eight 4-float runs, one per token, straight into the output (instead
@@ -481,18 +481,16 @@ fn gemm_rows<W: super::matmul::WeightElem>(
                 // features are enabled here.
                 unsafe {
                     let op = out.p.add(start * os + r0 + m0 + r);
+                    // Two vectors also serve a panel of eight or fewer tokens, which `panel_spans`
+                    // makes only for a whole product that small (never from `matmul_float`).
                     match ((mc - r).min(MR), vecs) {
-                        (1, 1) => micro::<1, 1>(wp, xp, kc, op, os, nt, acc),
-                        (1, 2) => micro::<1, 2>(wp, xp, kc, op, os, nt, acc),
+                        (1, ..=2) => micro::<1, 2>(wp, xp, kc, op, os, nt, acc),
                         (1, _) => micro::<1, 3>(wp, xp, kc, op, os, nt, acc),
-                        (2, 1) => micro::<2, 1>(wp, xp, kc, op, os, nt, acc),
-                        (2, 2) => micro::<2, 2>(wp, xp, kc, op, os, nt, acc),
+                        (2, ..=2) => micro::<2, 2>(wp, xp, kc, op, os, nt, acc),
                         (2, _) => micro::<2, 3>(wp, xp, kc, op, os, nt, acc),
-                        (3, 1) => micro::<3, 1>(wp, xp, kc, op, os, nt, acc),
-                        (3, 2) => micro::<3, 2>(wp, xp, kc, op, os, nt, acc),
+                        (3, ..=2) => micro::<3, 2>(wp, xp, kc, op, os, nt, acc),
                         (3, _) => micro::<3, 3>(wp, xp, kc, op, os, nt, acc),
-                        (_, 1) => micro::<MR, 1>(wp, xp, kc, op, os, nt, acc),
-                        (_, 2) => micro::<MR, 2>(wp, xp, kc, op, os, nt, acc),
+                        (_, ..=2) => micro::<MR, 2>(wp, xp, kc, op, os, nt, acc),
                         (_, _) => micro::<MR, 3>(wp, xp, kc, op, os, nt, acc),
                     }
                 }

@@ -460,8 +460,8 @@ mod tests {
             (5, 24, 48),
             (130, 257, 13),
             (600, 40, 12),
-            // A last panel of eight tokens with an odd reduction tail, then a smaller product after
-            // larger ones (the kept panel buffer holds stale values).
+            // 32 tokens (cut into two panels of 16) with an odd reduction tail, then a smaller
+            // product after larger ones (the kept panel buffer holds stale values).
             (70, 521, 32),
             (67, 259, 128),
             (9, 300, 13),
