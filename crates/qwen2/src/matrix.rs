@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::quantized::{self, QuantSlice};
 use crate::kernels::{matmul, WeightSlice};
+use crate::weights::arena::{Arena, ArenaBuf};
 use crate::weights::quant::dequantize_into;
 use crate::weights::{quant, to_f32_vec, Bytes, DType, RawTensor};
 use half::{bf16, f16};
@@ -61,8 +62,10 @@ impl WeightForm {
 }
 
 enum Storage {
-    Owned(Vec<f32>),
-    OwnedBF16(Vec<bf16>),
+    /// f32 values converted at load (arena memory, viewed as f32).
+    Owned(ArenaBuf),
+    /// bf16 values converted at load (arena memory, viewed as bf16).
+    OwnedBF16(ArenaBuf),
     MappedF32(Bytes),
     MappedBF16(Bytes),
     MappedF16(Bytes),
@@ -72,14 +75,14 @@ enum Storage {
 
 enum QuantBytes {
     Mapped(Bytes),
-    Owned(Vec<u8>),
+    Owned(ArenaBuf),
 }
 
 impl QuantBytes {
     fn as_slice(&self) -> &[u8] {
         match self {
             QuantBytes::Mapped(b) => b.as_slice(),
-            QuantBytes::Owned(v) => v,
+            QuantBytes::Owned(v) => v.bytes(),
         }
     }
 }
@@ -90,11 +93,25 @@ pub struct Matrix {
     storage: Storage,
 }
 
-/// Views mapped bytes as `T` if they are aligned for it.
-fn cast<T: Copy>(bytes: &[u8]) -> Option<&[T]> {
-    // SAFETY: T is only ever f32, bf16 or f16: plain-old-data for which every bit pattern is a valid value.
-    // align_to never produces a misaligned middle; we accept it only when it covers every byte.
+/// Element types a byte buffer may be viewed as: plain old data, every bit pattern a valid value.
+trait Plain: Copy {}
+impl Plain for f32 {}
+impl Plain for bf16 {}
+impl Plain for f16 {}
+impl Plain for u8 {}
+
+/// Views bytes as `T` if they are aligned for it.
+fn cast<T: Plain>(bytes: &[u8]) -> Option<&[T]> {
+    // SAFETY: T is plain old data (`Plain`). align_to never produces a misaligned middle; we accept it
+    // only when it covers every byte.
     let (pre, mid, post) = unsafe { bytes.align_to::<T>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+/// Views bytes as mutable `T` if they are aligned for it.
+fn cast_mut<T: Plain>(bytes: &mut [u8]) -> Option<&mut [T]> {
+    // SAFETY: as in `cast`; any values written through the view are valid bytes.
+    let (pre, mid, post) = unsafe { bytes.align_to_mut::<T>() };
     (pre.is_empty() && post.is_empty()).then_some(mid)
 }
 
@@ -102,16 +119,18 @@ fn cast<T: Copy>(bytes: &[u8]) -> Option<&[T]> {
 /// widens its rows to f32 in a small buffer, and `write` turns them into its `per_row` outputs per row.
 /// Converting whole tensors held a full f32 copy of the largest one (the 151936-row embedding, 544 MB)
 /// beside its result, on one core.
-fn convert_rows<T: Copy + Default + Send>(
+fn convert_rows<T: Plain + Send>(
+    arena: &Arena,
     name: &str,
     t: &RawTensor,
     rows: usize,
     cols: usize,
     per_row: usize,
     write: impl Fn(&[f32], &mut [T]) + Sync,
-) -> Result<Vec<T>> {
+) -> Result<ArenaBuf> {
     let bytes = t.bytes.as_slice();
-    let mut out = vec![T::default(); rows * per_row];
+    let mut buf = arena.alloc(rows * per_row * std::mem::size_of::<T>())?;
+    let out: &mut [T] = cast_mut(buf.bytes_mut()).expect("arena buffers are 64-byte aligned");
     // Rows a task takes: ~64 KiB of f32.
     let band = (16384 / cols.max(1)).max(1);
     match t.dtype.bytes_for(cols) {
@@ -128,9 +147,9 @@ fn convert_rows<T: Copy + Default + Send>(
                 })?;
         }
         // Rows that are not whole blocks (or an empty matrix): the whole tensor at once.
-        _ => write(&to_f32_vec(name, t)?, &mut out),
+        _ => write(&to_f32_vec(name, t)?, out),
     }
-    Ok(out)
+    Ok(buf)
 }
 
 impl Matrix {
@@ -142,6 +161,19 @@ impl Matrix {
 
     /// Like [`Matrix::from_raw`], in the given form.
     pub fn from_raw_with(
+        name: &str,
+        t: &RawTensor,
+        rows: usize,
+        cols: usize,
+        form: WeightForm,
+    ) -> Result<Self> {
+        Self::from_raw_in(&Arena::new(), name, t, rows, cols, form)
+    }
+
+    /// Like [`Matrix::from_raw_with`], with values converted at load placed in `arena` (a model's
+    /// matrices share one, so they pack into huge pages back to back).
+    pub fn from_raw_in(
+        arena: &Arena,
         name: &str,
         t: &RawTensor,
         rows: usize,
@@ -183,7 +215,7 @@ impl Matrix {
                 Storage::Quant(q, QuantBytes::Mapped(t.bytes.clone()))
             }
             (WeightForm::Bf16, _) => {
-                Storage::OwnedBF16(convert_rows(name, t, rows, cols, cols, |v, o| {
+                Storage::OwnedBF16(convert_rows(arena, name, t, rows, cols, cols, |v, o| {
                     o.iter_mut()
                         .zip(v)
                         .for_each(|(o, &v)| *o = bf16::from_f32(v));
@@ -193,7 +225,7 @@ impl Matrix {
                 let rb = quantized::row_bytes(DType::Q8_0, cols).unwrap_or(0);
                 Storage::Quant(
                     DType::Q8_0,
-                    QuantBytes::Owned(convert_rows(name, t, rows, cols, rb, |v, o| {
+                    QuantBytes::Owned(convert_rows(arena, name, t, rows, cols, rb, |v, o| {
                         o.copy_from_slice(&quantized::reference_quantizer::quantize(
                             DType::Q8_0,
                             v,
@@ -201,7 +233,7 @@ impl Matrix {
                     })?),
                 )
             }
-            _ => Storage::Owned(convert_rows(name, t, rows, cols, cols, |v, o| {
+            _ => Storage::Owned(convert_rows(arena, name, t, rows, cols, cols, |v, o| {
                 o.copy_from_slice(v)
             })?),
         };
@@ -223,15 +255,6 @@ impl Matrix {
         })
     }
 
-    pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Self {
-        assert_eq!(values.len(), rows * cols);
-        Matrix {
-            rows,
-            cols,
-            storage: Storage::Owned(values),
-        }
-    }
-
     /// Block-quantized rows held in memory (tests, benchmarks, converted weights), multiplied as in
     /// [`WeightForm::Native`]. `bytes` must hold exactly `rows × cols` values of `dtype`, whole blocks per row.
     pub fn from_quantized(dtype: DType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
@@ -247,7 +270,7 @@ impl Matrix {
         Ok(Matrix {
             rows,
             cols,
-            storage: Storage::Quant(dtype, QuantBytes::Owned(bytes)),
+            storage: Storage::Quant(dtype, QuantBytes::Owned(Arena::new().copy_of(&bytes)?)),
         })
     }
 
@@ -255,8 +278,8 @@ impl Matrix {
         // The casts were checked at construction; a failure here would be a bug, not bad input.
         let bad = "alignment checked at construction";
         match &self.storage {
-            Storage::Owned(v) => WeightSlice::F32(v),
-            Storage::OwnedBF16(v) => WeightSlice::BF16(v),
+            Storage::Owned(v) => WeightSlice::F32(cast(v.bytes()).expect(bad)),
+            Storage::OwnedBF16(v) => WeightSlice::BF16(cast(v.bytes()).expect(bad)),
             Storage::MappedF32(b) => WeightSlice::F32(cast(b.as_slice()).expect(bad)),
             Storage::MappedBF16(b) => WeightSlice::BF16(cast(b.as_slice()).expect(bad)),
             Storage::MappedF16(b) => WeightSlice::F16(cast(b.as_slice()).expect(bad)),
@@ -289,8 +312,7 @@ impl Matrix {
     /// Bytes the matrix occupies (what one pass over it reads).
     pub fn bytes(&self) -> usize {
         match &self.storage {
-            Storage::Owned(v) => v.len() * 4,
-            Storage::OwnedBF16(v) => v.len() * 2,
+            Storage::Owned(v) | Storage::OwnedBF16(v) => v.len(),
             Storage::MappedF32(b) | Storage::MappedBF16(b) | Storage::MappedF16(b) => b.len(),
             Storage::Quant(_, b) => b.as_slice().len(),
         }

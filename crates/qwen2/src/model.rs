@@ -8,6 +8,7 @@ use crate::kernels::matmul::matmul_many;
 use crate::kernels::{attention, pool, rmsnorm, rope, silu_mul, RopeTable};
 use crate::kv_cache::KvCache;
 use crate::matrix::{Matrix, WeightForm};
+use crate::weights::arena::Arena;
 use crate::weights::{to_f32_vec, TensorStore};
 
 /// A linear layer with an optional bias (Qwen2 has biases on q, k and v only).
@@ -101,8 +102,10 @@ impl Model {
     ) -> Result<Self> {
         let c = &config;
         let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        // Values converted at load (every form but the mapped ones) share one arena.
+        let arena = Arena::new();
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-            Matrix::from_raw_with(name, store.get(name)?, rows, cols, form)
+            Matrix::from_raw_in(&arena, name, store.get(name)?, rows, cols, form)
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
             let mut v = to_f32_vec(name, store.get_shaped(name, &[len])?)?;

@@ -2,6 +2,7 @@
 //! [`RawTensor`]s named by their Hugging Face checkpoint names, each a shape, a [`DType`] and a byte range
 //! inside a memory map. Nothing is copied here; `model.rs` decides what form each tensor is used in.
 
+pub mod arena;
 pub mod gguf;
 pub mod quant;
 pub mod safetensors;
