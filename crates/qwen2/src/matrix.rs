@@ -355,9 +355,9 @@ impl Matrix {
             let xr = &x[ti * c..(ti + 1) * c];
             for (i, &r) in ids.iter().enumerate() {
                 out[ti * ids.len() + i] = match self.weights() {
-                    WeightSlice::F32(w) => dot(&w[r * c..(r + 1) * c], xr),
-                    WeightSlice::BF16(w) => dot(&w[r * c..(r + 1) * c], xr),
-                    WeightSlice::F16(w) => dot(&w[r * c..(r + 1) * c], xr),
+                    WeightSlice::F32(w) => dot(&w[r * c..(r + 1) * c], xr, t),
+                    WeightSlice::BF16(w) => dot(&w[r * c..(r + 1) * c], xr, t),
+                    WeightSlice::F16(w) => dot(&w[r * c..(r + 1) * c], xr, t),
                     WeightSlice::Quant(_) => unreachable!("handled above"),
                 };
             }

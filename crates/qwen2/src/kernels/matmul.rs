@@ -118,13 +118,19 @@ pub fn dot<W: WeightElem>(w: &[W], x: &[f32]) -> f32 {
     s
 }
 
-/// One weight row · one activation row with the same kernel `matmul_float` uses, so a product of a few
-/// selected rows equals the corresponding entries of the full product bit for bit.
-pub fn dot_row<W: WeightElem>(w: &[W], x: &[f32]) -> f32 {
+/// One weight row · one activation row of a `t`-token product with the kernel `matmul_float` uses for
+/// it — the decode kernel for one token, the tiles' summation order for fewer than `GEMM_MIN_TOKENS` —
+/// so a product of a few selected rows equals those entries of the full product bit for bit (label
+/// scoring multiplies only the label rows of the output matrix). The GEMM sums in another order.
+pub fn dot_row<W: WeightElem>(w: &[W], x: &[f32], t: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::float_x86::has_avx2() {
+        if t == 1 {
+            return super::float_x86::dot(w, x);
+        }
         return super::float_x86::tile::<W, 1, 1>([w], [x])[0][0];
     }
+    let _ = t;
     dot(w, x)
 }
 
@@ -286,7 +292,7 @@ fn matmul_tiled<W: WeightElem>(
         let x0 = xrow(0);
         out.par_chunks_mut(per).enumerate().for_each(|(c, o)| {
             for (k, y) in o.iter_mut().enumerate() {
-                *y = tile::<W, 1, 1>([wrow(c * per + k)], [x0])[0][0];
+                *y = super::float_x86::dot(wrow(c * per + k), x0);
             }
         });
         return;
@@ -432,11 +438,26 @@ mod tests {
 
     #[test]
     fn dot_matches_scalar_on_awkward_lengths() {
-        for n in [0, 1, 7, 8, 9, 31, 33, 64, 100, 895, 896, 897] {
+        for n in [
+            0, 1, 7, 8, 9, 15, 16, 17, 24, 31, 33, 40, 64, 100, 895, 896, 897,
+        ] {
             let (w, x) = (data(n, 1), data(n, 2));
-            let d = dot(&w, &x);
             let s = dot_scalar(&w, &x);
-            assert!((d - s).abs() <= 1e-4 * (1.0 + s.abs()), "n={n}: {d} vs {s}");
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let sb = dot_scalar(&wb, &x);
+            // The portable kernel, then the decode kernel (t = 1) and the tiles' order (t = 2).
+            for (d, want) in [
+                (dot(&w, &x), s),
+                (dot_row(&w, &x, 1), s),
+                (dot_row(&w, &x, 2), s),
+                (dot_row(&wb, &x, 1), sb),
+                (dot_row(&wb, &x, 2), sb),
+            ] {
+                assert!(
+                    (d - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "n={n}: {d} vs {want}"
+                );
+            }
         }
     }
 
