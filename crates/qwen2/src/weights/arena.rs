@@ -11,8 +11,8 @@
 //!
 //! The cost is at load: on that VM the kernel zeroed fresh huge pages at ~0.6 GB/s against ~8 GB/s for
 //! small ones (perf: 30 % of the load in `clear_page` against 3 %; likely the host backing each 2 MiB
-//! block anew, not verified), and the `q8_0` form's load went from 1.2-1.3 s to 1.3-1.5 s, once 2.2 s.
-//! A model is loaded once and decodes many tokens.
+//! block anew, not verified), and the `q8_0` form's load took a median of 1.42 s against 1.26 s (12
+//! alternating pairs; 1.14-2.20 s against 1.17-1.41 s). A model is loaded once and decodes many tokens.
 
 use crate::error::{Error, Result};
 use memmap2::{Advice, MmapMut, MmapOptions};
