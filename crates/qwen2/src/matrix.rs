@@ -255,7 +255,7 @@ impl Matrix {
         })
     }
 
-    /// Block-quantized rows held in memory (tests, benchmarks, converted weights), multiplied as in
+    /// Block-quantized rows copied into memory of our own (tests build matrices this way), multiplied as in
     /// [`WeightForm::Native`]. `bytes` must hold exactly `rows × cols` values of `dtype`, whole blocks per row.
     pub fn from_quantized(dtype: DType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
         let what = format!("{} matrix {rows}x{cols}", dtype.name());

@@ -123,9 +123,8 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
 /// chains (even and odd vectors) read the model's bf16 decode products from DRAM at 25.8-26.7 GB/s
 /// against 18.1-19.4 with one (A/B in one process, three runs, 2-core Zen 3 VM); the BF16 directory
 /// decoded 1.27× and 1.09× faster (medians of 8 and 6 alternating runs; 7 and 6 faster), the whole pass
-/// holding more than the products. F32 weights keep one chain: it moves
-/// 32 bytes per FMA, enough, and with two the F32 directory decoded 0.90× and 0.89× as fast (two sets
-/// of 8 alternating runs).
+/// holding more than the products. F32 weights keep one chain: it moves 32 bytes per FMA, enough, and
+/// with two the F32 directory decoded 0.90× and 0.89× as fast (two sets of 8 alternating runs).
 ///
 /// # Safety
 /// `w` and `x` point at `n` readable elements; the CPU has AVX2, FMA and F16C.
