@@ -192,10 +192,28 @@ pub fn tile<W: super::matmul::WeightElem, const R: usize, const T: usize>(
 const NR: usize = 24;
 /// Weight rows per micro-kernel call.
 const MR: usize = 4;
-/// Reduction length per block: a panel block (`KC × NR` f32 = 24 KiB) stays in L1.
-const KC: usize = 256;
-/// Weight rows per block: `MC × KC` weights (64 KiB as f32) stay in L2 across the token panels.
+/// The longest reduction block. A row of up to 896 values (the hidden size of the 0.5B models) is one
+/// block; longer rows are cut into equal blocks of at most this. Every block ends in a pass over its
+/// outputs (read, add, store) and needs its own packing, so fewer, longer blocks do less of both. 896
+/// against the former 256, whole forward passes alternated in one process: the F32 directory prefilled
+/// 128 tokens 1.055×, 1.032×, 1.019× and 1.057× as fast (medians of 20, 16, 16 and 14 pairs) and 64
+/// tokens 1.055× (15 of 20 faster), the BF16 directory 128 tokens 1.049× and 1.092× (14 of 20, 7 of 10).
+/// The panel block (`KC_MAX × NR` f32, 84 KiB) now streams from L2 instead of sitting in L1: the
+/// micro-kernel alone ran at 93-97 % of the FMA peak reading it from L2, 95-99 % from L1. 1664 measured
+/// the same or a little better (1.04-1.10×), but its pack buffer (406 KiB) and panel block would not fit
+/// a 512 KiB L2 together; 448, and 896 with 32-row blocks, gained less (1.00-1.07×).
+const KC_MAX: usize = 896;
+/// Weight rows per block: `MC × kc` weights (up to 224 KiB as f32) stay in L2 across the token panels.
 const MC: usize = 64;
+
+/// The reduction block for rows of `cols` values: the fewest blocks of at most `KC_MAX`, equal up to a
+/// multiple of eight. It depends on `cols` alone, so a token's sums are grouped the same way in every
+/// product of a matrix, whatever the number of tokens.
+fn kc_for(cols: usize) -> usize {
+    cols.div_ceil(cols.div_ceil(KC_MAX).max(1))
+        .next_multiple_of(8)
+        .max(8)
+}
 
 /// The activations repacked for the GEMM: panel `p` holds the tokens `spans[p]` (at most 24) as
 /// `[k][24]`, so the micro-kernel reads three contiguous vectors per `k`. Lanes past a panel's tokens
@@ -490,16 +508,17 @@ fn gemm_rows<W: super::matmul::WeightElem>(
     panels: &Panels,
     out: SharedOut,
 ) {
-    let mut buf = vec![0f32; MC * KC];
+    let kc_max = kc_for(cols);
+    let mut buf = vec![0f32; MC * kc_max];
     // Row blocks outside, reduction blocks inside: a row block's outputs (MC rows × t) stay in cache
     // while its sums build up. Reduction blocks outside read and wrote the whole output once per
     // block: 3-5 % slower at 128 tokens in two harness runs, within the host's noise in a later A/B.
     let blocks: Vec<(usize, usize)> = (0..nrows)
         .step_by(MC)
-        .flat_map(|m0| (0..cols).step_by(KC).map(move |k0| (k0, m0)))
+        .flat_map(|m0| (0..cols).step_by(kc_max).map(move |k0| (k0, m0)))
         .collect();
     for (bi, &(k0, m0)) in blocks.iter().enumerate() {
-        let kc = KC.min(cols - k0);
+        let kc = kc_max.min(cols - k0);
         let mc = MC.min(nrows - m0);
         // The weight block, widened and packed once, serves every token panel from L2.
         let row = |r: usize| (r < mc).then(|| &w[(r0 + m0 + r) * cols + k0..][..kc]);
@@ -510,7 +529,7 @@ fn gemm_rows<W: super::matmul::WeightElem>(
         // While this block is multiplied, the next one is fetched from memory a few rows per
         // micro-kernel call, so the loads in `pack4` hit the cache instead of stalling.
         let next = blocks.get(bi + 1).map(|&(k1, m1)| {
-            let (kn, mn) = (KC.min(cols - k1), MC.min(nrows - m1));
+            let (kn, mn) = (kc_max.min(cols - k1), MC.min(nrows - m1));
             let calls = panels.spans.len() * mc.div_ceil(MR);
             (k1, m1, kn, mn, mn.div_ceil(calls))
         });
@@ -559,7 +578,7 @@ fn gemm_rows<W: super::matmul::WeightElem>(
 }
 
 /// Prefill `out (t × rows) = x (t × cols) · wᵀ` as a packed GEMM: activations repacked into 24-token
-/// panels once, weights read in `MC × KC` blocks (widened once per block for bf16/f16) and broadcast,
+/// panels once, weights read in `MC × kc` blocks (widened once per block for bf16/f16) and broadcast,
 /// 4 rows × 24 tokens per micro-kernel. Rows are split across the pool; each task stores its own
 /// columns of `out`.
 pub fn gemm<W: super::matmul::WeightElem>(
@@ -623,7 +642,8 @@ mod tests {
         if !has_avx2() {
             return;
         }
-        let (rows, cols, t) = (70, 300, 53);
+        // Rows of 1000 values are two reduction blocks: the sums are also added to across blocks.
+        let (rows, cols, t) = (70, 1000, 53);
         let val = |i: usize| ((i * 7919 % 1000) as f32 - 500.0) / 700.0;
         let w: Vec<f32> = (0..rows * cols).map(val).collect();
         let x: Vec<f32> = (0..t * cols).map(|i| val(i + 13)).collect();
@@ -638,6 +658,21 @@ mod tests {
                 same.all(|(a, b)| a.to_bits() == b.to_bits()),
                 "from token {start}"
             );
+        }
+    }
+
+    #[test]
+    fn reduction_blocks_are_few_and_even() {
+        assert_eq!(kc_for(896), 896);
+        assert_eq!(kc_for(897), 456);
+        assert_eq!(kc_for(1000), 504);
+        assert_eq!(kc_for(4864), 816);
+        assert_eq!(kc_for(1), 8);
+        assert_eq!(kc_for(0), 8);
+        for cols in 1..3000 {
+            let kc = kc_for(cols);
+            assert!(kc.is_multiple_of(8) && kc <= KC_MAX.max(8), "{cols}: {kc}");
+            assert_eq!(cols.div_ceil(kc), cols.div_ceil(KC_MAX), "{cols}: {kc}");
         }
     }
 
