@@ -2,7 +2,6 @@
 
 use super::activation::softmax;
 use super::matmul::{dot, load8};
-use rayon::prelude::*;
 use wide::f32x8;
 
 /// Shapes for one attention call.
@@ -24,32 +23,30 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], s: &AttentionShape
     let scale = 1.0 / (hd as f32).sqrt();
     // One task per (token, KV head): the query heads of a group are consecutive in `q` and `out`, and
     // each key and value row read serves all of them.
-    out.par_chunks_mut(group * hd)
-        .enumerate()
-        .for_each(|(idx, o)| {
-            let kvh = idx % s.n_kv_heads;
-            let len = s.start + idx / s.n_kv_heads + 1;
-            let qg = &q[idx * group * hd..][..group * hd];
-            let at = |p: usize| p * kv_dim + kvh * hd;
-            // scores[h · len + p]: query head h of the group against position p.
-            let mut scores = vec![0f32; group * len];
-            match hd {
-                64 => scores_of::<8>(qg, k_cache, &at, scale, &mut scores),
-                128 => scores_of::<16>(qg, k_cache, &at, scale, &mut scores),
-                _ => {
-                    for p in 0..len {
-                        let k = &k_cache[at(p)..][..hd];
-                        for (h, qh) in qg.chunks_exact(hd).enumerate() {
-                            scores[h * len + p] = dot(k, qh) * scale;
-                        }
+    super::pool::for_each_chunk_mut(out, group * hd, |idx, o| {
+        let kvh = idx % s.n_kv_heads;
+        let len = s.start + idx / s.n_kv_heads + 1;
+        let qg = &q[idx * group * hd..][..group * hd];
+        let at = |p: usize| p * kv_dim + kvh * hd;
+        // scores[h · len + p]: query head h of the group against position p.
+        let mut scores = vec![0f32; group * len];
+        match hd {
+            64 => scores_of::<8>(qg, k_cache, &at, scale, &mut scores),
+            128 => scores_of::<16>(qg, k_cache, &at, scale, &mut scores),
+            _ => {
+                for p in 0..len {
+                    let k = &k_cache[at(p)..][..hd];
+                    for (h, qh) in qg.chunks_exact(hd).enumerate() {
+                        scores[h * len + p] = dot(k, qh) * scale;
                     }
                 }
             }
-            for a in scores.chunks_exact_mut(len) {
-                softmax(a);
-            }
-            weighted_values(&scores, len, v_cache, at, o, hd);
-        });
+        }
+        for a in scores.chunks_exact_mut(len) {
+            softmax(a);
+        }
+        weighted_values(&scores, len, v_cache, at, o, hd);
+    });
 }
 
 /// `scores[h · len + p] = scale · q[h] · k[p]` for the heads of a group and a head size of `8 · N`: the

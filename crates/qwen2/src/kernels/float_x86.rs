@@ -259,22 +259,20 @@ thread_local! {
 
 impl Panels {
     fn pack(x: &[f32], t: usize, cols: usize) -> Panels {
-        use rayon::prelude::*;
         let spans = panel_spans(t);
         // Every element is written below, so a kept buffer is not cleared first.
         let mut data = SPARE_PANELS.with(|spare| spare.take());
         data.resize(spans.len() * cols * NR, 0.0);
-        data.par_chunks_exact_mut(cols * NR)
-            .zip(&spans)
-            .for_each(|(panel, &(start, nt))| {
-                // The span's tokens (rows of x) become the columns of [k][24]; the rest are padding.
-                transpose(&x[start * cols..], nt, cols, cols, panel, NR);
-                if nt < NR {
-                    for k in 0..cols {
-                        panel[k * NR + nt..(k + 1) * NR].fill(0.0);
-                    }
+        super::pool::for_each_chunk_mut(&mut data, cols * NR, |p, panel| {
+            let (start, nt) = spans[p];
+            // The span's tokens (rows of x) become the columns of [k][24]; the rest are padding.
+            transpose(&x[start * cols..], nt, cols, cols, panel, NR);
+            if nt < NR {
+                for k in 0..cols {
+                    panel[k * NR + nt..(k + 1) * NR].fill(0.0);
                 }
-            });
+            }
+        });
         Panels { data, cols, spans }
     }
 
@@ -589,7 +587,6 @@ pub fn gemm<W: super::matmul::WeightElem>(
     t: usize,
     out: &mut [f32],
 ) {
-    use rayon::prelude::*;
     assert!(w.len() >= rows * cols && x.len() == t * cols && out.len() == t * rows);
     assert!(has_avx2());
     let panels = Panels::pack(x, t, cols);
@@ -599,7 +596,7 @@ pub fn gemm<W: super::matmul::WeightElem>(
         p: out.as_mut_ptr(),
         rows,
     };
-    (0..rows.div_ceil(per)).into_par_iter().for_each(|i| {
+    super::pool::for_each(rows.div_ceil(per), |i| {
         let r0 = i * per;
         // SAFETY: the CPU features were checked above; task i writes only columns
         // r0..r0 + per of `out`, which `shared` points into for the whole call.

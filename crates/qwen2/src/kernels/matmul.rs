@@ -5,9 +5,9 @@
 //! accumulation is f32, so BF16/F16 weights give exactly the products of their f32 values (up to summation
 //! order).
 
+use super::pool;
 /// The element types of [`WeightSlice`], re-exported so callers need no `half` dependency of their own.
 pub use half::{bf16, f16};
-use rayon::prelude::*;
 use wide::f32x8;
 
 #[cfg(target_arch = "x86_64")]
@@ -144,15 +144,13 @@ const ROWS_PER_TASK: usize = 16;
 /// `out[r] = w[r] · x` for every row (decode: one token).
 pub fn matvec<W: WeightElem>(w: &[W], rows: usize, cols: usize, x: &[f32], out: &mut [f32]) {
     assert!(w.len() >= rows * cols && x.len() == cols && out.len() == rows);
-    out.par_chunks_mut(ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(c, o)| {
-            let r0 = c * ROWS_PER_TASK;
-            for (i, y) in o.iter_mut().enumerate() {
-                let r = r0 + i;
-                *y = dot(&w[r * cols..(r + 1) * cols], x);
-            }
-        });
+    pool::for_each_chunk_mut(out, ROWS_PER_TASK, |c, o| {
+        let r0 = c * ROWS_PER_TASK;
+        for (i, y) in o.iter_mut().enumerate() {
+            let r = r0 + i;
+            *y = dot(&w[r * cols..(r + 1) * cols], x);
+        }
+    });
 }
 
 /// Four tokens × two weight rows at a time: each weight vector loaded is used four times and each
@@ -203,38 +201,34 @@ pub fn matmul_typed<W: WeightElem>(
     // Each task owns a block of weight rows and writes them for every token into a transposed buffer
     // (rows × t), so tasks never share an output cache line; one transpose at the end restores t × rows.
     let mut out_t = vec![0f32; rows * t];
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * t)
-        .enumerate()
-        .for_each(|(c, o)| {
-            let r0 = c * ROWS_PER_TASK;
-            let nrows = o.len() / t;
-            let xrow = |i: usize| &x[i * cols..(i + 1) * cols];
-            let wrow = |r: usize| &w[r * cols..(r + 1) * cols];
-            let mut r = 0;
-            while r + 2 <= nrows {
-                let (w0, w1) = (wrow(r0 + r), wrow(r0 + r + 1));
-                let mut ti = 0;
-                while ti + 4 <= t {
-                    let res =
-                        tile_4x2(w0, w1, [xrow(ti), xrow(ti + 1), xrow(ti + 2), xrow(ti + 3)]);
-                    o[r * t + ti..r * t + ti + 4].copy_from_slice(&res[0]);
-                    o[(r + 1) * t + ti..(r + 1) * t + ti + 4].copy_from_slice(&res[1]);
-                    ti += 4;
-                }
-                for ti in ti..t {
-                    o[r * t + ti] = dot(w0, xrow(ti));
-                    o[(r + 1) * t + ti] = dot(w1, xrow(ti));
-                }
-                r += 2;
+    pool::for_each_chunk_mut(&mut out_t, ROWS_PER_TASK * t, |c, o| {
+        let r0 = c * ROWS_PER_TASK;
+        let nrows = o.len() / t;
+        let xrow = |i: usize| &x[i * cols..(i + 1) * cols];
+        let wrow = |r: usize| &w[r * cols..(r + 1) * cols];
+        let mut r = 0;
+        while r + 2 <= nrows {
+            let (w0, w1) = (wrow(r0 + r), wrow(r0 + r + 1));
+            let mut ti = 0;
+            while ti + 4 <= t {
+                let res = tile_4x2(w0, w1, [xrow(ti), xrow(ti + 1), xrow(ti + 2), xrow(ti + 3)]);
+                o[r * t + ti..r * t + ti + 4].copy_from_slice(&res[0]);
+                o[(r + 1) * t + ti..(r + 1) * t + ti + 4].copy_from_slice(&res[1]);
+                ti += 4;
             }
-            if r < nrows {
-                let w0 = wrow(r0 + r);
-                for ti in 0..t {
-                    o[r * t + ti] = dot(w0, xrow(ti));
-                }
+            for ti in ti..t {
+                o[r * t + ti] = dot(w0, xrow(ti));
+                o[(r + 1) * t + ti] = dot(w1, xrow(ti));
             }
-        });
+            r += 2;
+        }
+        if r < nrows {
+            let w0 = wrow(r0 + r);
+            for ti in 0..t {
+                o[r * t + ti] = dot(w0, xrow(ti));
+            }
+        }
+    });
     for r in 0..rows {
         for ti in 0..t {
             out[ti * rows + r] = out_t[r * t + ti];
@@ -290,7 +284,7 @@ fn matmul_tiled<W: WeightElem>(
         // Zen 3 VM; one row reached ~15 GB/s (f32 about level), A/B in one process.
         let per = rows.div_ceil(threads * 8).max(16384 / row_bytes.max(1));
         let x0 = xrow(0);
-        out.par_chunks_mut(per).enumerate().for_each(|(c, o)| {
+        pool::for_each_chunk_mut(out, per, |c, o| {
             for (k, y) in o.iter_mut().enumerate() {
                 *y = super::float_x86::dot(wrow(c * per + k), x0);
             }
@@ -304,47 +298,44 @@ fn matmul_tiled<W: WeightElem>(
         .next_multiple_of(3);
     let tok_group = (131072 / (cols * 4)).clamp(4, 256) & !3;
     let mut out_t = vec![0f32; rows * t];
-    out_t
-        .par_chunks_mut(per * t)
-        .enumerate()
-        .for_each(|(c, o)| {
-            let r0 = c * per;
-            let nrows = o.len() / t;
-            for g0 in (0..t).step_by(tok_group) {
-                let g1 = (g0 + tok_group).min(t);
-                let mut r = 0;
-                while r < nrows {
-                    let three = r + 3 <= nrows;
-                    let mut ti = g0;
-                    while ti + 4 <= g1 {
-                        let xs = [xrow(ti), xrow(ti + 1), xrow(ti + 2), xrow(ti + 3)];
-                        if three {
-                            let ws = [wrow(r0 + r), wrow(r0 + r + 1), wrow(r0 + r + 2)];
-                            let res = tile::<W, 3, 4>(ws, xs);
-                            for (k, row) in res.iter().enumerate() {
-                                o[(r + k) * t + ti..(r + k) * t + ti + 4].copy_from_slice(row);
-                            }
-                        } else {
-                            let res = tile::<W, 1, 4>([wrow(r0 + r)], xs);
-                            o[r * t + ti..r * t + ti + 4].copy_from_slice(&res[0]);
+    pool::for_each_chunk_mut(&mut out_t, per * t, |c, o| {
+        let r0 = c * per;
+        let nrows = o.len() / t;
+        for g0 in (0..t).step_by(tok_group) {
+            let g1 = (g0 + tok_group).min(t);
+            let mut r = 0;
+            while r < nrows {
+                let three = r + 3 <= nrows;
+                let mut ti = g0;
+                while ti + 4 <= g1 {
+                    let xs = [xrow(ti), xrow(ti + 1), xrow(ti + 2), xrow(ti + 3)];
+                    if three {
+                        let ws = [wrow(r0 + r), wrow(r0 + r + 1), wrow(r0 + r + 2)];
+                        let res = tile::<W, 3, 4>(ws, xs);
+                        for (k, row) in res.iter().enumerate() {
+                            o[(r + k) * t + ti..(r + k) * t + ti + 4].copy_from_slice(row);
                         }
-                        ti += 4;
+                    } else {
+                        let res = tile::<W, 1, 4>([wrow(r0 + r)], xs);
+                        o[r * t + ti..r * t + ti + 4].copy_from_slice(&res[0]);
                     }
-                    for ti in ti..g1 {
-                        if three {
-                            let ws = [wrow(r0 + r), wrow(r0 + r + 1), wrow(r0 + r + 2)];
-                            let res = tile::<W, 3, 1>(ws, [xrow(ti)]);
-                            for (k, row) in res.iter().enumerate() {
-                                o[(r + k) * t + ti] = row[0];
-                            }
-                        } else {
-                            o[r * t + ti] = tile::<W, 1, 1>([wrow(r0 + r)], [xrow(ti)])[0][0];
-                        }
-                    }
-                    r += if three { 3 } else { 1 };
+                    ti += 4;
                 }
+                for ti in ti..g1 {
+                    if three {
+                        let ws = [wrow(r0 + r), wrow(r0 + r + 1), wrow(r0 + r + 2)];
+                        let res = tile::<W, 3, 1>(ws, [xrow(ti)]);
+                        for (k, row) in res.iter().enumerate() {
+                            o[(r + k) * t + ti] = row[0];
+                        }
+                    } else {
+                        o[r * t + ti] = tile::<W, 1, 1>([wrow(r0 + r)], [xrow(ti)])[0][0];
+                    }
+                }
+                r += if three { 3 } else { 1 };
             }
-        });
+        }
+    });
     for r in 0..rows {
         for ti in 0..t {
             out[ti * rows + r] = out_t[r * t + ti];

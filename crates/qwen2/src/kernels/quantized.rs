@@ -18,7 +18,6 @@
 //! definition they are all tested against is [`matmul_reference`]: dequantize both sides to f32 and dot.
 
 use crate::weights::{quant, DType};
-use rayon::prelude::*;
 
 /// Values per activation block (and per weight piece that gets one f32 scale).
 pub const BLOCK: usize = 32;
@@ -141,13 +140,23 @@ pub fn quantize_acts(x: &[f32], t: usize, cols: usize) -> QuantizedActs {
         (d[0], s[0]) = quantize_block(x, q);
     };
     if t * cols >= 1 << 16 {
-        x.par_chunks_exact(BLOCK)
+        // Runs of 256 blocks per task.
+        const RUN: usize = 256;
+        let runs: Vec<_> = x
+            .chunks(RUN * BLOCK)
             .zip(
-                qs.par_chunks_exact_mut(BLOCK)
-                    .zip(d.par_chunks_exact_mut(1).zip(sums.par_chunks_exact_mut(1))),
+                qs.chunks_mut(RUN * BLOCK)
+                    .zip(d.chunks_mut(RUN).zip(sums.chunks_mut(RUN))),
             )
-            .with_min_len(256)
-            .for_each(work);
+            .collect();
+        super::pool::for_each_item(runs, |(x, (q, (d, s)))| {
+            x.chunks_exact(BLOCK)
+                .zip(
+                    q.chunks_exact_mut(BLOCK)
+                        .zip(d.chunks_exact_mut(1).zip(s.chunks_exact_mut(1))),
+                )
+                .for_each(work)
+        });
     } else {
         x.chunks_exact(BLOCK)
             .zip(
@@ -474,7 +483,7 @@ pub fn matmul_acts_many(
                     .map(|(c, o)| (w, c * per, o)),
             );
         }
-        tasks.into_par_iter().for_each(|(w, r0, o)| run(w, r0, o));
+        super::pool::for_each_item(tasks, |(w, r0, o)| run(w, r0, o));
         return;
     }
     // Prefill: each task owns a block of rows and writes them for every token into its own part of a
@@ -511,7 +520,7 @@ pub fn matmul_acts_many(
                 .map(|(c, o)| (i, c * per, o)),
         );
     }
-    tasks.into_par_iter().for_each(|(i, r0, o)| {
+    super::pool::for_each_item(tasks, |(i, r0, o)| {
         let (w, rb, _) = ws[i];
         let dtype = w.dtype;
         let wrows = &w.bytes[r0 * rb..(r0 + o.len() / t) * rb];
