@@ -2,7 +2,8 @@
 //!
 //! Each SIMD kernel has a scalar reference beside it (`*_scalar`) that says what it computes in the
 //! plainest way; the tests check one against the other on awkward sizes. Threads come from one rayon pool
-//! sized to the physical cores (see `pool.rs`).
+//! sized to the physical cores; inside a forward pass they spin between its parallel steps as a team
+//! (see `pool.rs`).
 //!
 //! Weight products: `matmul.rs` dispatches on the stored form. Float weights (f32, bf16, f16; exact) use
 //! the AVX2 tiles and packed GEMM of `float_x86.rs` where the CPU has them, else portable `wide` code.

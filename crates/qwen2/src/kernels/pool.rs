@@ -1,5 +1,9 @@
 //! One thread pool for all kernels, never larger than the physical core count: a compute thread more
 //! than there are cores makes every parallel step wait for the slowest, descheduled one.
+//!
+//! Inside a forward pass ([`install`]) the pool's threads work as a team that spins between parallel
+//! steps instead of sleeping, and the kernels split their work with [`for_each`],
+//! [`for_each_chunk_mut`] and [`for_each_item`].
 
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
