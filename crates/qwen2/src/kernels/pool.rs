@@ -59,13 +59,13 @@ pub fn physical_cores() -> usize {
 /// (see [`Team`]), and returns its result.
 ///
 /// Why a team rather than plain rayon inside a forward pass: an idle rayon worker yields a few dozen
-/// times and then sleeps, and on a VM waking it again takes tens to hundreds of microseconds. A decode
-/// step makes ~100 parallel steps with short serial stretches between them, so the second worker slept
-/// ~20 times per token and each step began on one core. Keeping it spinning (rayon patched to yield
-/// 4000 rounds instead of 32, a measurement only) made `--dtype q8_0` decode 1.24-1.45× as fast in
-/// three alternating runs of a harness. The team gets the same without patching rayon: for the length
-/// of `f` each other worker runs one job that waits for steps by spinning, and the kernels hand their
-/// steps to it ([`for_each`] and friends). Outside `install` they fall back to rayon.
+/// times and then sleeps, and on a 2-core VM waking it again took 53-65 µs on average (perf sched). A
+/// decode step makes 120-190 parallel steps with short serial stretches between them, so the second
+/// worker slept 15-25 times per token and many steps began on one core. Here, for the length of `f`,
+/// each other worker runs one job that waits for steps by spinning, and the kernels hand their steps to
+/// it ([`for_each`] and friends; outside `install` they fall back to rayon): 0.1-0.2 sleeps per token,
+/// and decode 1.08× (`--dtype q8_0`), 1.09× (BF16) and 1.10× (F32) as fast, medians of 6-8 pairs of
+/// alternating processes.
 ///
 /// Called from outside the pool, `install` also saves the hop onto it per kernel (17-30 µs per call on
 /// a 2-core VM against ~0.1 µs from inside).
@@ -335,12 +335,16 @@ mod tests {
         let seen = pool.install(|| {
             install(|| {
                 let seen = std::sync::Mutex::new(std::collections::HashSet::new());
-                // Tasks long enough that a spinning helper claims some.
-                for_each(64, |_| {
-                    let t = std::time::Instant::now();
-                    while t.elapsed() < std::time::Duration::from_micros(200) {}
-                    seen.lock().unwrap().insert(rayon::current_thread_index());
-                });
+                // Steps of tasks long enough that a spinning helper claims some, repeated for a while:
+                // on a loaded test machine the helper's thread may start late.
+                let start = std::time::Instant::now();
+                while seen.lock().unwrap().len() < 2 && start.elapsed().as_secs() < 10 {
+                    for_each(64, |_| {
+                        let t = std::time::Instant::now();
+                        while t.elapsed() < std::time::Duration::from_micros(200) {}
+                        seen.lock().unwrap().insert(rayon::current_thread_index());
+                    });
+                }
                 seen.into_inner().unwrap()
             })
         });
