@@ -135,35 +135,26 @@ pub fn quantize_acts(x: &[f32], t: usize, cols: usize) -> QuantizedActs {
     let mut qs = vec![0i8; t * cols];
     let mut d = vec![0f32; t * nb];
     let mut sums = vec![0f32; t * nb];
-    type Block<'a> = (&'a [f32], (&'a mut [i8], (&'a mut [f32], &'a mut [f32])));
-    let work = |(x, (q, (d, s))): Block| {
-        (d[0], s[0]) = quantize_block(x, q);
+    // Runs of 256 blocks: a task each for large inputs, one after another on this thread for small ones.
+    const RUN: usize = 256;
+    let runs: Vec<_> = x
+        .chunks(RUN * BLOCK)
+        .zip(
+            qs.chunks_mut(RUN * BLOCK)
+                .zip(d.chunks_mut(RUN).zip(sums.chunks_mut(RUN))),
+        )
+        .collect();
+    type Run<'a> = (&'a [f32], (&'a mut [i8], (&'a mut [f32], &'a mut [f32])));
+    let quantize_run = |(x, (q, (d, s))): Run| {
+        let blocks = x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK));
+        for (((x, q), d), s) in blocks.zip(d.iter_mut()).zip(s.iter_mut()) {
+            (*d, *s) = quantize_block(x, q);
+        }
     };
     if t * cols >= 1 << 16 {
-        // Runs of 256 blocks per task.
-        const RUN: usize = 256;
-        let runs: Vec<_> = x
-            .chunks(RUN * BLOCK)
-            .zip(
-                qs.chunks_mut(RUN * BLOCK)
-                    .zip(d.chunks_mut(RUN).zip(sums.chunks_mut(RUN))),
-            )
-            .collect();
-        super::pool::for_each_item(runs, |(x, (q, (d, s)))| {
-            x.chunks_exact(BLOCK)
-                .zip(
-                    q.chunks_exact_mut(BLOCK)
-                        .zip(d.chunks_exact_mut(1).zip(s.chunks_exact_mut(1))),
-                )
-                .for_each(work)
-        });
+        super::pool::for_each_item(runs, quantize_run);
     } else {
-        x.chunks_exact(BLOCK)
-            .zip(
-                qs.chunks_exact_mut(BLOCK)
-                    .zip(d.chunks_exact_mut(1).zip(sums.chunks_exact_mut(1))),
-            )
-            .for_each(work);
+        runs.into_iter().for_each(quantize_run);
     }
     QuantizedActs {
         t,
@@ -1026,11 +1017,17 @@ mod tests {
     fn parallel_quantization_matches_serial() {
         let (t, cols) = (70, 1024); // ≥ 65536 values: the parallel path
         let x = data(t * cols, 3);
-        let a = quantize_acts(&x, t, cols);
-        for i in [0, 33, 69] {
-            let one = quantize_acts(&x[i * cols..(i + 1) * cols], 1, cols);
-            assert_eq!(one.qs, a.row(i).qs);
-            assert_eq!(one.d, a.row(i).d);
+        // On rayon, and on a forward pass's team.
+        for a in [
+            quantize_acts(&x, t, cols),
+            crate::kernels::pool::install(|| quantize_acts(&x, t, cols)),
+        ] {
+            for i in 0..t {
+                let one = quantize_acts(&x[i * cols..(i + 1) * cols], 1, cols);
+                let row = a.row(i);
+                assert_eq!((one.qs.as_slice(), one.d.as_slice()), (row.qs, row.d));
+                assert_eq!(one.sums, row.sums);
+            }
         }
     }
 
