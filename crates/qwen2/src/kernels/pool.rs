@@ -63,9 +63,10 @@ pub fn physical_cores() -> usize {
 /// decode step makes 121-193 parallel steps with short serial stretches between them, so the second
 /// worker slept 15-25 times per token and many steps began on one core. Here, for the length of `f`,
 /// each other worker runs one job that waits for steps by spinning, and the kernels hand their steps to
-/// it ([`for_each`] and friends; outside `install` they fall back to rayon): 0.1-0.2 sleeps per token,
-/// and decode 1.08× (`--dtype q8_0`), 1.09× (BF16) and 1.10× (F32) as fast, medians of 6-8 pairs of
-/// alternating processes.
+/// it ([`for_each`] and friends; outside `install` they fall back to rayon): 1.4-2.6 voluntary context
+/// switches per token, those between forward passes (0.1-0.2 with one `install` around a whole loop of
+/// them, which decoded no faster), and decode 1.08× (`--dtype q8_0`), 1.09× (BF16) and 1.10× (F32) as
+/// fast, medians of 6-8 pairs of alternating processes.
 ///
 /// Called from outside the pool, `install` also saves the hop onto it per kernel (17-30 µs per call on
 /// a 2-core VM against ~0.1 µs from inside).
