@@ -58,15 +58,16 @@ pub fn physical_cores() -> usize {
 /// Runs `f` on a thread of the compute pool, with the pool's other threads serving its parallel steps
 /// (see `Team` below), and returns its result.
 ///
-/// Why a team rather than plain rayon inside a forward pass: an idle rayon worker yields a few dozen
-/// times and then sleeps, and on a 2-core VM waking it again took 53-65 µs on average (perf sched). A
-/// decode step makes 121-193 parallel steps with short serial stretches between them, so the process's
-/// threads slept 14-25 times per token between them and many steps began on one core. Here, for the length of `f`,
-/// each other worker runs one job that waits for steps by spinning, and the kernels hand their steps to
-/// it ([`for_each`] and friends; outside `install` they fall back to rayon): 1.4-2.6 voluntary context
-/// switches per token, those between forward passes (0.1-0.2 with one `install` around a whole loop of
-/// them, which decoded no faster), and decode 1.08× (`--dtype q8_0`), 1.09× (BF16) and 1.10× (F32) as
-/// fast, medians of 6-8 pairs of alternating processes.
+/// Why a team rather than plain rayon inside a forward pass: an idle rayon worker yields a few
+/// dozen times and then sleeps, and on a 2-core VM waking it again took 53-65 µs on average (perf
+/// sched). A decode step makes 121-193 parallel steps with short serial stretches between them, so
+/// the process's threads slept 14-25 times per token between them and many steps began on one core.
+/// Here, for the length of `f`, each other worker runs one job that waits for steps by spinning,
+/// and the kernels hand their steps to it ([`for_each`] and friends; outside `install` they fall
+/// back to rayon): 1.4-2.6 voluntary context switches per token, those between forward passes
+/// (0.1-0.2 with one `install` around a whole loop of them, which decoded no faster), and decode
+/// 1.08× (`--dtype q8_0`), 1.09× (BF16) and 1.10× (F32) as fast, medians of 6-8 pairs of
+/// alternating processes.
 ///
 /// Called from outside the pool, `install` also saves the hop onto it per kernel (17-30 µs per call on
 /// a 2-core VM against ~0.1 µs from inside).
