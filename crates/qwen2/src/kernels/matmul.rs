@@ -28,6 +28,10 @@ pub trait WeightElem: SimdElem + Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Widens `s[..8]` (the caller guarantees `s.len() >= 8`).
     fn load8(s: &[Self]) -> f32x8;
+    /// The slice itself where the elements are f32 already.
+    fn as_f32(_s: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl WeightElem for f32 {
@@ -39,6 +43,9 @@ impl WeightElem for f32 {
     fn load8(s: &[f32]) -> f32x8 {
         let a: [f32; 8] = s[..8].try_into().unwrap();
         f32x8::from(a)
+    }
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 
