@@ -720,6 +720,7 @@ fn bench_json_has_every_figure() {
         assert!(probes.contains(&best), "{key}");
     }
     assert!(v["load_s"].as_f64().unwrap() >= 0.0);
+    assert!(v["first_forward_64_tokens_s"].as_f64().unwrap() > 0.0);
     let p = v["prefill"].as_array().unwrap();
     assert_eq!(
         p.iter()
