@@ -166,7 +166,7 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
 /// The decode kernel for one weight row: [`dot_raw`] for 16-bit weights, the one-chain tile for f32.
 #[inline]
 pub fn dot<W: super::matmul::WeightElem>(w: &[W], x: &[f32]) -> f32 {
-    if std::mem::size_of::<W>() == 4 {
+    if W::as_f32(w).is_some() {
         return tile::<W, 1, 1>([w], [x])[0][0];
     }
     assert!(w.len() == x.len());
