@@ -42,35 +42,27 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     let cfg = &model.config;
     let bytes_per_token = model.weight_bytes_per_token() as f64;
 
+    // One timed prefill of `n` synthetic tokens into a fresh cache.
+    let prefill_s = |n: usize| -> Result<f64> {
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| (1000 + i * 7) % cfg.vocab_size as u32)
+            .collect();
+        let mut c = qwen2::KvCache::new(cfg, n + 1)?;
+        let t = Instant::now();
+        model.forward(&ids, &mut c, qwen2::Logits::Last)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
     // The first forward pass after a load pays for mapping the weights in, and for reading them from
     // disk when they are not in the page cache: 2.2 s for the F32 directory's first 128-token pass
     // right after `duet convert` (which drops the file from the cache), 0.33 s at 64 tokens for the
     // next process, against ~0.3 s warm. It is reported on its own line, not left in the first timed
     // repetition, where it made the median of three the slower of the other two.
-    let first_forward_s = {
-        let ids: Vec<u32> = (0..64u32)
-            .map(|i| (1000 + i * 7) % cfg.vocab_size as u32)
-            .collect();
-        let mut c = qwen2::KvCache::new(cfg, ids.len() + 1)?;
-        let t = Instant::now();
-        model.forward(&ids, &mut c, qwen2::Logits::Last)?;
-        t.elapsed().as_secs_f64()
-    };
+    let first_forward_s = prefill_s(64)?;
     eprintln!("first forward pass (64 tokens) after the load: {first_forward_s:.2} s");
 
     let mut prefill = BTreeMap::new();
     for n in [64usize, 128] {
-        let ids: Vec<u32> = (0..n as u32)
-            .map(|i| (1000 + i * 7) % cfg.vocab_size as u32)
-            .collect();
-        let times: Vec<f64> = (0..reps)
-            .map(|_| {
-                let mut c = qwen2::KvCache::new(cfg, n + 1)?;
-                let t = Instant::now();
-                model.forward(&ids, &mut c, qwen2::Logits::Last)?;
-                Ok(t.elapsed().as_secs_f64())
-            })
-            .collect::<Result<_>>()?;
+        let times: Vec<f64> = (0..reps).map(|_| prefill_s(n)).collect::<Result<_>>()?;
         let s = median(times);
         let flops = qb::forward_flops(cfg, n);
         prefill.insert(n, (n as f64 / s, flops / s / 1e9));
