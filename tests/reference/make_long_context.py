@@ -45,11 +45,11 @@ def order_code(rng):
     return rng.choice("ABCDEFGHJKLMNPQRSTUVWXY") + str(rng.randrange(1000, 10000))
 
 
-def zh_case(records):
-    rng = random.Random(20261201)
-    codes = set()
-    lines = []
-    special_at, special = 4, None
+def order_log(seed, records, special_at, special_line, line):
+    """`records` log lines `NNN. <line>` with distinct order codes; record `special_at` (0-based) is
+    `special_line(code)`, the others `line(code, rng)`. Returns the lines and the special record's code."""
+    rng = random.Random(seed)
+    codes, lines, special = set(), [], None
     for i in range(records):
         code = order_code(rng)
         while code in codes:
@@ -57,9 +57,15 @@ def zh_case(records):
         codes.add(code)
         if i == special_at:
             special = code
-            lines.append(f"{i + 1:03d}. 订单{code}：保温杯收到时杯身有一道裂缝，希望尽快换货。")
+            lines.append(f"{i + 1:03d}. {special_line(code)}")
         else:
-            lines.append(f"{i + 1:03d}. 订单{code}：{rng.choice(ZH_PRODUCTS)}，{rng.choice(ZH_NOTES)}")
+            lines.append(f"{i + 1:03d}. {line(code, rng)}")
+    return lines, special
+
+
+def zh_case(records):
+    lines, special = order_log(20261201, records, 4, lambda c: f"订单{c}：保温杯收到时杯身有一道裂缝，希望尽快换货。",
+                               lambda c, rng: f"订单{c}：{rng.choice(ZH_PRODUCTS)}，{rng.choice(ZH_NOTES)}")
     user = ("下面是本周的客户留言记录，每条以订单号开头。\n" + "\n".join(lines)
             + "\n\n问题：哪个订单的保温杯有裂缝？只回答订单号。")
     messages = [{"role": "system", "content": "你是一个客服助手，根据客户留言记录回答问题。"},
@@ -68,16 +74,9 @@ def zh_case(records):
 
 
 def en_case(records):
-    rng = random.Random(1201)
-    lines = []
-    special_at, special = 2, None
-    for i in range(records):
-        code = order_code(rng)
-        if i == special_at:
-            special = code
-            lines.append(f"{i + 1:03d}. Order {code}: the glass teapot arrived shattered; customer wants a refund.")
-        else:
-            lines.append(f"{i + 1:03d}. Order {code}: {rng.choice(EN_PRODUCTS)}. {rng.choice(EN_NOTES)}")
+    lines, special = order_log(
+        1201, records, 2, lambda c: f"Order {c}: the glass teapot arrived shattered; customer wants a refund.",
+        lambda c, rng: f"Order {c}: {rng.choice(EN_PRODUCTS)}. {rng.choice(EN_NOTES)}")
     user = ("Here is this week's customer message log, one order per line.\n" + "\n".join(lines)
             + "\n\nQuestion: which order had the shattered teapot? Answer with the order number only.")
     messages = [{"role": "system", "content": "You are a customer service assistant. Answer from the log."},
