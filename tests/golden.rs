@@ -23,6 +23,25 @@ fn messages(case: &Value) -> Vec<Message> {
         .collect()
 }
 
+/// The golden top-10 logits at the last prompt position that `logits` misses by more than 1e-3.
+fn top10_failures(name: &str, logits: &[f32], case: &Value) -> Vec<String> {
+    let mut failures = Vec::new();
+    for t in case["top10"].as_array().unwrap() {
+        let (id, want) = (
+            t["id"].as_u64().unwrap() as usize,
+            t["logit"].as_f64().unwrap() as f32,
+        );
+        let d = (logits[id] - want).abs();
+        if d > 1e-3 {
+            failures.push(format!(
+                "{name}: logit of token {id} is {} vs {want} (Δ {d})",
+                logits[id]
+            ));
+        }
+    }
+    failures
+}
+
 /// Runs every chat case of a golden file against a loaded model; returns a list of failures.
 fn check_chat_cases(m: &qwen2::LoadedModel, golden: &Value, label: &str) -> Vec<String> {
     let mut failures = Vec::new();
@@ -44,19 +63,7 @@ fn check_chat_cases(m: &qwen2::LoadedModel, golden: &Value, label: &str) -> Vec<
         }
         let mut cache = KvCache::new(&m.model.config, prompt.len() + 40).unwrap();
         let logits = m.model.forward(&prompt, &mut cache, Logits::Last).unwrap();
-        for t in case["top10"].as_array().unwrap() {
-            let (id, want) = (
-                t["id"].as_u64().unwrap() as usize,
-                t["logit"].as_f64().unwrap() as f32,
-            );
-            let d = (logits[id] - want).abs();
-            if d > 1e-3 {
-                failures.push(format!(
-                    "{name}: logit of token {id} is {} vs {want} (Δ {d})",
-                    logits[id]
-                ));
-            }
-        }
+        failures.extend(top10_failures(&name, &logits, case));
         let want = ids(&case["greedy_ids"]);
         let mut cache = KvCache::new(&m.model.config, prompt.len() + 40).unwrap();
         let opts = GenerateOptions {
@@ -186,19 +193,7 @@ fn long_prompts_match_transformers() {
         let want = ids(&case["greedy_ids"]);
         let mut cache = KvCache::new(&m.model.config, prompt.len() + want.len()).unwrap();
         let mut logits = m.model.forward(&prompt, &mut cache, Logits::Last).unwrap();
-        for t in case["top10"].as_array().unwrap() {
-            let (id, want) = (
-                t["id"].as_u64().unwrap() as usize,
-                t["logit"].as_f64().unwrap() as f32,
-            );
-            let d = (logits[id] - want).abs();
-            if d > 1e-3 {
-                failures.push(format!(
-                    "{name}: logit of token {id} is {} vs {want} (Δ {d})",
-                    logits[id]
-                ));
-            }
-        }
+        failures.extend(top10_failures(name, &logits, case));
         // transformers' margins are all above 0.02 here (checked below), so the paths must not split.
         assert_eq!(case["first_near_tie_step"], Value::Null, "{name}");
         let mut got = Vec::new();
