@@ -63,25 +63,29 @@ def order_log(seed, records, special_at, special_line, line):
     return lines, special
 
 
-def zh_case(records):
-    lines, special = order_log(20261201, records, 4, lambda c: f"订单{c}：保温杯收到时杯身有一道裂缝，希望尽快换货。",
-                               lambda c, rng: f"订单{c}：{rng.choice(ZH_PRODUCTS)}，{rng.choice(ZH_NOTES)}")
-    user = ("下面是本周的客户留言记录，每条以订单号开头。\n" + "\n".join(lines)
-            + "\n\n问题：哪个订单的保温杯有裂缝？只回答订单号。")
-    messages = [{"role": "system", "content": "你是一个客服助手，根据客户留言记录回答问题。"},
-                {"role": "user", "content": user}]
-    return "long_zh_order_log", messages, special
+# One case per language: the log's seed, size and special record, and the words around it.
+CASES = [
+    {"name": "long_zh_order_log", "seed": 20261201, "records": 130, "special_at": 4,
+     "special": lambda c: f"订单{c}：保温杯收到时杯身有一道裂缝，希望尽快换货。",
+     "line": lambda c, rng: f"订单{c}：{rng.choice(ZH_PRODUCTS)}，{rng.choice(ZH_NOTES)}",
+     "system": "你是一个客服助手，根据客户留言记录回答问题。",
+     "header": "下面是本周的客户留言记录，每条以订单号开头。",
+     "question": "问题：哪个订单的保温杯有裂缝？只回答订单号。"},
+    {"name": "long_en_order_log", "seed": 1201, "records": 90, "special_at": 2,
+     "special": lambda c: f"Order {c}: the glass teapot arrived shattered; customer wants a refund.",
+     "line": lambda c, rng: f"Order {c}: {rng.choice(EN_PRODUCTS)}. {rng.choice(EN_NOTES)}",
+     "system": "You are a customer service assistant. Answer from the log.",
+     "header": "Here is this week's customer message log, one order per line.",
+     "question": "Question: which order had the shattered teapot? Answer with the order number only."},
+]
 
 
-def en_case(records):
-    lines, special = order_log(
-        1201, records, 2, lambda c: f"Order {c}: the glass teapot arrived shattered; customer wants a refund.",
-        lambda c, rng: f"Order {c}: {rng.choice(EN_PRODUCTS)}. {rng.choice(EN_NOTES)}")
-    user = ("Here is this week's customer message log, one order per line.\n" + "\n".join(lines)
-            + "\n\nQuestion: which order had the shattered teapot? Answer with the order number only.")
-    messages = [{"role": "system", "content": "You are a customer service assistant. Answer from the log."},
-                {"role": "user", "content": user}]
-    return "long_en_order_log", messages, special
+def log_case(spec):
+    """A case's name, chat messages and expected answer (the special record's order code)."""
+    lines, answer = order_log(spec["seed"], spec["records"], spec["special_at"], spec["special"], spec["line"])
+    user = spec["header"] + "\n" + "\n".join(lines) + "\n\n" + spec["question"]
+    messages = [{"role": "system", "content": spec["system"]}, {"role": "user", "content": user}]
+    return spec["name"], messages, answer
 
 
 def main():
@@ -106,7 +110,7 @@ def main():
     print(f"loaded in {time.time() - t0:.1f}s", flush=True)
 
     cases = []
-    for name, messages, answer in [zh_case(130), en_case(90)]:
+    for name, messages, answer in map(log_case, CASES):
         t1 = time.time()
         rec = mg.run_chat_case(model, tok_nfc, name, messages)
         assert tok(rec["rendered"], add_special_tokens=False)["input_ids"] == rec["prompt_ids"]
