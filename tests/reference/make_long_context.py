@@ -3,7 +3,7 @@
 
 The chat cases of make_golden.py are all under 64 tokens, so nothing there compares attention over a long
 cache, RoPE at positions in the thousands, or the tokenizer on a long mixed text with transformers. These cases
-do: a customer-message log of ~2600 tokens (Chinese) and ~1500 tokens (English), each followed by a question
+do: a customer-message log of 3027 tokens (Chinese) and one of 2073 tokens (English), each followed by a question
 whose answer is one record near the start, so a wrong long-range attention also shows in the greedy answer.
 
 The logs are generated from small word lists with a fixed seed (written for this file), the same on every run.
