@@ -445,14 +445,21 @@ def check_converted(conv_dir, ref_model, ref_tok, meta, golden_dirs, provenance)
     }
 
 
-# ---------------------------------------------------------------------------------------------------------
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(ap):
+    """The arguments every real-model generator takes: MODEL_DIR and GGUF_FILE (default: $DUET_MODEL, else
+    /tmp/model.gguf) and --out (default: tests/data/golden). Returns the scripts' directory."""
     default = os.environ.get("DUET_MODEL", "/tmp/model.gguf")
     ap.add_argument("model_dir", nargs="?", default=os.path.dirname(os.path.abspath(default)))
     ap.add_argument("gguf_file", nargs="?", default=os.path.basename(default))
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--out", default=os.path.join(here, "..", "data", "golden"))
+    return here
+
+
+# ---------------------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    here = add_model_args(ap)
     ap.add_argument("--check-converted", metavar="DIR", action="append",
                     help="compare a `duet convert` output directory against the GGUF load; writes "
                          "converted_check_<dtype>.json (and nothing else unless --all); may be repeated")

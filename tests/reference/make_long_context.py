@@ -90,11 +90,7 @@ def log_case(spec):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default = os.environ.get("DUET_MODEL", "/tmp/model.gguf")
-    ap.add_argument("model_dir", nargs="?", default=os.path.dirname(os.path.abspath(default)))
-    ap.add_argument("gguf_file", nargs="?", default=os.path.basename(default))
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--out", default=os.path.join(here, "..", "data", "golden"))
+    mg.add_model_args(ap)
     args = ap.parse_args()
 
     torch.set_num_threads(2)
