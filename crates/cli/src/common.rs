@@ -69,9 +69,8 @@ pub fn load_model(g: &Global) -> Result<qwen2::LoadedModel> {
 
 /// The model plus the task library: what the task commands work with.
 pub fn load_runner(g: &Global) -> Result<tasks::Runner> {
-    let mut dirs = vec![tasks::library::shipped_dir()];
-    dirs.extend(g.tasks_dir.clone());
-    let (library, errors) = tasks::Library::load(&dirs)?;
+    let user_dirs: Vec<_> = g.tasks_dir.iter().cloned().collect();
+    let (library, errors) = tasks::Library::load_with_shipped(&user_dirs)?;
     for e in errors {
         eprintln!("duet: warning: {e}");
     }

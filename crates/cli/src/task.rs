@@ -29,9 +29,8 @@ pub struct ListArgs {
 }
 
 pub fn list(g: &Global, a: &ListArgs) -> Result<()> {
-    let mut dirs = vec![tasks::library::shipped_dir()];
-    dirs.extend(g.tasks_dir.clone());
-    let (lib, errors) = tasks::Library::load(&dirs)?;
+    let user_dirs: Vec<_> = g.tasks_dir.iter().cloned().collect();
+    let (lib, errors) = tasks::Library::load_with_shipped(&user_dirs)?;
     for e in errors {
         eprintln!("duet: warning: {e}");
     }

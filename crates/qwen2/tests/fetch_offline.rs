@@ -47,10 +47,13 @@ if [ "$1 $2 $3" = "-m pip download" ]; then
     case " $* " in *" $flag "*) ;; *) echo "ERROR: fake pip: $flag missing" >&2; exit 2;; esac
   done
   dest=""
+  req=""
   while [ $# -gt 0 ]; do
     if [ "$1" = "-d" ]; then dest="$2"; fi
+    if [ "$1" = "-r" ]; then req="$2"; fi
     shift
   done
+  grep -q "^fake-part1==0.9.0 --hash=sha256:" "$req" || {{ echo "ERROR: fake pip: bad -r $req" >&2; exit 4; }}
   echo "Downloading (fake)"
   echo download >> "$dest/../download-count"
   sleep 0.5
@@ -153,6 +156,7 @@ fn setup() -> (tempfile::TempDir, Recipe) {
         python: scripts().fake_pip.to_string_lossy().into_owned(),
         parts,
         base_dir: models.to_path_buf(),
+        requirements_text: None,
     };
     (dir, recipe)
 }
@@ -395,6 +399,28 @@ fn fetch_end_to_end_with_fake_pip_is_idempotent() {
     assert!(start.elapsed().as_secs_f64() < 1.0);
     assert!(events.is_empty(), "{events:?}");
     assert_eq!(downloads(dir.path()), 1);
+}
+
+/// A recipe that carries its requirements (as the binary's built-in one does) needs no file beside it.
+#[cfg(unix)]
+#[test]
+fn fetch_with_requirements_text_and_no_requirements_file() {
+    let (dir, mut recipe) = setup();
+    let req = dir.path().join("requirements.txt");
+    recipe.requirements_text = Some(fs::read_to_string(&req).unwrap());
+    fs::remove_file(&req).unwrap();
+    let path = fetch_with_recipe(&recipe, dir.path(), &mut no_progress()).unwrap();
+    assert_eq!(fs::read(&path).unwrap(), PARTS.concat());
+    assert_eq!(leftovers(dir.path()), ["tiny.gguf", "tiny.gguf.verified"]);
+
+    // Without either, the missing file is named.
+    let (dir, mut recipe) = setup();
+    fs::remove_file(dir.path().join("requirements.txt")).unwrap();
+    recipe.requirements_text = None;
+    let err = fetch_with_recipe(&recipe, dir.path(), &mut no_progress())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("requirements.txt"), "{err}");
 }
 
 #[cfg(unix)]

@@ -188,9 +188,11 @@ struct FileState {
     error_reported: bool,
 }
 
-/// All tasks, pipelines and router rules, from the shipped directory and optionally a user directory
-/// whose files override shipped ones of the same name.
+/// All tasks, pipelines and router rules: the shipped library (compiled in) and/or directories, later
+/// sources overriding earlier ones' tasks and pipelines of the same name.
 pub struct Library {
+    /// Built-in files (`SHIPPED`, or none), read before `dirs`.
+    built_in: &'static [(&'static str, &'static str)],
     dirs: Vec<PathBuf>,
     files: HashMap<PathBuf, FileState>,
     pub tasks: BTreeMap<String, Task>,
@@ -198,15 +200,75 @@ pub struct Library {
     pub router: RouterRules,
 }
 
-/// The task files shipped with Duet.
+/// The task files shipped with Duet, in the source tree the binary was built from. While that tree exists
+/// they are read from here (so edits apply without a rebuild); a binary moved or installed elsewhere uses
+/// its compiled-in copy, [`SHIPPED`].
 pub fn shipped_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("library")
 }
+
+/// Where a built-in file appears to be, in messages: it has no path of its own.
+const BUILT_IN: &str = "(built in)";
+
+/// The shipped library, compiled in: (path relative to [`shipped_dir`], contents). A unit test checks that
+/// it lists exactly the files in that directory.
+pub const SHIPPED: &[(&str, &str)] = &[
+    ("grammar.toml", include_str!("../library/grammar.toml")),
+    ("intent.toml", include_str!("../library/intent.toml")),
+    ("keywords.toml", include_str!("../library/keywords.toml")),
+    ("polish.toml", include_str!("../library/polish.toml")),
+    ("qa.toml", include_str!("../library/qa.toml")),
+    ("reply.toml", include_str!("../library/reply.toml")),
+    ("router.toml", include_str!("../library/router.toml")),
+    ("sentiment.toml", include_str!("../library/sentiment.toml")),
+    ("style.toml", include_str!("../library/style.toml")),
+    ("summary.toml", include_str!("../library/summary.toml")),
+    (
+        "pipelines/analyze.toml",
+        include_str!("../library/pipelines/analyze.toml"),
+    ),
+    (
+        "pipelines/grammar-style.toml",
+        include_str!("../library/pipelines/grammar-style.toml"),
+    ),
+    (
+        "pipelines/intent-reply.toml",
+        include_str!("../library/pipelines/intent-reply.toml"),
+    ),
+    (
+        "pipelines/keywords-polish.toml",
+        include_str!("../library/pipelines/keywords-polish.toml"),
+    ),
+    (
+        "pipelines/summary-qa.toml",
+        include_str!("../library/pipelines/summary-qa.toml"),
+    ),
+];
 
 impl Library {
     /// Loads every `*.toml` in `dirs` (and their `pipelines/` subdirectories). Problems in individual
     /// files are returned as messages; the library holds whatever loaded.
     pub fn load(dirs: &[PathBuf]) -> Result<(Library, Vec<String>)> {
+        Library::load_from(&[], dirs)
+    }
+
+    /// The shipped library ([`shipped_dir`] while it exists, else the compiled-in [`SHIPPED`]), then
+    /// `user_dirs` as [`Library::load`] reads them: what the CLI uses.
+    pub fn load_with_shipped(user_dirs: &[PathBuf]) -> Result<(Library, Vec<String>)> {
+        let tree = shipped_dir();
+        if tree.is_dir() {
+            let dirs: Vec<PathBuf> = std::iter::once(tree)
+                .chain(user_dirs.iter().cloned())
+                .collect();
+            return Library::load(&dirs);
+        }
+        Library::load_from(SHIPPED, user_dirs)
+    }
+
+    fn load_from(
+        built_in: &'static [(&'static str, &'static str)],
+        dirs: &[PathBuf],
+    ) -> Result<(Library, Vec<String>)> {
         for d in dirs {
             if !d.is_dir() {
                 return Err(Error::File {
@@ -216,6 +278,7 @@ impl Library {
             }
         }
         let mut lib = Library {
+            built_in,
             dirs: dirs.to_vec(),
             files: HashMap::new(),
             tasks: BTreeMap::new(),
@@ -230,6 +293,26 @@ impl Library {
     pub fn refresh(&mut self) -> Vec<String> {
         let mut errors = Vec::new();
         let mut seen = Vec::new();
+        for &(name, text) in self.built_in {
+            // Built-in files never change: parsed once.
+            let path = Path::new(BUILT_IN).join(name);
+            if !self.files.contains_key(&path) {
+                let parsed = parse_text(&path, text, name.starts_with("pipelines/"));
+                if let Err(msg) = &parsed {
+                    errors.push(format!("{}: {msg}", path.display()));
+                }
+                self.files.insert(
+                    path.clone(),
+                    FileState {
+                        modified: None,
+                        len: text.len() as u64,
+                        item: parsed.ok(),
+                        error_reported: true,
+                    },
+                );
+            }
+            seen.push(path);
+        }
         for dir in self.dirs.clone() {
             for sub in [dir.clone(), dir.join("pipelines")] {
                 let Ok(rd) = std::fs::read_dir(&sub) else {
@@ -333,6 +416,10 @@ impl Library {
 
 fn parse_file(path: &Path, is_pipeline: bool) -> std::result::Result<Item, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    parse_text(path, &text, is_pipeline)
+}
+
+fn parse_text(path: &Path, text: &str, is_pipeline: bool) -> std::result::Result<Item, String> {
     let one_line = |e: toml::de::Error| {
         e.to_string()
             .lines()
@@ -341,18 +428,18 @@ fn parse_file(path: &Path, is_pipeline: bool) -> std::result::Result<Item, Strin
             .join(" ")
     };
     if path.file_name().is_some_and(|n| n == "router.toml") {
-        return toml::from_str::<RouterRules>(&text)
+        return toml::from_str::<RouterRules>(text)
             .map(Item::Router)
             .map_err(one_line);
     }
     if is_pipeline {
-        let p: Pipeline = toml::from_str(&text).map_err(one_line)?;
+        let p: Pipeline = toml::from_str(text).map_err(one_line)?;
         if p.steps.is_empty() {
             return Err("a pipeline needs at least one step".into());
         }
         return Ok(Item::Pipeline(p));
     }
-    let t: Task = toml::from_str(&text).map_err(one_line)?;
+    let t: Task = toml::from_str(text).map_err(one_line)?;
     t.validate()?;
     Ok(Item::Task(t))
 }
@@ -390,9 +477,61 @@ pub fn fill(template: &str, vars: &BTreeMap<String, String>) -> String {
 mod tests {
     use super::*;
 
+    /// The shipped library's files, relative to `shipped_dir()`, sorted.
+    fn files_in_shipped_dir() -> Vec<String> {
+        let mut names = Vec::new();
+        for sub in ["", "pipelines/"] {
+            for e in std::fs::read_dir(shipped_dir().join(sub)).unwrap() {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                if name.ends_with(".toml") {
+                    names.push(format!("{sub}{name}"));
+                }
+            }
+        }
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn compiled_in_library_lists_every_shipped_file() {
+        let mut listed: Vec<String> = SHIPPED.iter().map(|(n, _)| n.to_string()).collect();
+        listed.sort();
+        assert_eq!(listed, files_in_shipped_dir(), "update SHIPPED");
+        assert_eq!(files_in_shipped_dir().len(), 15);
+    }
+
+    #[test]
+    fn compiled_in_library_matches_the_shipped_directory() {
+        let (from_dir, errors) = Library::load(&[shipped_dir()]).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        let (built_in, errors) = Library::load_from(SHIPPED, &[]).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(built_in.tasks, from_dir.tasks);
+        assert_eq!(built_in.pipelines, from_dir.pipelines);
+        assert_eq!(built_in.router, from_dir.router);
+        assert_eq!(built_in.tasks.len(), 9);
+    }
+
+    #[test]
+    fn user_directory_overrides_a_built_in_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = "name='reply'\nkind='text'\n[system]\nzh='我的'\nen='Mine'\n";
+        std::fs::write(dir.path().join("my-reply.toml"), mine).unwrap();
+        let user = [dir.path().to_path_buf()];
+        for (lib, errors) in [
+            Library::load_from(SHIPPED, &user).unwrap(),
+            Library::load_with_shipped(&user).unwrap(),
+        ] {
+            assert!(errors.is_empty(), "{errors:?}");
+            assert_eq!(lib.tasks["reply"].system.en, "Mine");
+            assert_eq!(lib.tasks.len(), 9);
+            assert!(lib.tasks["sentiment"].system.en.contains("sentiment"));
+        }
+    }
+
     #[test]
     fn shipped_library_loads_cleanly() {
-        let (lib, errors) = Library::load(&[shipped_dir()]).unwrap();
+        let (lib, errors) = Library::load_with_shipped(&[]).unwrap();
         assert!(errors.is_empty(), "{errors:?}");
         for t in [
             "sentiment",
