@@ -348,14 +348,9 @@ fn transpose(src: &[f32], rows: usize, cols: usize, ss: usize, dst: &mut [f32], 
 /// columns, so no two tasks write the same element.
 #[derive(Clone, Copy)]
 struct SharedOut {
-    p: *mut f32,
+    p: super::pool::SendPtr<f32>,
     rows: usize,
 }
-
-// SAFETY: the tasks write disjoint elements (see `gemm`), and the buffer outlives them.
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
 
 /// `out[tok][r] (+)= Σ_k w[k][r] · panel[k][tok]` for `r < R`, `tok < nt`, from four weight rows
 /// packed as `[k][4]` (or, with `IN_PLACE`, from `R` f32 rows where they lie, `rs` apart): with
@@ -573,7 +568,7 @@ fn gemm_rows<W: super::matmul::WeightElem>(
                 // (0..left), below r0 + nrows <= rows, are this task's alone. The features are
                 // enabled here.
                 unsafe {
-                    let op = out.p.add(start * os + r0 + m0 + r);
+                    let op = out.p.at(start * os + r0 + m0 + r);
                     match in_place {
                         Some(w) => {
                             let wp = w[(r0 + m0 + r) * cols + k0..].as_ptr();
@@ -643,7 +638,7 @@ pub fn gemm<W: super::matmul::WeightElem>(
     let threads = rayon::current_num_threads().max(1);
     let per = rows.div_ceil(threads * 4).next_multiple_of(MR).max(MR);
     let shared = SharedOut {
-        p: out.as_mut_ptr(),
+        p: super::pool::SendPtr(out.as_mut_ptr()),
         rows,
     };
     super::pool::for_each(rows.div_ceil(per), |i| {

@@ -274,17 +274,27 @@ pub fn for_each_item<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
     });
 }
 
-/// A raw pointer the tasks of one step may share; each task derives only its own disjoint piece.
-struct SendPtr<T>(*mut T);
+/// A raw pointer the tasks of one step may share; each task derives only its own disjoint piece (here,
+/// and in the GEMM's output).
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 
 impl<T> SendPtr<T> {
     /// Taken by a method (not the field) so closures capture the whole wrapper, which is `Sync`.
-    fn at(&self, i: usize) -> *mut T {
+    pub(crate) fn at(&self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
 }
 
-// SAFETY: the pointer is only turned into disjoint slices, one per task (see `for_each_chunk_mut`).
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SendPtr<T> {}
+
+// SAFETY: every user turns the pointer only into pieces no other task touches (`for_each_chunk_mut`,
+// `float_x86::gemm`), and keeps the buffer borrowed until its tasks are done.
 unsafe impl<T: Send> Send for SendPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
