@@ -1,9 +1,11 @@
 //! Kernel benchmarks on synthetic weights (no model file needed): matrix-vector products (decode) for each
-//! weight form at Qwen2.5-0.5B's real shapes, and matrix-matrix products (prefill) at 64 and 128 tokens.
+//! weight form at Qwen2.5-0.5B's real shapes, matrix-matrix products (prefill) at 64 and 128 tokens, and
+//! attention over the KV cache (one decode token over long caches, a 128-token prefill).
 //!
 //! Matvec throughput is reported in bytes of weights per second (effective bandwidth: compare with the
 //! machine's read bandwidth); matmul throughput in elements per second where one element is one flop
-//! (2 per multiply-add), so `Gelem/s` reads as GFLOP/s.
+//! (2 per multiply-add), so `Gelem/s` reads as GFLOP/s. Attention throughput is in bytes of keys and
+//! values read.
 //!
 //! `cargo bench --bench kernels -- matvec/q8_0` runs a subset; `DUET_BENCH_QUICK=1` shortens every run.
 
@@ -178,9 +180,44 @@ fn backends(c: &mut Criterion) {
     g.finish();
 }
 
+/// Attention at the default model's shape (14 query heads, 2 KV heads of 64), for every layer of one
+/// forward pass: 24 caches, so that long ones are read from memory as in a real decode step.
+fn attention(c: &mut Criterion) {
+    use qwen2::kernels::attention::{attention, AttentionShape};
+    let (n_heads, n_kv_heads, head_dim, layers) = (14, 2, 64, 24);
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10);
+    // (cached positions before the new tokens, new tokens)
+    for (start, t) in [(511, 1), (2047, 1), (4095, 1), (0, 128)] {
+        let capacity = start + t;
+        let n = capacity * n_kv_heads * head_dim;
+        let k: Vec<Vec<f32>> = (0..layers).map(|l| data(n, 20 + l as u64)).collect();
+        let v: Vec<Vec<f32>> = (0..layers).map(|l| data(n, 50 + l as u64)).collect();
+        let q = data(t * n_heads * head_dim, 11);
+        let mut out = vec![0f32; q.len()];
+        let s = AttentionShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            start,
+            capacity,
+        };
+        g.throughput(Throughput::Bytes((2 * layers * n * 4) as u64));
+        let name = if t == 1 { "decode" } else { "prefill" };
+        g.bench_function(format!("{name}/{t}_after_{start}/24_layers"), |b| {
+            b.iter(|| {
+                for l in 0..layers {
+                    attention(&q, &k[l], &v[l], &s, &mut out);
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = matvec, matmul_prefill, backends
+    targets = matvec, matmul_prefill, backends, attention
 }
 criterion_main!(benches);

@@ -234,7 +234,7 @@ impl Model {
             return Err(Error::Invalid("forward pass over zero tokens".into()));
         }
         cache.reserve(t)?;
-        if cache.kv_dim() != c.kv_dim() || cache.k.len() != c.num_hidden_layers {
+        if !cache.fits(c) {
             return Err(Error::Invalid(
                 "KV cache was made for a different model".into(),
             ));
@@ -299,9 +299,7 @@ impl Model {
                     .chunks_mut(hd)
                     .for_each(|head| rope(head, cos, sin));
             }
-            let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
-            kc[start * kvd..(start + t) * kvd].copy_from_slice(&k);
-            vc[start * kvd..(start + t) * kvd].copy_from_slice(&v);
+            cache.store(l, start, &k, &v);
             if n == 0 {
                 break;
             }
@@ -316,15 +314,11 @@ impl Model {
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: hd,
                 start: start + tail,
+                capacity: cache.capacity(),
             };
             let att = &mut att[..n * qd];
-            attention(
-                q,
-                &kc[..(start + t) * kvd],
-                &vc[..(start + t) * kvd],
-                &shape,
-                att,
-            );
+            let (kc, vc) = cache.layer(l);
+            attention(q, kc, vc, &shape, att);
             let (x, xb, proj) = (&mut x[tail * h..], &mut xb[..n * h], &mut proj[..n * h]);
             a.o_proj.forward(att, n, proj);
             x.iter_mut().zip(&*proj).for_each(|(xi, p)| *xi += p);

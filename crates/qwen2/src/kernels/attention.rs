@@ -11,14 +11,16 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Positions already in the cache before the new tokens (the first new token sits at `start`).
     pub start: usize,
+    /// Positions the cache buffers have room for per KV head: the distance between two heads' rows.
+    pub capacity: usize,
 }
 
 /// `q`: `t × (n_heads·head_dim)` for the new tokens (already rotated); `k_cache`/`v_cache`: this layer's
-/// cache rows `0..start+t`, each `n_kv_heads·head_dim` wide. Token `i` attends to positions `0..=start+i`.
-/// Writes `t × (n_heads·head_dim)` into `out`.
+/// cache, KV-head-major (head `h`, position `p` at `(h · capacity + p) · head_dim`, see `KvCache`), holding
+/// positions `0..start+t`. Token `i` attends to positions `0..=start+i`. Writes `t × (n_heads·head_dim)`
+/// into `out`.
 pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], s: &AttentionShape, out: &mut [f32]) {
     let hd = s.head_dim;
-    let kv_dim = s.n_kv_heads * hd;
     let group = s.n_heads / s.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     // One task per (token, KV head): the query heads of a group are consecutive in `q` and `out`, and
@@ -27,15 +29,15 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], s: &AttentionShape
         let kvh = idx % s.n_kv_heads;
         let len = s.start + idx / s.n_kv_heads + 1;
         let qg = &q[idx * group * hd..][..group * hd];
-        let at = |p: usize| p * kv_dim + kvh * hd;
+        let k = &k_cache[kvh * s.capacity * hd..][..len * hd];
+        let v = &v_cache[kvh * s.capacity * hd..][..len * hd];
         // scores[h · len + p]: query head h of the group against position p.
         let mut scores = vec![0f32; group * len];
         match hd {
-            64 => scores_of::<8>(qg, k_cache, &at, scale, &mut scores),
-            128 => scores_of::<16>(qg, k_cache, &at, scale, &mut scores),
+            64 => scores_of::<8>(qg, k, scale, &mut scores),
+            128 => scores_of::<16>(qg, k, scale, &mut scores),
             _ => {
-                for p in 0..len {
-                    let k = &k_cache[at(p)..][..hd];
+                for (p, k) in k.chunks_exact(hd).enumerate() {
                     for (h, qh) in qg.chunks_exact(hd).enumerate() {
                         scores[h * len + p] = dot(k, qh) * scale;
                     }
@@ -45,115 +47,109 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], s: &AttentionShape
         for a in scores.chunks_exact_mut(len) {
             softmax(a);
         }
-        weighted_values(&scores, len, v_cache, at, o, hd);
+        weighted_values(&scores, len, v, o, hd);
     });
 }
 
-/// `scores[h · len + p] = scale · q[h] · k[p]` for the heads of a group and a head size of `8 · N`: the
-/// common head sizes (64, 128) get a loop the compiler unrolls, with the scaled query rows and each key
-/// row in registers and no bounds checks inside.
-fn scores_of<const N: usize>(
-    qg: &[f32],
-    k_cache: &[f32],
-    at: &impl Fn(usize) -> usize,
-    scale: f32,
-    scores: &mut [f32],
-) {
+/// `scores[h · len + p] = scale · q[h] · k[p]` for the heads of a group, `len` key rows of `8 · N` values
+/// in `k` (the common head sizes, 64 and 128, get loops the compiler unrolls, with no bounds checks
+/// inside).
+///
+/// Eight positions at a time: each head's eight dot products are eight independent chains of
+/// multiply-adds over the eight key rows (2 KiB at head size 64, so every head after the first reads
+/// them from L1), and one 8 × 8 transpose turns the eight accumulators into eight sums. One position at a
+/// time needed a horizontal sum per score: over a 3037-token cache, 24 layers' attention for one decode
+/// token took 1.8× as long (with the value blocks below; A/B in one process).
+fn scores_of<const N: usize>(qg: &[f32], k: &[f32], scale: f32, scores: &mut [f32]) {
     let heads = qg.len() / (8 * N);
     let len = scores.len() / heads;
     let q: Vec<[f32x8; N]> = qg
         .chunks_exact(8 * N)
         .map(|qh| std::array::from_fn(|c| load8(&qh[8 * c..]) * f32x8::splat(scale)))
         .collect();
-    for p in 0..len {
-        let k = &k_cache[at(p)..][..8 * N];
-        let k: [f32x8; N] = std::array::from_fn(|c| load8(&k[8 * c..]));
+    let mut blocks = k.chunks_exact(64 * N);
+    for (b, rows) in blocks.by_ref().enumerate() {
+        let rows: [&[f32]; 8] = std::array::from_fn(|j| &rows[8 * N * j..][..8 * N]);
         for (h, q) in q.iter().enumerate() {
-            // Two chains, so each multiply-add waits for the one two before it.
-            let mut acc = [f32x8::ZERO; 2];
-            for c in 0..N {
-                acc[c % 2] = k[c].mul_add(q[c], acc[c % 2]);
+            let mut acc = [f32x8::ZERO; 8];
+            for (c, q) in q.iter().enumerate() {
+                for (acc, k) in acc.iter_mut().zip(&rows) {
+                    *acc = load8(&k[8 * c..]).mul_add(*q, *acc);
+                }
             }
-            scores[h * len + p] = (acc[0] + acc[1]).reduce_add();
+            let sums = sum_each(acc);
+            scores[h * len + 8 * b..][..8].copy_from_slice(&sums.to_array());
+        }
+    }
+    let p0 = len - blocks.remainder().len() / (8 * N);
+    for (p, k) in blocks.remainder().chunks_exact(8 * N).enumerate() {
+        for (h, q) in q.iter().enumerate() {
+            let mut acc = f32x8::ZERO;
+            for (c, q) in q.iter().enumerate() {
+                acc = load8(&k[8 * c..]).mul_add(*q, acc);
+            }
+            scores[h * len + p0 + p] = acc.reduce_add();
         }
     }
 }
+
+/// Lane `j` of the result is the sum of the lanes of `v[j]`.
+#[inline]
+fn sum_each(v: [f32x8; 8]) -> f32x8 {
+    let t = f32x8::transpose(v);
+    ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))
+}
+
+/// Positions per block of the weighted sum: a block's value rows (16 KiB at head size 64) stay in L1
+/// while every head of the group goes over them, so each is read from memory once per token.
+const VALUE_BLOCK: usize = 64;
 
 /// `o[h] = Σ_p a[h][p] · v[p]` for the heads of a group (`a` is `heads × len`, `o` `heads × hd`), where
-/// `v[p]` is `v_cache[at(p)..][..hd]`.
+/// `v[p]` is `v[p · hd..][..hd]`.
 ///
-/// Blocks of up to four heads × up to 64 output values, eight vectors of accumulators, one position at
-/// a time: each value load serves every head of the block, the eight multiply-adds per position are
-/// independent (their latency hidden), and a position's values are read once per block, in order.
-fn weighted_values(
-    a: &[f32],
-    len: usize,
-    v_cache: &[f32],
-    at: impl Fn(usize) -> usize,
-    o: &mut [f32],
-    hd: usize,
-) {
-    let heads = a.len() / len;
-    for h0 in (0..heads).step_by(4) {
-        let hb = (heads - h0).min(4);
-        // Vectors of output values per block: eight accumulators in all.
-        let cb = [8, 4, 2, 2][hb - 1];
-        let mut c = 0;
-        while c + 8 <= hd {
-            let args = (a, len, v_cache, &at, &mut *o, hd, h0, c);
-            c += match (hb, hd - c >= 8 * cb) {
-                (1, true) => values_block::<1, 8>(args),
-                (2, true) => values_block::<2, 4>(args),
-                (3, true) => values_block::<3, 2>(args),
-                (4, true) => values_block::<4, 2>(args),
-                (1, false) => values_block::<1, 1>(args),
-                (2, false) => values_block::<2, 1>(args),
-                (3, false) => values_block::<3, 1>(args),
-                _ => values_block::<4, 1>(args),
-            };
-        }
-        // Head sizes that are not a multiple of eight: the rest one value at a time.
-        for h in h0..h0 + hb {
+/// Block by block of [`VALUE_BLOCK`] positions, head by head, up to 64 output values in eight vector
+/// accumulators: per position one broadcast weight and eight independent multiply-adds with value
+/// vectors from L1. Each head's sums run over the positions in order, carried from block to block in `o`.
+fn weighted_values(a: &[f32], len: usize, v: &[f32], o: &mut [f32], hd: usize) {
+    o.fill(0.0);
+    for p0 in (0..len).step_by(VALUE_BLOCK) {
+        let ps = p0..(p0 + VALUE_BLOCK).min(len);
+        let vb = &v[p0 * hd..ps.end * hd];
+        for (ah, oh) in a.chunks_exact(len).zip(o.chunks_exact_mut(hd)) {
+            let ah = &ah[ps.clone()];
+            let mut c = 0;
+            while c + 64 <= hd {
+                values_block::<8>(ah, vb, hd, oh, c);
+                c += 64;
+            }
+            while c + 8 <= hd {
+                values_block::<1>(ah, vb, hd, oh, c);
+                c += 8;
+            }
+            // Head sizes that are not a multiple of eight: the rest one value at a time.
             for c in c..hd {
-                o[h * hd + c] = (0..len).map(|p| a[h * len + p] * v_cache[at(p) + c]).sum();
+                for (w, v) in ah.iter().zip(vb.chunks_exact(hd)) {
+                    oh[c] += w * v[c];
+                }
             }
         }
     }
 }
 
-type ValuesArgs<'a, F> = (
-    &'a [f32],
-    usize,
-    &'a [f32],
-    &'a F,
-    &'a mut [f32],
-    usize,
-    usize,
-    usize,
-);
-
-/// Values `c..c + 8 · C` of heads `h0..h0 + H` of [`weighted_values`]; returns how many values it did.
+/// Values `c..c + 8 · C` of one head's output `oh` of [`weighted_values`]: `oh += Σ_p ah[p] · vb[p]`
+/// over the rows of a block.
 #[inline]
-fn values_block<const H: usize, const C: usize>(
-    (a, len, v_cache, at, o, hd, h0, c): ValuesArgs<impl Fn(usize) -> usize>,
-) -> usize {
-    let mut acc = [[f32x8::ZERO; C]; H];
-    for p in 0..len {
-        let v = &v_cache[at(p) + c..][..8 * C];
-        let v: [f32x8; C] = std::array::from_fn(|j| load8(&v[8 * j..]));
-        for (h, acc) in acc.iter_mut().enumerate() {
-            let w = f32x8::splat(a[(h0 + h) * len + p]);
-            for j in 0..C {
-                acc[j] = v[j].mul_add(w, acc[j]);
-            }
+fn values_block<const C: usize>(ah: &[f32], vb: &[f32], hd: usize, oh: &mut [f32], c: usize) {
+    let mut acc: [f32x8; C] = std::array::from_fn(|j| load8(&oh[c + 8 * j..]));
+    for (&w, v) in ah.iter().zip(vb.chunks_exact(hd)) {
+        let (w, v) = (f32x8::splat(w), &v[c..][..8 * C]);
+        for (j, acc) in acc.iter_mut().enumerate() {
+            *acc = load8(&v[8 * j..]).mul_add(w, *acc);
         }
     }
-    for (h, acc) in acc.iter().enumerate() {
-        for (j, acc) in acc.iter().enumerate() {
-            o[(h0 + h) * hd + c + 8 * j..][..8].copy_from_slice(&acc.to_array());
-        }
+    for (j, acc) in acc.iter().enumerate() {
+        oh[c + 8 * j..][..8].copy_from_slice(&acc.to_array());
     }
-    8 * C
 }
 
 #[cfg(test)]
@@ -168,6 +164,7 @@ mod tests {
             n_kv_heads: 1,
             head_dim: 2,
             start: 0,
+            capacity: 1,
         };
         let q = [1.0, 2.0, -1.0, 0.5];
         let k = [0.3, 0.4];
@@ -187,6 +184,7 @@ mod tests {
             n_kv_heads: 1,
             head_dim: hd,
             start: 1,
+            capacity: 2,
         };
         let q = [1.0, 0.0];
         let k = [0.0, 1.0, l3, 0.0];
@@ -202,17 +200,19 @@ mod tests {
     /// The definition, in f64 and plain loops: softmax over the causal positions of each query head's
     /// scaled dot products with its KV head's keys, then the weighted sum of the values.
     fn attention_f64(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape, t: usize) -> Vec<f64> {
-        let (hd, kv_dim) = (s.head_dim, s.n_kv_heads * s.head_dim);
+        let hd = s.head_dim;
+        // KV head `kv` at position `p`, in the cache's KV-head-major layout.
+        let at = |kv: usize, p: usize| (kv * s.capacity + p) * hd;
         let group = s.n_heads / s.n_kv_heads;
         let mut out = vec![0f64; t * s.n_heads * hd];
         for ti in 0..t {
             for h in 0..s.n_heads {
                 let qh = &q[(ti * s.n_heads + h) * hd..][..hd];
-                let kv = (h / group) * hd;
+                let kv = h / group;
                 let len = s.start + ti + 1;
                 let scores: Vec<f64> = (0..len)
                     .map(|p| {
-                        let kp = &k[p * kv_dim + kv..][..hd];
+                        let kp = &k[at(kv, p)..][..hd];
                         let d: f64 = qh.iter().zip(kp).map(|(&a, &b)| a as f64 * b as f64).sum();
                         d / (hd as f64).sqrt()
                     })
@@ -222,8 +222,7 @@ mod tests {
                 let sum: f64 = e.iter().sum();
                 for (p, e) in e.iter().enumerate() {
                     for c in 0..hd {
-                        out[(ti * s.n_heads + h) * hd + c] +=
-                            e / sum * v[p * kv_dim + kv + c] as f64;
+                        out[(ti * s.n_heads + h) * hd + c] += e / sum * v[at(kv, p) + c] as f64;
                     }
                 }
             }
@@ -254,8 +253,9 @@ mod tests {
         let (heads, tokens) = ([(14, 2, 64), (4, 4, 128), (4, 2, 80)], [(0, 1), (3, 2)]);
         for (n_heads, n_kv_heads, head_dim) in heads {
             for (start, t) in tokens {
-                let len = start + t;
-                let kv = len * n_kv_heads * head_dim;
+                // Room for a few positions more than are used: the heads' rows are `capacity` apart.
+                let capacity = start + t + 3;
+                let kv = capacity * n_kv_heads * head_dim;
                 let q: Vec<f32> = (0..t * n_heads * head_dim).map(f).collect();
                 let k: Vec<f32> = (0..kv).map(|i| f(i + 101)).collect();
                 let v: Vec<f32> = (0..kv).map(|i| f(i + 577)).collect();
@@ -264,6 +264,7 @@ mod tests {
                     n_kv_heads,
                     head_dim,
                     start,
+                    capacity,
                 };
                 let mut out = vec![f32::NAN; q.len()];
                 attention(&q, &k, &v, &s, &mut out);
