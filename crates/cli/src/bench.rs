@@ -15,6 +15,10 @@ pub struct Args {
     /// Repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub reps: u32,
+    /// Also prefill a context of N tokens and decode after it (as llama-bench's `-d N`): a long chat or
+    /// document, where the KV cache read by attention adds to the weights read per token.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub context: u32,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -37,6 +41,14 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     }
     let load_start = Instant::now();
     let mut runner = load_runner(g)?;
+    let decode_n = 128;
+    let context = a.context as usize;
+    let max_positions = runner.model.config.max_position_embeddings;
+    if context + decode_n + 1 > max_positions {
+        anyhow::bail!(
+            "--context {context} leaves no room for {decode_n} decoded tokens in this model's context of {max_positions} tokens"
+        );
+    }
     let load_s = load_start.elapsed().as_secs_f64();
     let model = runner.model.clone();
     let cfg = &model.config;
@@ -68,7 +80,6 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         prefill.insert(n, (n as f64 / s, flops / s / 1e9));
         eprintln!("prefill {n}: {:.1} tok/s", n as f64 / s);
     }
-    let decode_n = 128;
     let decode_times: Vec<f64> = (0..reps)
         .map(|_| {
             let mut c = qwen2::KvCache::new(cfg, decode_n + 2)?;
@@ -83,6 +94,37 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let decode_tok_s = decode_n as f64 / median(decode_times);
     eprintln!("decode: {decode_tok_s:.1} tok/s");
+
+    // Decode after a long context: one prefill of it, then each repetition decodes from its end.
+    let after_context = if context > 0 {
+        let ids: Vec<u32> = (0..context as u32)
+            .map(|i| (1000 + i * 7) % cfg.vocab_size as u32)
+            .collect();
+        let mut c = qwen2::KvCache::new(cfg, context + decode_n + 1)?;
+        eprintln!("prefilling a context of {context} tokens …");
+        let t = Instant::now();
+        model.forward(&ids, &mut c, qwen2::Logits::Last)?;
+        let prefill_tok_s = context as f64 / t.elapsed().as_secs_f64();
+        let times: Vec<f64> = (0..reps)
+            .map(|_| {
+                c.truncate(context);
+                let t = Instant::now();
+                for i in 0..decode_n as u32 {
+                    model.forward(
+                        &[(1000 + i) % cfg.vocab_size as u32],
+                        &mut c,
+                        qwen2::Logits::Last,
+                    )?;
+                }
+                Ok(t.elapsed().as_secs_f64())
+            })
+            .collect::<Result<_>>()?;
+        let tok_s = decode_n as f64 / median(times);
+        eprintln!("decode after {context} tokens: {tok_s:.1} tok/s");
+        Some((prefill_tok_s, tok_s))
+    } else {
+        None
+    };
 
     // Dual task: warm the prefix cache once, then measure.
     let mut dual = Vec::new();
@@ -141,6 +183,8 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         "prefill": prefill.iter().map(|(n, (tps, gf))| serde_json::json!({"tokens": n, "tok_s": tps, "gflops": gf,
             "fraction_of_peak": gf / peak})).collect::<Vec<_>>(),
         "decode": {"tokens": decode_n, "tok_s": decode_tok_s, "effective_gbs": eff_bw, "fraction_of_bandwidth": eff_bw / bw},
+        "decode_after_context": after_context.map(|(prefill_tok_s, tok_s)| serde_json::json!({"context": context,
+            "prefill_tok_s": prefill_tok_s, "tokens": decode_n, "tok_s": tok_s})),
         "dual_task": dual.iter().map(|(n, l, f, t)| serde_json::json!({"input": n, "sentiment_ms": l, "first_token_ms": f, "total_ms": t})).chain(skipped).collect::<Vec<_>>(),
         "peak_rss_bytes": rss,
     });
@@ -176,6 +220,11 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         );
     }
     println!("  decode              {decode_tok_s:>8.1} tok/s  {eff_bw:>6.1} GB/s ({:.0} % of bandwidth)", eff_bw / bw * 100.0);
+    if let Some((prefill_tok_s, tok_s)) = after_context {
+        println!(
+            "  decode after {context:<6} {tok_s:>7.1} tok/s  (the {context}-token context prefilled at {prefill_tok_s:.1} tok/s)"
+        );
+    }
     for (n, l, f, t) in &dual {
         println!("  dual task {n:<18} sentiment {l:>6.0} ms, first reply token {f:>6.0} ms, 64-token reply {t:>6.0} ms");
     }

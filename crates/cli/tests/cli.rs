@@ -701,6 +701,8 @@ fn bench_json_has_every_figure() {
             "--json",
             "--reps",
             "1",
+            "--context",
+            "200",
         ],
         None,
     );
@@ -747,6 +749,29 @@ fn bench_json_has_every_figure() {
         .unwrap()
         .contains("too long"));
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    let after = &v["decode_after_context"];
+    assert_eq!(after["context"].as_u64(), Some(200));
+    assert_eq!(after["tokens"].as_u64(), Some(128));
+    assert!(
+        after["tok_s"].as_f64().unwrap() > 0.0 && after["prefill_tok_s"].as_f64().unwrap() > 0.0
+    );
+
+    // A context the model cannot hold with the decoded tokens after it: a clear error, no panic.
+    let o = duet(
+        &[
+            "--model",
+            tiny().to_str().unwrap(),
+            "bench",
+            "--reps",
+            "1",
+            "--context",
+            "400",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--context 400"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
 }
 
 #[test]
