@@ -161,14 +161,10 @@ impl KvCache {
             ));
         }
         let (hd, cap) = (self.head_dim, self.capacity);
-        for l in 0..self.k.len() {
-            let from = other.heads(&other.k[l], other.capacity, len);
-            for (h, src) in from.enumerate() {
-                self.k[l][h * cap * hd..][..len * hd].copy_from_slice(src);
-            }
-            let from = other.heads(&other.v[l], other.capacity, len);
-            for (h, src) in from.enumerate() {
-                self.v[l][h * cap * hd..][..len * hd].copy_from_slice(src);
+        let pairs = self.k.iter_mut().zip(&other.k);
+        for (dst, src) in pairs.chain(self.v.iter_mut().zip(&other.v)) {
+            for (h, src) in other.heads(src, other.capacity, len).enumerate() {
+                dst[h * cap * hd..][..len * hd].copy_from_slice(src);
             }
         }
         self.len = len;
