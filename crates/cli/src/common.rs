@@ -90,10 +90,7 @@ fn prefix_cache_dir(model: &std::path::Path, form: &str) -> Option<(PathBuf, Str
     let base = match std::env::var_os("DUET_CACHE_DIR") {
         Some(d) if d.is_empty() => return None,
         Some(d) => PathBuf::from(d),
-        None => match std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-            Some(d) => PathBuf::from(d).join("duet"),
-            None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/duet"),
-        },
+        None => qwen2::fetch::user_dir("XDG_CACHE_HOME", ".cache")?,
     };
     let stamp = |p: &std::path::Path| -> Option<String> {
         let m = std::fs::metadata(p).ok()?;

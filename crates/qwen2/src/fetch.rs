@@ -66,22 +66,38 @@ const BUILT_IN_REQUIREMENTS: &str = include_str!("../../../models/requirements-d
 /// with `cargo run`); otherwise, for a binary copied or installed elsewhere, a directory of the user's:
 /// `$XDG_DATA_HOME/duet/models`, else `~/.local/share/duet/models` (else `./duet-models`).
 pub fn default_models_dir() -> PathBuf {
-    let env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
-    choose_models_dir(&workspace_models_dir(), env("XDG_DATA_HOME"), env("HOME"))
+    choose_models_dir(
+        &workspace_models_dir(),
+        user_dir("XDG_DATA_HOME", ".local/share"),
+    )
 }
 
-fn choose_models_dir(
-    tree: &Path,
-    xdg_data_home: Option<std::ffi::OsString>,
+/// Duet's directory of one kind in the user's home, after the XDG base directories: `$<xdg_var>/duet`,
+/// else `$HOME/<home_default>/duet` (`None` without either).
+pub fn user_dir(xdg_var: &str, home_default: &str) -> Option<PathBuf> {
+    let env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    user_dir_from(env(xdg_var), env("HOME"), home_default)
+}
+
+fn user_dir_from(
+    xdg: Option<std::ffi::OsString>,
     home: Option<std::ffi::OsString>,
-) -> PathBuf {
+    home_default: &str,
+) -> Option<PathBuf> {
+    match (xdg, home) {
+        (Some(base), _) => Some(PathBuf::from(base).join("duet")),
+        (None, Some(home)) => Some(PathBuf::from(home).join(home_default).join("duet")),
+        (None, None) => None,
+    }
+}
+
+fn choose_models_dir(tree: &Path, user_data: Option<PathBuf>) -> PathBuf {
     if tree.join(DEFAULT_RECIPE_FILE).is_file() {
         return tree.to_path_buf();
     }
-    match (xdg_data_home, home) {
-        (Some(data), _) => PathBuf::from(data).join("duet/models"),
-        (None, Some(home)) => PathBuf::from(home).join(".local/share/duet/models"),
-        (None, None) => PathBuf::from("duet-models"),
+    match user_data {
+        Some(dir) => dir.join("models"),
+        None => PathBuf::from("duet-models"),
     }
 }
 
@@ -1069,19 +1085,20 @@ mod tests {
     fn fetch_models_dir_away_from_the_source_tree() {
         let tree = workspace_models_dir();
         let gone = Path::new("/nonexistent/duet/models");
+        let user = || Some(PathBuf::from("/x/duet"));
+        assert_eq!(choose_models_dir(&tree, user()), tree);
+        assert_eq!(choose_models_dir(gone, user()), Path::new("/x/duet/models"));
+        assert_eq!(choose_models_dir(gone, None), Path::new("duet-models"));
         let os = |s: &str| Some(std::ffi::OsString::from(s));
-        assert_eq!(choose_models_dir(&tree, os("/x"), os("/h")), tree);
+        let share = ".local/share";
         assert_eq!(
-            choose_models_dir(gone, os("/x"), os("/h")),
-            Path::new("/x/duet/models")
+            user_dir_from(os("/x"), os("/h"), share),
+            Some(PathBuf::from("/x/duet"))
         );
         assert_eq!(
-            choose_models_dir(gone, None, os("/h")),
-            Path::new("/h/.local/share/duet/models")
+            user_dir_from(None, os("/h"), share),
+            Some(PathBuf::from("/h/.local/share/duet"))
         );
-        assert_eq!(
-            choose_models_dir(gone, None, None),
-            Path::new("duet-models")
-        );
+        assert_eq!(user_dir_from(None, None, share), None);
     }
 }
