@@ -138,12 +138,13 @@ pub fn print_trace(e: &tasks::TraceEvent) {
                 eprintln!("[trace]   | {line}");
             }
         }
-        T::Cache { hit, from_disk, prefix_tokens, cache_bytes, entries } => eprintln!(
+        T::Cache { hit, from_disk, extended_from, prefix_tokens, cache_bytes, entries } => eprintln!(
             "[trace] PromptCache::prepare → {} ({prefix_tokens} prefix tokens; cache holds {entries} prefixes, {:.1} MiB)",
-            match (hit, from_disk) {
-                (true, true) => "hit: read from the disk cache",
-                (true, false) => "hit",
-                _ => "miss: prefix computed now",
+            match (hit, from_disk, extended_from) {
+                (true, true, _) => "hit: read from the disk cache".to_string(),
+                (true, false, _) => "hit".to_string(),
+                (false, _, 0) => "miss: prefix computed now".to_string(),
+                (false, _, n) => format!("miss: prefix computed now, after a cached {n}-token prefix of it"),
             },
             *cache_bytes as f64 / (1 << 20) as f64
         ),

@@ -41,6 +41,8 @@ pub struct Prepared {
     pub hit: bool,
     /// The hit was read from the disk directory.
     pub from_disk: bool,
+    /// On a miss, the length of a shorter cached prefix the new one was computed from (0: none).
+    pub extended_from: usize,
 }
 
 impl PromptCache {
@@ -108,6 +110,7 @@ impl PromptCache {
                 reused: 0,
                 hit: false,
                 from_disk: false,
+                extended_from: 0,
             }); // caching disabled
         }
         // Keep at least one token of the request to run, so the caller always gets fresh logits.
@@ -120,13 +123,14 @@ impl PromptCache {
                 reused: 0,
                 hit: false,
                 from_disk: false,
+                extended_from: 0,
             });
         }
         self.clock += 1;
         let now = self.clock;
         let found = self.entries.iter_mut().find(|e| e.ids == prefix_ids);
         let hit = found.is_some();
-        let mut from_disk = false;
+        let (mut from_disk, mut extended_from) = (false, 0);
         match found {
             Some(e) => {
                 e.last_used = now;
@@ -152,8 +156,21 @@ impl PromptCache {
                         kv
                     }
                     None => {
+                        // The longest cached prefix of this one is copied and only the tokens after it
+                        // run: a conversation's prefix holds its earlier turns, so it is new every turn,
+                        // and it extends the previous turn's.
                         let mut kv = KvCache::new(&model.config, prefix_ids.len())?;
-                        model.forward(prefix_ids, &mut kv, Logits::None)?;
+                        extended_from = self
+                            .entries
+                            .iter_mut()
+                            .filter(|e| prefix_ids.starts_with(&e.ids))
+                            .max_by_key(|e| e.ids.len())
+                            .map_or(Ok(0), |e| {
+                                e.last_used = now;
+                                kv.copy_prefix_from(&e.kv, e.ids.len())
+                                    .map(|()| e.ids.len())
+                            })?;
+                        model.forward(&prefix_ids[extended_from..], &mut kv, Logits::None)?;
                         self.misses += 1;
                         if let Some(p) = &path {
                             keep_on_disk(&kv, p);
@@ -174,6 +191,7 @@ impl PromptCache {
             reused: prefix_ids.len(),
             hit: hit || from_disk,
             from_disk,
+            extended_from,
         })
     }
 

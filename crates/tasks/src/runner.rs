@@ -129,6 +129,7 @@ impl Runner {
         trace(TraceEvent::Cache {
             hit: prepared.hit,
             from_disk: prepared.from_disk,
+            extended_from: prepared.extended_from,
             prefix_tokens: prepared.reused,
             cache_bytes: self.cache.bytes(),
             entries: self.cache.len(),

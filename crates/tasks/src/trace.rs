@@ -20,6 +20,8 @@ pub enum TraceEvent {
         hit: bool,
         /// The hit came from the disk directory (an earlier run).
         from_disk: bool,
+        /// A miss computed from a shorter cached prefix of this length (a conversation's previous turn).
+        extended_from: usize,
         prefix_tokens: usize,
         cache_bytes: usize,
         entries: usize,

@@ -332,3 +332,64 @@ fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
     .unwrap();
     assert_eq!(files(), before, "a conversation's prefix stays in memory");
 }
+
+/// A conversation's prompt prefix holds its earlier turns, so it is new every turn. It is computed from
+/// the previous turn's cached prefix (only the turns since then run), and every turn's reply is the one
+/// computing the whole prompt gives.
+#[test]
+fn conversation_turns_extend_the_previous_prefix_with_the_same_results() {
+    let dirs = [tasks::library::shipped_dir()];
+    let mut cached = runner(&dirs, 1 << 24);
+    let mut uncached = runner(&dirs, 0);
+    let none = BTreeMap::new();
+    let mut conversation = tasks::conversation::Conversation::new();
+    let mut extended = Vec::new();
+    for text in ["hello there", "tell me more", "and then?", "thanks"] {
+        let history = conversation.history();
+        let mut events = Vec::new();
+        let a = cached
+            .generate(
+                "reply",
+                text,
+                Lang::En,
+                &none,
+                &history,
+                Some(6),
+                &mut |e| {
+                    if let tasks::TraceEvent::Cache {
+                        hit,
+                        extended_from,
+                        prefix_tokens,
+                        ..
+                    } = e
+                    {
+                        events.push((hit, extended_from, prefix_tokens));
+                    }
+                },
+                &mut |_| true,
+            )
+            .unwrap();
+        let b = uncached
+            .generate(
+                "reply",
+                text,
+                Lang::En,
+                &none,
+                &history,
+                Some(6),
+                &mut |_| {},
+                &mut |_| true,
+            )
+            .unwrap();
+        assert_eq!(a.ids, b.ids, "{text}");
+        assert_eq!(events.len(), 1);
+        extended.push(events[0]);
+        conversation.push(text, &a.text);
+    }
+    // The first turn's prefix (system prompt and examples) is cached whole; each later turn's prefix is
+    // computed after the previous turn's, which is a prefix of it.
+    for w in extended.windows(2) {
+        let ((_, _, before), (hit, from, now)) = (w[0], w[1]);
+        assert!(!hit && from == before && now > before, "{extended:?}");
+    }
+}
