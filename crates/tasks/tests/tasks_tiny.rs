@@ -346,41 +346,32 @@ fn conversation_turns_extend_the_previous_prefix_with_the_same_results() {
     let mut extended = Vec::new();
     for text in ["hello there", "tell me more", "and then?", "thanks"] {
         let history = conversation.history();
+        let reply = |r: &mut Runner, trace: &mut dyn FnMut(tasks::TraceEvent)| {
+            r.generate(
+                "reply",
+                text,
+                Lang::En,
+                &none,
+                &history,
+                Some(6),
+                trace,
+                &mut |_| true,
+            )
+            .unwrap()
+        };
         let mut events = Vec::new();
-        let a = cached
-            .generate(
-                "reply",
-                text,
-                Lang::En,
-                &none,
-                &history,
-                Some(6),
-                &mut |e| {
-                    if let tasks::TraceEvent::Cache {
-                        hit,
-                        extended_from,
-                        prefix_tokens,
-                        ..
-                    } = e
-                    {
-                        events.push((hit, extended_from, prefix_tokens));
-                    }
-                },
-                &mut |_| true,
-            )
-            .unwrap();
-        let b = uncached
-            .generate(
-                "reply",
-                text,
-                Lang::En,
-                &none,
-                &history,
-                Some(6),
-                &mut |_| {},
-                &mut |_| true,
-            )
-            .unwrap();
+        let a = reply(&mut cached, &mut |e| {
+            if let tasks::TraceEvent::Cache {
+                hit,
+                extended_from,
+                prefix_tokens,
+                ..
+            } = e
+            {
+                events.push((hit, extended_from, prefix_tokens));
+            }
+        });
+        let b = reply(&mut uncached, &mut |_| {});
         assert_eq!(a.ids, b.ids, "{text}");
         assert_eq!(events.len(), 1);
         extended.push(events[0]);
