@@ -54,11 +54,24 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     let cfg = &model.config;
     let bytes_per_token = model.weight_bytes_per_token() as f64;
 
+    // Synthetic input: `n` prompt tokens, and the token decoded at step `i`.
+    let prompt_ids = |n: usize| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (1000 + i * 7) % cfg.vocab_size as u32)
+            .collect()
+    };
+    let tok = |i: u32| (1000 + i) % cfg.vocab_size as u32;
+    // `decode_n` timed decode steps after what `c` holds.
+    let decode_s = |c: &mut qwen2::KvCache| -> Result<f64> {
+        let t = Instant::now();
+        for i in 0..decode_n as u32 {
+            model.forward(&[tok(i + 1)], c, qwen2::Logits::Last)?;
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
     // One timed prefill of `n` synthetic tokens into a fresh cache.
     let prefill_s = |n: usize| -> Result<f64> {
-        let ids: Vec<u32> = (0..n as u32)
-            .map(|i| (1000 + i * 7) % cfg.vocab_size as u32)
-            .collect();
+        let ids = prompt_ids(n);
         let mut c = qwen2::KvCache::new(cfg, n + 1)?;
         let t = Instant::now();
         model.forward(&ids, &mut c, qwen2::Logits::Last)?;
@@ -83,13 +96,8 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     let decode_times: Vec<f64> = (0..reps)
         .map(|_| {
             let mut c = qwen2::KvCache::new(cfg, decode_n + 2)?;
-            let tok = |i: u32| (1000 + i) % cfg.vocab_size as u32;
             model.forward(&[tok(0)], &mut c, qwen2::Logits::Last)?;
-            let t = Instant::now();
-            for i in 0..decode_n as u32 {
-                model.forward(&[tok(i + 1)], &mut c, qwen2::Logits::Last)?;
-            }
-            Ok(t.elapsed().as_secs_f64())
+            decode_s(&mut c)
         })
         .collect::<Result<_>>()?;
     let decode_tok_s = decode_n as f64 / median(decode_times);
@@ -97,9 +105,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
 
     // Decode after a long context: one prefill of it, then each repetition decodes from its end.
     let after_context = if context > 0 {
-        let ids: Vec<u32> = (0..context as u32)
-            .map(|i| (1000 + i * 7) % cfg.vocab_size as u32)
-            .collect();
+        let ids = prompt_ids(context);
         let mut c = qwen2::KvCache::new(cfg, context + decode_n + 1)?;
         eprintln!("prefilling a context of {context} tokens …");
         let t = Instant::now();
@@ -108,15 +114,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         let times: Vec<f64> = (0..reps)
             .map(|_| {
                 c.truncate(context);
-                let t = Instant::now();
-                for i in 0..decode_n as u32 {
-                    model.forward(
-                        &[(1000 + i) % cfg.vocab_size as u32],
-                        &mut c,
-                        qwen2::Logits::Last,
-                    )?;
-                }
-                Ok(t.elapsed().as_secs_f64())
+                decode_s(&mut c)
             })
             .collect::<Result<_>>()?;
         let tok_s = decode_n as f64 / median(times);
