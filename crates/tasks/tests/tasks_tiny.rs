@@ -19,6 +19,12 @@ fn runner(dirs: &[PathBuf], cache_bytes: usize) -> Runner {
     r
 }
 
+/// Two runners on the shipped library: one with a prompt cache, one computing every prompt whole.
+fn cached_and_uncached() -> (Runner, Runner) {
+    let dirs = [tasks::library::shipped_dir()];
+    (runner(&dirs, 1 << 24), runner(&dirs, 0))
+}
+
 const TASK: &str = "name = 'pick'\nkind = 'labels'\n[system]\nzh = 'S'\nen = 'Pick one.'\n";
 
 fn labels(ids: &[&str]) -> String {
@@ -138,9 +144,7 @@ fn scoring_always_returns_a_label_with_probabilities() {
 
 #[test]
 fn prefix_cache_gives_the_results_of_the_whole_prompt() {
-    let dirs = [tasks::library::shipped_dir()];
-    let mut cached = runner(&dirs, 1 << 24);
-    let mut uncached = runner(&dirs, 0);
+    let (mut cached, mut uncached) = cached_and_uncached();
     let none = BTreeMap::new();
     for text in [
         "first text",
@@ -338,9 +342,7 @@ fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
 /// computing the whole prompt gives.
 #[test]
 fn conversation_turns_extend_the_previous_prefix_with_the_same_results() {
-    let dirs = [tasks::library::shipped_dir()];
-    let mut cached = runner(&dirs, 1 << 24);
-    let mut uncached = runner(&dirs, 0);
+    let (mut cached, mut uncached) = cached_and_uncached();
     let none = BTreeMap::new();
     let mut conversation = tasks::conversation::Conversation::new();
     let mut extended = Vec::new();
