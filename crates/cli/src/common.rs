@@ -144,7 +144,8 @@ pub fn print_trace(e: &tasks::TraceEvent) {
                 (true, true, _) => "hit: read from the disk cache".to_string(),
                 (true, false, _) => "hit".to_string(),
                 (false, _, 0) => "miss: prefix computed now".to_string(),
-                (false, _, n) => format!("miss: prefix computed now, after a cached {n}-token prefix of it"),
+                (false, false, n) => format!("miss: prefix computed now, after a cached {n}-token prefix of it"),
+                (false, true, n) => format!("miss: prefix computed now, after its first {n} tokens read from the disk cache"),
             },
             *cache_bytes as f64 / (1 << 20) as f64
         ),

@@ -39,9 +39,10 @@ pub struct Prepared {
     pub cache: KvCache,
     pub reused: usize,
     pub hit: bool,
-    /// The hit was read from the disk directory.
+    /// The prefix (on a hit) or the library part it starts with (on a miss) was read from the disk
+    /// directory.
     pub from_disk: bool,
-    /// On a miss, the length of a shorter cached prefix the new one was computed from (0: none).
+    /// On a miss, how many of its leading ids were already cached (0: none); only those after them ran.
     pub extended_from: usize,
 }
 
@@ -95,104 +96,159 @@ impl PromptCache {
     /// Returns a fresh cache of `capacity` positions, already holding `prefix_ids` (computed now if this
     /// prefix was not seen before). `full_ids` must start with `prefix_ids`; if it does not (a tokenizer
     /// merge across the boundary), nothing is reused and the result is still exact.
+    ///
+    /// The first `persist_len` ids of the prefix are library text (system prompt, examples) that may be
+    /// kept in the disk directory; 0 if none. A conversation's prefix holds its earlier turns after
+    /// them: only that library part goes to disk, shared with one-shot commands.
     pub fn prepare(
         &mut self,
         model: &Model,
         prefix_ids: &[u32],
         full_ids: &[u32],
         capacity: usize,
-        persist: bool,
+        persist_len: usize,
     ) -> Result<Prepared> {
         let mut cache = KvCache::new(&model.config, capacity)?;
-        if self.max_bytes == 0 {
-            return Ok(Prepared {
+        let nothing = |cache| {
+            Ok(Prepared {
                 cache,
                 reused: 0,
                 hit: false,
                 from_disk: false,
                 extended_from: 0,
-            }); // caching disabled
+            })
+        };
+        if self.max_bytes == 0 {
+            return nothing(cache); // caching disabled
         }
         // Keep at least one token of the request to run, so the caller always gets fresh logits.
         if prefix_ids.is_empty()
             || !full_ids.starts_with(prefix_ids)
             || prefix_ids.len() >= full_ids.len()
         {
+            return nothing(cache);
+        }
+        self.clock += 1;
+        let now = self.clock;
+        let persist_len = persist_len.min(prefix_ids.len());
+        if let Some(e) = self.entries.iter_mut().find(|e| e.ids == prefix_ids) {
+            e.last_used = now;
+            cache.copy_prefix_from(&e.kv, prefix_ids.len())?;
+            self.hits += 1;
             return Ok(Prepared {
                 cache,
-                reused: 0,
-                hit: false,
+                reused: prefix_ids.len(),
+                hit: true,
                 from_disk: false,
                 extended_from: 0,
             });
         }
-        self.clock += 1;
-        let now = self.clock;
-        let found = self.entries.iter_mut().find(|e| e.ids == prefix_ids);
-        let hit = found.is_some();
-        let (mut from_disk, mut extended_from) = (false, 0);
-        match found {
-            Some(e) => {
-                e.last_used = now;
-                cache.copy_prefix_from(&e.kv, prefix_ids.len())?;
+        // A copy on disk from an earlier run, if the whole prefix may be kept there.
+        if persist_len == prefix_ids.len() {
+            if let Some(kv) = self.read_disk(model, prefix_ids) {
                 self.hits += 1;
-            }
-            None => {
-                // A copy on disk from an earlier run, if it is whole and of this prefix's length;
-                // anything else (missing, cut short, another model) is computed again.
-                let path = if persist {
-                    self.disk_path(prefix_ids)
-                } else {
-                    None
-                };
-                let saved = path
-                    .as_deref()
-                    .and_then(|p| KvCache::load(&model.config, p).ok())
-                    .filter(|kv| kv.len() == prefix_ids.len());
-                let kv = match saved {
-                    Some(kv) => {
-                        from_disk = true;
-                        self.hits += 1;
-                        kv
-                    }
-                    None => {
-                        // The longest cached prefix of this one is copied and only the tokens after it
-                        // run: a conversation's prefix holds its earlier turns, so it is new every turn,
-                        // and it extends the previous turn's.
-                        let mut kv = KvCache::new(&model.config, prefix_ids.len())?;
-                        extended_from = self
-                            .entries
-                            .iter_mut()
-                            .filter(|e| prefix_ids.starts_with(&e.ids))
-                            .max_by_key(|e| e.ids.len())
-                            .map_or(Ok(0), |e| {
-                                e.last_used = now;
-                                kv.copy_prefix_from(&e.kv, e.ids.len())
-                                    .map(|()| e.ids.len())
-                            })?;
-                        model.forward(&prefix_ids[extended_from..], &mut kv, Logits::None)?;
-                        self.misses += 1;
-                        if let Some(p) = &path {
-                            keep_on_disk(&kv, p);
-                        }
-                        kv.snapshot()
-                    }
-                };
                 cache.copy_prefix_from(&kv, prefix_ids.len())?;
                 self.insert(Entry {
                     ids: prefix_ids.to_vec(),
                     kv,
                     last_used: now,
                 });
+                return Ok(Prepared {
+                    cache,
+                    reused: prefix_ids.len(),
+                    hit: true,
+                    from_disk: true,
+                    extended_from: 0,
+                });
             }
         }
+        self.misses += 1;
+        let (kv, from_disk, extended_from) = self.compute(model, prefix_ids, persist_len, now)?;
+        cache.copy_prefix_from(&kv, prefix_ids.len())?;
+        self.insert(Entry {
+            ids: prefix_ids.to_vec(),
+            kv,
+            last_used: now,
+        });
         Ok(Prepared {
             cache,
             reused: prefix_ids.len(),
-            hit: hit || from_disk,
+            hit: false,
             from_disk,
             extended_from,
         })
+    }
+
+    /// The KV state of a prefix that is not cached whole, and as [`Prepared`] has them, `from_disk` and
+    /// `extended_from`. The longest cached prefix of it is copied and only the ids after it run: a
+    /// conversation's prefix holds its earlier turns, so it is new every turn, and it extends the
+    /// previous turn's.
+    fn compute(
+        &mut self,
+        model: &Model,
+        prefix_ids: &[u32],
+        persist_len: usize,
+        now: u64,
+    ) -> Result<(KvCache, bool, usize)> {
+        let mut kv = KvCache::new(&model.config, prefix_ids.len())?;
+        let mut done = match self
+            .entries
+            .iter_mut()
+            .filter(|e| prefix_ids.starts_with(&e.ids))
+            .max_by_key(|e| e.ids.len())
+        {
+            Some(e) => {
+                e.last_used = now;
+                kv.copy_prefix_from(&e.kv, e.ids.len())?;
+                e.ids.len()
+            }
+            None => 0,
+        };
+        let (mut from_disk, mut extended_from) = (false, done);
+        if done < persist_len && persist_len < prefix_ids.len() {
+            // The library part a conversation's prefix starts with (the first time its system prompt
+            // comes up in this process): from disk, or computed and written there, and kept in memory as
+            // an entry of its own.
+            let base_ids = &prefix_ids[..persist_len];
+            let base = match self.read_disk(model, base_ids) {
+                Some(base) => {
+                    (from_disk, extended_from) = (true, persist_len);
+                    base
+                }
+                None => {
+                    let mut base = KvCache::new(&model.config, persist_len)?;
+                    base.copy_prefix_from(&kv, done)?;
+                    model.forward(&base_ids[done..], &mut base, Logits::None)?;
+                    self.write_disk(&base, base_ids);
+                    base.snapshot()
+                }
+            };
+            kv.copy_prefix_from(&base, persist_len)?;
+            done = persist_len;
+            self.insert(Entry {
+                ids: base_ids.to_vec(),
+                kv: base,
+                last_used: now,
+            });
+        }
+        model.forward(&prefix_ids[done..], &mut kv, Logits::None)?;
+        if persist_len == prefix_ids.len() {
+            self.write_disk(&kv, prefix_ids);
+        }
+        Ok((kv.snapshot(), from_disk, extended_from))
+    }
+
+    /// The disk directory's copy of `ids`, if it is whole and of their length; anything else (missing,
+    /// cut short, another model) is computed again.
+    fn read_disk(&self, model: &Model, ids: &[u32]) -> Option<KvCache> {
+        let kv = KvCache::load(&model.config, &self.disk_path(ids)?).ok()?;
+        (kv.len() == ids.len()).then_some(kv)
+    }
+
+    fn write_disk(&self, kv: &KvCache, ids: &[u32]) {
+        if let Some(p) = self.disk_path(ids) {
+            keep_on_disk(kv, &p);
+        }
     }
 
     fn insert(&mut self, e: Entry) {

@@ -115,13 +115,27 @@ impl Runner {
         // Only a prefix made of library text (system prompt, examples, label names, defaults) may be kept
         // on disk, never one holding the user's words: earlier turns, or a pipeline value taken from the
         // text (the input itself, an earlier step's output) that the prompt puts before the text.
-        let persist = history.is_empty()
-            && vars.values().all(|v| {
-                v.is_empty() || self.library.is_library_text(v) || !p.prefix.contains(v.as_str())
-            });
+        // A conversation's prefix goes to disk only up to its first turn: the prefix the same prompt
+        // has without history, which one-shot commands use too.
+        let library_only = vars.values().all(|v| {
+            v.is_empty() || self.library.is_library_text(v) || !p.prefix.contains(v.as_str())
+        });
+        let persist_len = match (library_only, history.is_empty()) {
+            (false, _) => 0,
+            (true, true) => prefix_ids.len(),
+            (true, false) => {
+                let first = prompt::build(&self.tokenizer, task, lang, vars, &[], text)?;
+                let first_ids = self.tokenizer.encode(&first.prefix)?;
+                if prefix_ids.starts_with(&first_ids) {
+                    first_ids.len()
+                } else {
+                    0
+                }
+            }
+        };
         let prepared = self
             .cache
-            .prepare(&self.model, &prefix_ids, &ids, needed, persist)?;
+            .prepare(&self.model, &prefix_ids, &ids, needed, persist_len)?;
         trace(TraceEvent::Timing {
             stage: "PromptCache::prepare".into(),
             ms: t.elapsed().as_secs_f64() * 1e3,

@@ -18,9 +18,9 @@ pub enum TraceEvent {
     /// `PromptCache::prefix`: hit or miss, and the cache's memory.
     Cache {
         hit: bool,
-        /// The hit came from the disk directory (an earlier run).
+        /// The hit, or a miss's first `extended_from` ids, came from the disk directory (an earlier run).
         from_disk: bool,
-        /// A miss computed from a shorter cached prefix of this length (a conversation's previous turn).
+        /// A miss computed after this many leading ids that were cached (a conversation's previous turn).
         extended_from: usize,
         prefix_tokens: usize,
         cache_bytes: usize,

@@ -337,6 +337,75 @@ fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
     assert_eq!(files(), before, "a conversation's prefix stays in memory");
 }
 
+/// A conversation's prefix starts with its prompt's library part (system prompt, examples): that part,
+/// and only that, goes to the disk directory, shared with one-shot commands both ways. So a reply whose
+/// system prompt (the mood) has not come up yet in a chat runs only the turns, not the examples too.
+#[test]
+fn a_conversation_shares_its_library_prefix_with_one_shot_commands_on_disk() {
+    let dirs = [tasks::library::shipped_dir()];
+    let disk = tempfile::tempdir().unwrap();
+    let with_disk = || {
+        let mut r = runner(&dirs, 1 << 24);
+        r.cache
+            .use_disk(disk.path().to_path_buf(), "tiny model, f32".into());
+        r
+    };
+    let files = || std::fs::read_dir(disk.path()).map_or(0, |d| d.count());
+    let none = BTreeMap::new();
+    let history = [
+        qwen2::Message::user("my first message"),
+        qwen2::Message::assistant("a reply"),
+    ];
+    // The reply's ids and its (hit, from_disk, extended_from, prefix_tokens).
+    let reply = |r: &mut Runner, history: &[qwen2::Message]| {
+        let mut cache = None;
+        let g = r
+            .generate(
+                "reply",
+                "the parcel came late",
+                Lang::En,
+                &none,
+                history,
+                Some(6),
+                &mut |e| {
+                    if let tasks::TraceEvent::Cache {
+                        hit,
+                        from_disk,
+                        extended_from,
+                        prefix_tokens,
+                        ..
+                    } = e
+                    {
+                        cache = Some((hit, from_disk, extended_from, prefix_tokens));
+                    }
+                },
+                &mut |_| true,
+            )
+            .unwrap();
+        (g.ids, cache.unwrap())
+    };
+    let mut uncached = runner(&dirs, 0);
+    let (turn, one_shot) = (
+        reply(&mut uncached, &history).0,
+        reply(&mut uncached, &[]).0,
+    );
+
+    // A conversation in a fresh process computes everything and writes only the library part.
+    let (ids, (hit, from_disk, from, _)) = reply(&mut with_disk(), &history);
+    assert_eq!(ids, turn);
+    assert!(!hit && !from_disk && from == 0);
+    assert_eq!(files(), 1);
+    // A one-shot command reads that part back as its whole prefix.
+    let (ids, (hit, from_disk, _, library_len)) = reply(&mut with_disk(), &[]);
+    assert_eq!(ids, one_shot);
+    assert!(hit && from_disk);
+    // A conversation in another fresh process reads it and runs only the turns.
+    let (ids, (hit, from_disk, from, len)) = reply(&mut with_disk(), &history);
+    assert_eq!(ids, turn);
+    assert!(!hit && from_disk && from == library_len && len > library_len);
+    assert_eq!(files(), 1);
+}
+
 /// A conversation's prompt prefix holds its earlier turns, so it is new every turn. It is computed from
 /// the previous turn's cached prefix (only the turns since then run), and every turn's reply is the one
 /// computing the whole prompt gives.
