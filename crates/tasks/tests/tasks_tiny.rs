@@ -246,6 +246,15 @@ fn conversation_drops_the_oldest_turns_to_fit() {
     assert!(c.turns.is_empty());
 }
 
+/// A runner on the shipped library whose prompt cache also keeps prefixes in `disk`: each one made is
+/// a new process, in effect.
+fn disk_runner(disk: &std::path::Path) -> Runner {
+    let mut r = runner(&[tasks::library::shipped_dir()], 1 << 24);
+    r.cache
+        .use_disk(disk.to_path_buf(), "tiny model, f32".into());
+    r
+}
+
 /// A prefix kept on disk by one runner is read back by a fresh one (a new process, in effect) and gives
 /// exactly the results of computing it; a damaged file is computed again; a conversation's prefix, which
 /// holds the user's earlier turns, is never written.
@@ -253,12 +262,7 @@ fn conversation_drops_the_oldest_turns_to_fit() {
 fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
     let dirs = [tasks::library::shipped_dir()];
     let disk = tempfile::tempdir().unwrap();
-    let with_disk = || {
-        let mut r = runner(&dirs, 1 << 24);
-        r.cache
-            .use_disk(disk.path().to_path_buf(), "tiny model, f32".into());
-        r
-    };
+    let with_disk = || disk_runner(disk.path());
     let files = || std::fs::read_dir(disk.path()).map_or(0, |d| d.count());
     let mut uncached = runner(&dirs, 0);
     let none = BTreeMap::new();
@@ -344,12 +348,7 @@ fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
 fn a_conversation_shares_its_library_prefix_with_one_shot_commands_on_disk() {
     let dirs = [tasks::library::shipped_dir()];
     let disk = tempfile::tempdir().unwrap();
-    let with_disk = || {
-        let mut r = runner(&dirs, 1 << 24);
-        r.cache
-            .use_disk(disk.path().to_path_buf(), "tiny model, f32".into());
-        r
-    };
+    let with_disk = || disk_runner(disk.path());
     let files = || std::fs::read_dir(disk.path()).map_or(0, |d| d.count());
     let none = BTreeMap::new();
     let history = [
