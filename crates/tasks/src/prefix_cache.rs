@@ -143,27 +143,21 @@ impl PromptCache {
                 extended_from: 0,
             });
         }
-        // A copy on disk from an earlier run, if the whole prefix may be kept there.
-        if persist_len == prefix_ids.len() {
-            if let Some(kv) = self.read_disk(model, prefix_ids) {
+        // A copy on disk from an earlier run, if the whole prefix may be kept there; else computed.
+        let saved = (persist_len == prefix_ids.len())
+            .then(|| self.read_disk(model, prefix_ids))
+            .flatten();
+        let hit = saved.is_some();
+        let (kv, from_disk, extended_from) = match saved {
+            Some(kv) => {
                 self.hits += 1;
-                cache.copy_prefix_from(&kv, prefix_ids.len())?;
-                self.insert(Entry {
-                    ids: prefix_ids.to_vec(),
-                    kv,
-                    last_used: now,
-                });
-                return Ok(Prepared {
-                    cache,
-                    reused: prefix_ids.len(),
-                    hit: true,
-                    from_disk: true,
-                    extended_from: 0,
-                });
+                (kv, true, 0)
             }
-        }
-        self.misses += 1;
-        let (kv, from_disk, extended_from) = self.compute(model, prefix_ids, persist_len, now)?;
+            None => {
+                self.misses += 1;
+                self.compute(model, prefix_ids, persist_len, now)?
+            }
+        };
         cache.copy_prefix_from(&kv, prefix_ids.len())?;
         self.insert(Entry {
             ids: prefix_ids.to_vec(),
@@ -173,7 +167,7 @@ impl PromptCache {
         Ok(Prepared {
             cache,
             reused: prefix_ids.len(),
-            hit: false,
+            hit,
             from_disk,
             extended_from,
         })
