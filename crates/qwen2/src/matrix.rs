@@ -225,12 +225,15 @@ impl Matrix {
                 let rb = quantized::row_bytes(DType::Q8_0, cols).unwrap_or(0);
                 Storage::Quant(
                     DType::Q8_0,
-                    QuantBytes::Owned(convert_rows(arena, name, t, rows, cols, rb, |v, o| {
-                        o.copy_from_slice(&quantized::reference_quantizer::quantize(
-                            DType::Q8_0,
-                            v,
-                        ));
-                    })?),
+                    QuantBytes::Owned(convert_rows(
+                        arena,
+                        name,
+                        t,
+                        rows,
+                        cols,
+                        rb,
+                        quantized::quantize_weights_q8_0,
+                    )?),
                 )
             }
             _ => Storage::Owned(convert_rows(arena, name, t, rows, cols, cols, |v, o| {

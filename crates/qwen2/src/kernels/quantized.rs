@@ -736,6 +736,49 @@ pub fn matmul_reference(
     }
 }
 
+/// Bytes of one Q8_0 block: the f16 scale, then 32 signed values.
+pub const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// One block of weights to Q8_0, for the `--dtype q8_0` form: scale `amax / 127` (stored as f16), values
+/// `x / scale` rounded half away from zero. Unlike activations ([`quantize_block_scalar`]), weights keep
+/// ggml's rounding, and a block holding a NaN or an infinity is quantized as it comes (no real checkpoint
+/// has one).
+pub fn quantize_weight_block_scalar(x: &[f32; 32], out: &mut [u8; Q8_0_BLOCK_BYTES]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    out[..2].copy_from_slice(&half::f16::from_f32(d).to_bits().to_le_bytes());
+    for (o, v) in out[2..].iter_mut().zip(x) {
+        *o = ((v * id).round() as i8) as u8;
+    }
+}
+
+/// Weights (a whole number of 32-value blocks) to Q8_0 blocks in `out`: [`quantize_weight_block_scalar`],
+/// with SIMD where available (bit-identical). Loading the default model as `--dtype q8_0` quantizes 494
+/// million values: with the scalar code alone that load took 0.92-1.18 s, with SIMD 0.53-0.83 s (old and
+/// new binary alternated eight times, each pair faster, 2-core Zen 3 VM).
+pub fn quantize_weights_q8_0(values: &[f32], out: &mut [u8]) {
+    assert!(
+        values.len().is_multiple_of(BLOCK) && out.len() == values.len() / BLOCK * Q8_0_BLOCK_BYTES
+    );
+    for (x, o) in values
+        .chunks_exact(BLOCK)
+        .zip(out.chunks_exact_mut(Q8_0_BLOCK_BYTES))
+    {
+        let (Ok(x), Ok(o)) = (
+            <&[f32; 32]>::try_from(x),
+            <&mut [u8; Q8_0_BLOCK_BYTES]>::try_from(o),
+        ) else {
+            unreachable!("whole blocks")
+        };
+        #[cfg(target_arch = "x86_64")]
+        if super::quantized_x86::quantize_weight_block(x, o) {
+            continue;
+        }
+        quantize_weight_block_scalar(x, o);
+    }
+}
+
 /// Simple quantizers producing valid blocks of each type from f32 values, for tests and benchmarks
 /// (weights with realistic block structure without needing a model file). They are not ggml's
 /// quantizers and make no claim to its rounding choices; the kernels only need valid blocks.
@@ -759,10 +802,10 @@ pub mod reference_quantizer {
         for x in values.chunks_exact(vals) {
             match dtype {
                 DType::Q8_0 => {
-                    let d = amax(x) / 127.0;
-                    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-                    put_f16(&mut out, d);
-                    out.extend(x.iter().map(|v| ((v * id).round() as i8) as u8));
+                    let mut block = [0u8; super::Q8_0_BLOCK_BYTES];
+                    let x = x.try_into().expect("32 values");
+                    super::quantize_weight_block_scalar(x, &mut block);
+                    out.extend_from_slice(&block);
                 }
                 DType::Q5_0 => {
                     let d = amax(x) / 15.0;
@@ -1011,6 +1054,62 @@ mod tests {
             assert_eq!(r1.0.to_bits(), r2.0.to_bits(), "{b:?}");
             assert_eq!(r1.1.to_bits(), r2.1.to_bits(), "{b:?}");
         }
+    }
+
+    /// The weight quantizer's SIMD path against its scalar twin, byte for byte: ordinary blocks at several
+    /// magnitudes, exact halves and their neighbours (away from zero, not to even), zeros, huge, tiny and
+    /// subnormal blocks (whose inverse scale overflows) and non-finite values (both left to the scalar code).
+    #[test]
+    fn weight_quantization_is_bit_identical_to_the_scalar_code() {
+        let mut blocks: Vec<[f32; 32]> = Vec::new();
+        for (k, scale) in [1e-3f32, 0.02, 1.0, 300.0].into_iter().enumerate() {
+            blocks.extend(
+                data(32 * 64, 40 + k as u32)
+                    .chunks(32)
+                    .map(|c| std::array::from_fn(|i| c[i] * scale)),
+            );
+        }
+        blocks.push([0.0; 32]);
+        blocks.push([-0.0; 32]);
+        // amax 127 makes the scale 1 and its inverse 1: the values are rounded as they are.
+        for nudge in [0.0f32, 1.0, -1.0] {
+            let mut halves = [0.0f32; 32];
+            for (i, v) in halves.iter_mut().enumerate() {
+                let h = if i == 0 { 127.0 } else { i as f32 - 15.5 };
+                *v = if nudge == 0.0 || i == 0 {
+                    h
+                } else {
+                    f32::from_bits((h.to_bits() as i64 + nudge as i64) as u32)
+                };
+            }
+            blocks.push(halves);
+        }
+        let mut huge = [1e38f32; 32];
+        huge[5] = -3e38;
+        blocks.push(huge);
+        for tiny in [1e-40f32, 1e-44, 1e-30] {
+            let mut b = [tiny; 32];
+            b[1] = -tiny * 0.5;
+            b[2] = 0.0;
+            blocks.push(b);
+        }
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut b = [1.0f32; 32];
+            b[31] = bad;
+            blocks.push(b);
+        }
+        let values: Vec<f32> = blocks.iter().flatten().copied().collect();
+        let mut simd = vec![0u8; blocks.len() * Q8_0_BLOCK_BYTES];
+        quantize_weights_q8_0(&values, &mut simd);
+        for (b, got) in blocks.iter().zip(simd.chunks_exact(Q8_0_BLOCK_BYTES)) {
+            let mut want = [0u8; Q8_0_BLOCK_BYTES];
+            quantize_weight_block_scalar(b, &mut want);
+            assert_eq!(got, want, "{b:?}");
+        }
+        // The first halves block holds ties (-14.5, -13.5, …), rounded away from zero.
+        let mut q = [0u8; Q8_0_BLOCK_BYTES];
+        quantize_weight_block_scalar(&blocks[4 * 64 + 2], &mut q);
+        assert_eq!([q[3], q[4], q[33]].map(|b| b as i8), [-15, -14, 16]);
     }
 
     #[test]

@@ -1369,6 +1369,71 @@ fn quantize_block_avx2(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32) {
     (d, d * s as f32)
 }
 
+/// AVX2 version of `quantized::quantize_weight_block_scalar`, bit for bit: the same scale, the same
+/// products `x · (1 / scale)`, the same rounding (half away from zero: the truncation plus one step away
+/// from zero where the dropped fraction is at least a half, both exact below 2^23). Returns false, having
+/// written nothing, for a block the scalar code should take: a NaN or an infinity in it, or a scale so
+/// small that its inverse overflows (the scalar casts saturate those).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_weight_block_avx2(x: &[f32; 32], out: &mut [u8; 34]) -> bool {
+    let p = x.as_ptr();
+    // SAFETY: x holds 32 f32: four loads of eight.
+    let v = unsafe {
+        [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ]
+    };
+    let sign = _mm256_set1_ps(-0.0);
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let mut amax = _mm256_setzero_ps();
+    let mut finite = 0xFF;
+    for vi in v {
+        let a = _mm256_andnot_ps(sign, vi);
+        finite &= _mm256_movemask_ps(_mm256_cmp_ps(a, inf, _CMP_LT_OQ));
+        amax = _mm256_max_ps(amax, a);
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let d = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))) / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    if finite != 0xFF || !id.is_finite() {
+        return false;
+    }
+    let (id, half, one) = (_mm256_set1_ps(id), _mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    let i = v.map(|vi| {
+        let y = _mm256_mul_ps(vi, id);
+        let t = _mm256_round_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        let away = _mm256_cmp_ps(
+            _mm256_andnot_ps(sign, _mm256_sub_ps(y, t)),
+            half,
+            _CMP_GE_OQ,
+        );
+        let step = _mm256_and_ps(away, _mm256_or_ps(one, _mm256_and_ps(sign, y)));
+        _mm256_cvtps_epi32(_mm256_add_ps(t, step))
+    });
+    // Packing saturates as the scalar casts do, within 128-bit lanes; the permute restores order.
+    let q = _mm256_packs_epi16(
+        _mm256_packs_epi32(i[0], i[1]),
+        _mm256_packs_epi32(i[2], i[3]),
+    );
+    let q = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    out[..2].copy_from_slice(&half::f16::from_f32(d).to_bits().to_le_bytes());
+    // SAFETY: out[2..] holds 32 bytes; storeu needs no alignment.
+    unsafe { _mm256_storeu_si256(out[2..].as_mut_ptr() as *mut __m256i, q) };
+    true
+}
+
+/// Quantizes one 32-value weight block to Q8_0 if AVX2 is present and the block is one it takes (see
+/// [`quantize_weight_block_avx2`]); false otherwise.
+#[inline]
+pub fn quantize_weight_block(x: &[f32; 32], out: &mut [u8; 34]) -> bool {
+    // SAFETY: the CPU features are checked first.
+    has_avx2() && unsafe { quantize_weight_block_avx2(x, out) }
+}
+
 /// Quantizes one 32-value activation block if AVX2 is present; `None` otherwise.
 #[inline]
 pub fn quantize_block(x: &[f32; 32], q: &mut [i8; 32]) -> Option<(f32, f32)> {
