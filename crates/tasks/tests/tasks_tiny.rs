@@ -246,13 +246,25 @@ fn conversation_drops_the_oldest_turns_to_fit() {
     assert!(c.turns.is_empty());
 }
 
-/// A runner on the shipped library whose prompt cache also keeps prefixes in `disk`: each one made is
-/// a new process, in effect.
-fn disk_runner(disk: &std::path::Path) -> Runner {
-    let mut r = runner(&[tasks::library::shipped_dir()], 1 << 24);
-    r.cache
-        .use_disk(disk.to_path_buf(), "tiny model, f32".into());
-    r
+/// A prefix-cache directory on disk, and runners on the shipped library that keep prefixes there: each
+/// runner made is a new process, in effect.
+struct Disk(tempfile::TempDir);
+
+impl Disk {
+    fn new() -> Self {
+        Disk(tempfile::tempdir().unwrap())
+    }
+
+    fn runner(&self) -> Runner {
+        let mut r = runner(&[tasks::library::shipped_dir()], 1 << 24);
+        r.cache
+            .use_disk(self.0.path().to_path_buf(), "tiny model, f32".into());
+        r
+    }
+
+    fn files(&self) -> usize {
+        std::fs::read_dir(self.0.path()).map_or(0, |d| d.count())
+    }
 }
 
 /// A prefix kept on disk by one runner is read back by a fresh one (a new process, in effect) and gives
@@ -261,9 +273,7 @@ fn disk_runner(disk: &std::path::Path) -> Runner {
 #[test]
 fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
     let dirs = [tasks::library::shipped_dir()];
-    let disk = tempfile::tempdir().unwrap();
-    let with_disk = || disk_runner(disk.path());
-    let files = || std::fs::read_dir(disk.path()).map_or(0, |d| d.count());
+    let disk = Disk::new();
     let mut uncached = runner(&dirs, 0);
     let none = BTreeMap::new();
     let text = "the parcel came late";
@@ -299,15 +309,15 @@ fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
     let want = run(&mut uncached, &mut Vec::new());
 
     let mut seen = Vec::new();
-    assert_eq!(run(&mut with_disk(), &mut seen), want);
+    assert_eq!(run(&mut disk.runner(), &mut seen), want);
     assert_eq!(seen, [false]);
-    assert_eq!(files(), 2, "the sentiment and reply prefixes");
+    assert_eq!(disk.files(), 2, "the sentiment and reply prefixes");
 
     let mut seen = Vec::new();
-    assert_eq!(run(&mut with_disk(), &mut seen), want);
+    assert_eq!(run(&mut disk.runner(), &mut seen), want);
     assert_eq!(seen, [true], "read back by a fresh runner");
 
-    for f in std::fs::read_dir(disk.path()).unwrap() {
+    for f in std::fs::read_dir(disk.0.path()).unwrap() {
         let p = f.unwrap().path();
         let len = std::fs::metadata(&p).unwrap().len();
         std::fs::OpenOptions::new()
@@ -318,15 +328,15 @@ fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
             .unwrap();
     }
     let mut seen = Vec::new();
-    assert_eq!(run(&mut with_disk(), &mut seen), want);
+    assert_eq!(run(&mut disk.runner(), &mut seen), want);
     assert_eq!(seen, [false], "a cut file is computed again");
 
     let history = [
         qwen2::Message::user("my first message"),
         qwen2::Message::assistant("a reply"),
     ];
-    let before = files();
-    let mut r = with_disk();
+    let before = disk.files();
+    let mut r = disk.runner();
     r.generate(
         "reply",
         text,
@@ -338,7 +348,11 @@ fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
         &mut |_| true,
     )
     .unwrap();
-    assert_eq!(files(), before, "a conversation's prefix stays in memory");
+    assert_eq!(
+        disk.files(),
+        before,
+        "a conversation's prefix stays in memory"
+    );
 }
 
 /// A conversation's prefix starts with its prompt's library part (system prompt, examples): that part,
@@ -347,9 +361,7 @@ fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
 #[test]
 fn a_conversation_shares_its_library_prefix_with_one_shot_commands_on_disk() {
     let dirs = [tasks::library::shipped_dir()];
-    let disk = tempfile::tempdir().unwrap();
-    let with_disk = || disk_runner(disk.path());
-    let files = || std::fs::read_dir(disk.path()).map_or(0, |d| d.count());
+    let disk = Disk::new();
     let none = BTreeMap::new();
     let history = [
         qwen2::Message::user("my first message"),
@@ -390,19 +402,19 @@ fn a_conversation_shares_its_library_prefix_with_one_shot_commands_on_disk() {
     );
 
     // A conversation in a fresh process computes everything and writes only the library part.
-    let (ids, (hit, from_disk, from, _)) = reply(&mut with_disk(), &history);
+    let (ids, (hit, from_disk, from, _)) = reply(&mut disk.runner(), &history);
     assert_eq!(ids, turn);
     assert!(!hit && !from_disk && from == 0);
-    assert_eq!(files(), 1);
+    assert_eq!(disk.files(), 1);
     // A one-shot command reads that part back as its whole prefix.
-    let (ids, (hit, from_disk, _, library_len)) = reply(&mut with_disk(), &[]);
+    let (ids, (hit, from_disk, _, library_len)) = reply(&mut disk.runner(), &[]);
     assert_eq!(ids, one_shot);
     assert!(hit && from_disk);
     // A conversation in another fresh process reads it and runs only the turns.
-    let (ids, (hit, from_disk, from, len)) = reply(&mut with_disk(), &history);
+    let (ids, (hit, from_disk, from, len)) = reply(&mut disk.runner(), &history);
     assert_eq!(ids, turn);
     assert!(!hit && from_disk && from == library_len && len > library_len);
-    assert_eq!(files(), 1);
+    assert_eq!(disk.files(), 1);
 }
 
 /// A conversation's prompt prefix holds its earlier turns, so it is new every turn. It is computed from
