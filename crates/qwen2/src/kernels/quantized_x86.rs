@@ -1313,10 +1313,9 @@ fn transpose8x8(v: [__m256i; 8]) -> [__m256i; 8] {
     })
 }
 
-/// AVX2 version of `quantized::quantize_block`, bit for bit: the same scale, the same products
-/// `x · (127 / amax)`, the same rounding (to nearest, ties to even), the same clamp.
+/// A 32-value block as four vectors and its largest magnitude; `None` if it holds a NaN or an infinity.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn quantize_block_avx2(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32) {
+fn load_block(x: &[f32; 32]) -> Option<([__m256; 4], f32)> {
     let p = x.as_ptr();
     // SAFETY: x holds 32 f32: four loads of eight.
     let v = unsafe {
@@ -1327,23 +1326,28 @@ fn quantize_block_avx2(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32) {
             _mm256_loadu_ps(p.add(24)),
         ]
     };
-    let sign = _mm256_set1_ps(-0.0);
-    let inf = _mm256_set1_ps(f32::INFINITY);
+    let (sign, inf) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(f32::INFINITY));
     let mut amax = _mm256_setzero_ps();
-    let mut finite = -1i32;
+    let mut finite = 0xFF;
     for vi in v {
         let a = _mm256_andnot_ps(sign, vi);
         // NaN compares false, so a NaN or an infinity clears a mask bit.
-        finite &= _mm256_movemask_ps(_mm256_cmp_ps(a, inf, _CMP_LT_OQ)) | !0xFF;
+        finite &= _mm256_movemask_ps(_mm256_cmp_ps(a, inf, _CMP_LT_OQ));
         amax = _mm256_max_ps(amax, a);
-    }
-    if finite & 0xFF != 0xFF {
-        q.fill(0);
-        return (f32::NAN, f32::NAN);
     }
     let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
     let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    (finite == 0xFF).then(|| (v, _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))))
+}
+
+/// AVX2 version of `quantized::quantize_block`, bit for bit: the same scale, the same products
+/// `x · (127 / amax)`, the same rounding (to nearest, ties to even), the same clamp.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_block_avx2(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32) {
+    let Some((v, amax)) = load_block(x) else {
+        q.fill(0);
+        return (f32::NAN, f32::NAN);
+    };
     let (d, id) = super::quantized::scales(amax);
     let id = _mm256_set1_ps(id);
     let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
@@ -1376,32 +1380,15 @@ fn quantize_block_avx2(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32) {
 /// small that its inverse overflows (the scalar casts saturate those).
 #[target_feature(enable = "avx2,fma,f16c")]
 fn quantize_weight_block_avx2(x: &[f32; 32], out: &mut [u8; 34]) -> bool {
-    let p = x.as_ptr();
-    // SAFETY: x holds 32 f32: four loads of eight.
-    let v = unsafe {
-        [
-            _mm256_loadu_ps(p),
-            _mm256_loadu_ps(p.add(8)),
-            _mm256_loadu_ps(p.add(16)),
-            _mm256_loadu_ps(p.add(24)),
-        ]
+    let Some((v, amax)) = load_block(x) else {
+        return false;
     };
-    let sign = _mm256_set1_ps(-0.0);
-    let inf = _mm256_set1_ps(f32::INFINITY);
-    let mut amax = _mm256_setzero_ps();
-    let mut finite = 0xFF;
-    for vi in v {
-        let a = _mm256_andnot_ps(sign, vi);
-        finite &= _mm256_movemask_ps(_mm256_cmp_ps(a, inf, _CMP_LT_OQ));
-        amax = _mm256_max_ps(amax, a);
-    }
-    let m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    let d = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))) / 127.0;
+    let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    if finite != 0xFF || !id.is_finite() {
+    if !id.is_finite() {
         return false;
     }
+    let sign = _mm256_set1_ps(-0.0);
     let (id, half, one) = (_mm256_set1_ps(id), _mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
     let i = v.map(|vi| {
         let y = _mm256_mul_ps(vi, id);
