@@ -79,7 +79,30 @@ pub fn load_runner(g: &Global) -> Result<tasks::Runner> {
     if let Some((dir, key)) = prefix_cache_dir(&m.path, g.form().name()) {
         runner.cache.use_disk(dir, key);
     }
+    runner.prefill_progress = prefill_progress();
     Ok(runner)
+}
+
+/// How far a long prompt has got (one of 3000 tokens takes ~20 s on two cores), written on the terminal
+/// where the answer will start and erased when it is done: the cursor is saved before and restored
+/// after each report, so text already on the line (`analyze`'s label) stays. Only for a terminal: a log
+/// or a pipe gets no control sequences.
+pub fn prefill_progress() -> Option<qwen2::PrefillProgress> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    Some(qwen2::PrefillProgress(std::sync::Arc::new(
+        |done, total| {
+            // ESC 7 / ESC 8 save and restore the cursor, ESC [K erases to the end of the line.
+            if done < total {
+                eprint!("\x1b7\x1b[K(reading the prompt: {done} / {total} tokens)\x1b8");
+            } else {
+                eprint!("\x1b7\x1b[K\x1b8");
+            }
+            let _ = std::io::stderr().flush();
+        },
+    )))
 }
 
 /// Where prompt prefixes are kept across runs, and the key naming what their values depend on: the model

@@ -1,6 +1,6 @@
 //! `duet generate`: one prompt in, streamed text out.
 
-use crate::common::{load_model, ms, Global};
+use crate::common::{load_model, ms, prefill_progress, Global};
 use anyhow::{bail, Result};
 use qwen2::{GenerateOptions, KvCache, Message, SamplingParams};
 use std::io::Write;
@@ -93,6 +93,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         ignore_eos: a.ignore_eos,
         eos_ids: m.model.config.eos_token_ids.clone(),
         top_candidates: if g.trace { 5 } else { a.top_logits },
+        prefill_progress: prefill_progress(),
     };
     let mut out = std::io::stdout();
     let tok = m.tokenizer.clone();

@@ -1,9 +1,9 @@
-//! The decode loop: prefill the prompt in one batched pass, then one token at a time until an eos id or
-//! `max_new_tokens`, streaming whole-UTF-8 text pieces to a callback.
+//! The decode loop: prefill the prompt (in runs, with progress, when it is long), then one token at a
+//! time until an eos id or `max_new_tokens`, streaming whole-UTF-8 text pieces to a callback.
 
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::model::{Logits, Model};
+use crate::model::{Logits, Model, PREFILL_CHUNK};
 use crate::sampler::{top_k, Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer};
 use std::time::{Duration, Instant};
@@ -18,6 +18,27 @@ pub struct GenerateOptions {
     pub eos_ids: Vec<u32>,
     /// Report this many top candidates for each step (0 = none; for `--trace` and `--top-logits`).
     pub top_candidates: usize,
+    /// Told how far a long prompt's prefill has got (see [`Model::prefill`]).
+    pub prefill_progress: Option<PrefillProgress>,
+}
+
+/// A caller's view of a long prompt's prefill: called with (tokens done, tokens in all) after each run.
+#[derive(Clone)]
+pub struct PrefillProgress(pub std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>);
+
+impl PrefillProgress {
+    /// Reports to `progress`, if there is one.
+    pub fn report(progress: &Option<PrefillProgress>, done: usize, total: usize) {
+        if let Some(p) = progress {
+            (p.0)(done, total);
+        }
+    }
+}
+
+impl std::fmt::Debug for PrefillProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrefillProgress")
+    }
 }
 
 impl Default for GenerateOptions {
@@ -28,6 +49,7 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             eos_ids: Vec::new(),
             top_candidates: 0,
+            prefill_progress: None,
         }
     }
 }
@@ -92,7 +114,8 @@ pub fn generate(
     let mut stream = TextStream::new();
     let mut ids = Vec::new();
 
-    let mut logits = model.forward(prompt, cache, Logits::Last)?;
+    let report = |done, total| PrefillProgress::report(&opts.prefill_progress, done, total);
+    let mut logits = model.prefill(prompt, cache, Logits::Last, PREFILL_CHUNK, &report)?;
     let prefill = start.elapsed();
     let first_top = top_k(&logits, opts.top_candidates.max(1));
     let mut first_token = Duration::ZERO;

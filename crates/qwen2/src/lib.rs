@@ -23,9 +23,11 @@ pub mod weights;
 
 pub use config::ModelConfig;
 pub use error::{Error, Result};
-pub use generate::{generate, GenerateOptions, Generation, StopReason, TokenEvent};
+pub use generate::{
+    generate, GenerateOptions, Generation, PrefillProgress, StopReason, TokenEvent,
+};
 pub use kv_cache::KvCache;
 pub use load::{load, LoadedModel};
-pub use model::{Logits, Model};
+pub use model::{Logits, Model, PREFILL_CHUNK};
 pub use sampler::{Sampler, SamplingParams};
 pub use tokenizer::{Message, TextStream, Tokenizer};

@@ -257,3 +257,59 @@ fn many_sequences_share_one_model() {
         assert_eq!(h.join().unwrap(), alone);
     }
 }
+
+/// A long prompt runs in chunks with progress reports (`Model::prefill`): the logits (last, all, none),
+/// the label-scoring hidden state and the cache are those of one pass, bit for bit, and the reports count
+/// up to the whole prompt.
+#[test]
+fn prefill_in_runs_gives_the_bits_of_one_pass() {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for name in FIXTURES {
+        let m = qwen2::load(&dir(name)).unwrap();
+        let model = &m.model;
+        let prompt: Vec<u32> = (0..100u32).map(|i| i * 37 % 512).collect();
+        let fresh = || KvCache::new(&model.config, 128).unwrap();
+        // 12 (`GEMM_MIN_TOKENS`) and 30 tokens a run, and one pass.
+        for chunk in [12, 30, prompt.len()] {
+            let runs = if prompt.len() > 2 * chunk {
+                prompt.len().div_ceil(chunk) - 1
+            } else {
+                0
+            };
+            for logits in [Logits::Last, Logits::All, Logits::None] {
+                let (mut one, mut chunked) = (fresh(), fresh());
+                let want = model.forward(&prompt, &mut one, logits).unwrap();
+                let reports = std::sync::Mutex::new(Vec::new());
+                let got = model
+                    .prefill(&prompt, &mut chunked, logits, chunk, &|done, total| {
+                        reports.lock().unwrap().push((done, total))
+                    })
+                    .unwrap();
+                assert_eq!(bits(&got), bits(&want), "{name}, runs of {chunk}");
+                let (n, t) = (prompt.len(), &one);
+                assert_eq!(chunked.len(), n);
+                let next = |c: &mut KvCache| model.forward(&[prompt[0]], c, Logits::Last).unwrap();
+                assert_eq!(
+                    bits(&next(&mut chunked)),
+                    bits(&next(&mut t.clone())),
+                    "{name}: cache"
+                );
+                let reports = reports.into_inner().unwrap();
+                assert_eq!(reports.len(), runs, "{name}, runs of {chunk}");
+                assert!(reports.windows(2).all(|w| w[0].0 < w[1].0));
+                assert!(reports.iter().all(|&(_, total)| total == n));
+                assert_eq!(reports.last().map_or(n, |r| r.0), n);
+            }
+            let (mut one, mut chunked) = (fresh(), fresh());
+            let want = model.forward_last_hidden(&prompt, &mut one).unwrap();
+            let got = model
+                .prefill_last_hidden(&prompt, &mut chunked, chunk, &|_, _| {})
+                .unwrap();
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{name}: last hidden, runs of {chunk}"
+            );
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! then skips the prefix's prefill (~1.3 s for each of the dual task's two prompts on a 2-core machine).
 
 use crate::error::Result;
-use qwen2::{KvCache, Logits, Model};
+use qwen2::{KvCache, Logits, Model, PREFILL_CHUNK};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
@@ -99,7 +99,8 @@ impl PromptCache {
     ///
     /// The first `persist_len` ids of the prefix are library text (system prompt, examples) that may be
     /// kept in the disk directory; 0 if none. A conversation's prefix holds its earlier turns after
-    /// them: only that library part goes to disk, shared with one-shot commands.
+    /// them: only that library part goes to disk, shared with one-shot commands. `progress` is told how
+    /// far a long prefix has got.
     pub fn prepare(
         &mut self,
         model: &Model,
@@ -107,6 +108,7 @@ impl PromptCache {
         full_ids: &[u32],
         capacity: usize,
         persist_len: usize,
+        progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Prepared> {
         let mut cache = KvCache::new(&model.config, capacity)?;
         let nothing = |cache| {
@@ -155,7 +157,7 @@ impl PromptCache {
             }
             None => {
                 self.misses += 1;
-                self.compute(model, prefix_ids, persist_len, now)?
+                self.compute(model, prefix_ids, persist_len, now, progress)?
             }
         };
         cache.copy_prefix_from(&kv, prefix_ids.len())?;
@@ -183,6 +185,7 @@ impl PromptCache {
         prefix_ids: &[u32],
         persist_len: usize,
         now: u64,
+        progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<(KvCache, bool, usize)> {
         let mut kv = KvCache::new(&model.config, prefix_ids.len())?;
         let mut done = match self
@@ -212,7 +215,13 @@ impl PromptCache {
                 None => {
                     let mut base = KvCache::new(&model.config, persist_len)?;
                     base.copy_prefix_from(&kv, done)?;
-                    model.forward(&base_ids[done..], &mut base, Logits::None)?;
+                    model.prefill(
+                        &base_ids[done..],
+                        &mut base,
+                        Logits::None,
+                        PREFILL_CHUNK,
+                        progress,
+                    )?;
                     self.write_disk(&base, base_ids);
                     base.snapshot()
                 }
@@ -225,7 +234,13 @@ impl PromptCache {
                 last_used: now,
             });
         }
-        model.forward(&prefix_ids[done..], &mut kv, Logits::None)?;
+        model.prefill(
+            &prefix_ids[done..],
+            &mut kv,
+            Logits::None,
+            PREFILL_CHUNK,
+            progress,
+        )?;
         if persist_len == prefix_ids.len() {
             self.write_disk(&kv, prefix_ids);
         }

@@ -60,6 +60,8 @@ pub struct Runner {
     pub tokenizer: Arc<Tokenizer>,
     pub library: Library,
     pub cache: PromptCache,
+    /// Told how far a long prompt has got (its prefix, its request part, each in runs), if set.
+    pub prefill_progress: Option<qwen2::PrefillProgress>,
 }
 
 /// Default bound on the prefix cache's memory.
@@ -72,6 +74,7 @@ impl Runner {
             tokenizer,
             library,
             cache: PromptCache::new(DEFAULT_PREFIX_CACHE_BYTES),
+            prefill_progress: None,
         }
     }
 
@@ -133,9 +136,11 @@ impl Runner {
                 }
             }
         };
-        let prepared = self
-            .cache
-            .prepare(&self.model, &prefix_ids, &ids, needed, persist_len)?;
+        let progress = self.prefill_progress.clone();
+        let report = |done, total| qwen2::PrefillProgress::report(&progress, done, total);
+        let prepared =
+            self.cache
+                .prepare(&self.model, &prefix_ids, &ids, needed, persist_len, &report)?;
         trace(TraceEvent::Timing {
             stage: "PromptCache::prepare".into(),
             ms: t.elapsed().as_secs_f64() * 1e3,
@@ -224,7 +229,11 @@ impl Runner {
         // same for every label, so it cancels when the scores are normalised over the labels. Later tokens
         // of a multi-token label need their own full normaliser.
         let prompt_len = cache.len() + rest.len();
-        let hidden = self.model.forward_last_hidden(&rest, &mut cache)?;
+        let progress = self.prefill_progress.clone();
+        let report = |done, total| qwen2::PrefillProgress::report(&progress, done, total);
+        let hidden =
+            self.model
+                .prefill_last_hidden(&rest, &mut cache, qwen2::PREFILL_CHUNK, &report)?;
         let last = &hidden[hidden.len() - self.model.config.hidden_size..];
         let first_ids: Vec<usize> = label_ids.iter().map(|ids| ids[0] as usize).collect();
         let mut first = vec![0f32; first_ids.len()];
@@ -312,6 +321,7 @@ impl Runner {
             },
             eos_ids: self.model.config.eos_token_ids.clone(),
             top_candidates: 5,
+            prefill_progress: self.prefill_progress.clone(),
             ..Default::default()
         };
         let tok = self.tokenizer.clone();
