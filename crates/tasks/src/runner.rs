@@ -78,6 +78,12 @@ impl Runner {
         }
     }
 
+    /// `prefill_progress` as the engine's callback (which does nothing when it is unset).
+    fn progress(&self) -> impl Fn(usize, usize) + Sync {
+        let progress = self.prefill_progress.clone();
+        move |done, total| qwen2::PrefillProgress::report(&progress, done, total)
+    }
+
     fn context(&self) -> usize {
         self.model.config.max_position_embeddings
     }
@@ -136,8 +142,7 @@ impl Runner {
                 }
             }
         };
-        let progress = self.prefill_progress.clone();
-        let report = |done, total| qwen2::PrefillProgress::report(&progress, done, total);
+        let report = self.progress();
         let prepared =
             self.cache
                 .prepare(&self.model, &prefix_ids, &ids, needed, persist_len, &report)?;
@@ -229,8 +234,7 @@ impl Runner {
         // same for every label, so it cancels when the scores are normalised over the labels. Later tokens
         // of a multi-token label need their own full normaliser.
         let prompt_len = cache.len() + rest.len();
-        let progress = self.prefill_progress.clone();
-        let report = |done, total| qwen2::PrefillProgress::report(&progress, done, total);
+        let report = self.progress();
         let hidden =
             self.model
                 .prefill_last_hidden(&rest, &mut cache, qwen2::PREFILL_CHUNK, &report)?;
