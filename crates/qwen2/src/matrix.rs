@@ -314,10 +314,16 @@ impl Matrix {
 
     /// Bytes the matrix occupies (what one pass over it reads).
     pub fn bytes(&self) -> usize {
+        self.stored_bytes().len()
+    }
+
+    /// The stored bytes themselves, row after row, whatever their form (the weight-stream measure in
+    /// `bench` reads them as a decode step does, without multiplying).
+    pub fn stored_bytes(&self) -> &[u8] {
         match &self.storage {
-            Storage::Owned(v) | Storage::OwnedBF16(v) => v.len(),
-            Storage::MappedF32(b) | Storage::MappedBF16(b) | Storage::MappedF16(b) => b.len(),
-            Storage::Quant(_, b) => b.as_slice().len(),
+            Storage::Owned(v) | Storage::OwnedBF16(v) => v.bytes(),
+            Storage::MappedF32(b) | Storage::MappedBF16(b) | Storage::MappedF16(b) => b.as_slice(),
+            Storage::Quant(_, b) => b.as_slice(),
         }
     }
 

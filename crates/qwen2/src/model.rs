@@ -212,23 +212,27 @@ impl Model {
 
     /// Bytes of weights one decode step reads (every matrix once; the embedding table only if tied).
     pub fn weight_bytes_per_token(&self) -> usize {
-        let mut n = self.output_matrix().bytes();
+        self.decode_steps()
+            .iter()
+            .flatten()
+            .map(|m| m.bytes())
+            .sum()
+    }
+
+    /// The matrices a decode step reads, in its order and grouped as its parallel steps: per layer q, k
+    /// and v (which share their input), o, gate and up (likewise), down; then the output matrix. The
+    /// embedding table is read for one row only, unless it is also the output matrix.
+    pub fn decode_steps(&self) -> Vec<Vec<&Matrix>> {
+        let mut steps = Vec::with_capacity(4 * self.layers.len() + 1);
         for l in &self.layers {
-            let a = &l.self_attn;
-            let m = &l.mlp;
-            for lin in [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ] {
-                n += lin.weight.bytes();
-            }
+            let (a, m) = (&l.self_attn, &l.mlp);
+            steps.push(vec![&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight]);
+            steps.push(vec![&a.o_proj.weight]);
+            steps.push(vec![&m.gate_proj.weight, &m.up_proj.weight]);
+            steps.push(vec![&m.down_proj.weight]);
         }
-        n
+        steps.push(vec![self.output_matrix()]);
+        steps
     }
 
     /// Runs `tokens` (appended after what `cache` holds) through the network in one batched pass.

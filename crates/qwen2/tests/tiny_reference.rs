@@ -118,6 +118,37 @@ fn config_shapes_are_read_as_transformers_reads_them() {
     assert!(gqa.model.config.num_key_value_heads < gqa.model.config.num_attention_heads);
 }
 
+/// A decode step reads every layer matrix and the output matrix once, and no more: the bytes `duet bench`
+/// divides by, counted here from config.json by hand (the untied model's embedding table is read for one
+/// row only, the tied one's is the output matrix).
+#[test]
+fn a_decode_step_reads_each_matrix_once() {
+    for (name, bytes_per_value) in [("qwen15-mha-tied-bf16", 2), ("qwen25-gqa-untied-f32", 4)] {
+        let text = std::fs::read_to_string(dir(name).join("config.json")).unwrap();
+        let c: Value = serde_json::from_str(&text).unwrap();
+        let n = |k: &str| c[k].as_u64().unwrap() as usize;
+        let (h, layers, inter, vocab) = (
+            n("hidden_size"),
+            n("num_hidden_layers"),
+            n("intermediate_size"),
+            n("vocab_size"),
+        );
+        let head_dim = h / n("num_attention_heads");
+        let kv = n("num_key_value_heads") * head_dim;
+        // q and o are h × h, k and v kv × h, gate, up and down inter × h; then the output, vocab × h.
+        let values = layers * (2 * h * h + 2 * kv * h + 3 * inter * h) + vocab * h;
+        let m = qwen2::load(&dir(name)).unwrap();
+        assert_eq!(
+            m.model.weight_bytes_per_token(),
+            values * bytes_per_value,
+            "{name}"
+        );
+        let steps = m.model.decode_steps();
+        assert_eq!(steps.len(), 4 * layers + 1, "{name}");
+        assert_eq!(steps.last().unwrap()[0].rows, vocab, "{name}");
+    }
+}
+
 #[test]
 fn prefill_then_decode_equals_recomputing() {
     for name in FIXTURES {
