@@ -1,5 +1,6 @@
 //! `duet bench`: the machine's read bandwidth and FMA peak, then the engine on the loaded model —
-//! load time, prefill and decode speed as fractions of those limits, dual-task latency, peak RSS.
+//! load time, prefill and decode speed as fractions of those limits, the weight stream (the most a
+//! decode could reach here), dual-task latency, peak RSS.
 
 use crate::common::{load_runner, Global};
 use anyhow::Result;
@@ -102,6 +103,21 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let decode_tok_s = decode_n as f64 / median(decode_times);
     eprintln!("decode: {decode_tok_s:.1} tok/s");
+    // Right after the decode, under the same conditions: the same bytes in the same order, only summed.
+    eprintln!("measuring the weight stream …");
+    let steps: Vec<Vec<qb::Stream>> = model
+        .decode_steps()
+        .iter()
+        .map(|step| {
+            step.iter()
+                .map(|m| qb::Stream {
+                    bytes: m.stored_bytes(),
+                    rows: m.rows,
+                })
+                .collect()
+        })
+        .collect();
+    let stream_gbs = qb::weight_stream_gbs(&steps, reps.max(3));
 
     // Decode after a long context: one prefill of it, then each repetition decodes from its end.
     let after_context = if context > 0 {
@@ -180,7 +196,9 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         "first_forward_64_tokens_s": first_forward_s,
         "prefill": prefill.iter().map(|(n, (tps, gf))| serde_json::json!({"tokens": n, "tok_s": tps, "gflops": gf,
             "fraction_of_peak": gf / peak})).collect::<Vec<_>>(),
-        "decode": {"tokens": decode_n, "tok_s": decode_tok_s, "effective_gbs": eff_bw, "fraction_of_bandwidth": eff_bw / bw},
+        "decode": {"tokens": decode_n, "tok_s": decode_tok_s, "effective_gbs": eff_bw, "fraction_of_bandwidth": eff_bw / bw,
+                   "weight_stream_gbs": stream_gbs, "fraction_of_weight_stream": eff_bw / stream_gbs,
+                   "weight_stream_tok_s": stream_gbs * 1e9 / bytes_per_token},
         "decode_after_context": after_context.map(|(prefill_tok_s, tok_s)| serde_json::json!({"context": context,
             "prefill_tok_s": prefill_tok_s, "tokens": decode_n, "tok_s": tok_s})),
         "dual_task": dual.iter().map(|(n, l, f, t)| serde_json::json!({"input": n, "sentiment_ms": l, "first_token_ms": f, "total_ms": t})).chain(skipped).collect::<Vec<_>>(),
@@ -217,7 +235,12 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
             gf / peak * 100.0
         );
     }
-    println!("  decode              {decode_tok_s:>8.1} tok/s  {eff_bw:>6.1} GB/s ({:.0} % of bandwidth)", eff_bw / bw * 100.0);
+    println!("  decode              {decode_tok_s:>8.1} tok/s  {eff_bw:>6.1} GB/s ({:.0} % of bandwidth, {:.0} % of the weight stream)", eff_bw / bw * 100.0, eff_bw / stream_gbs * 100.0);
+    println!(
+        "  weight stream       {:>8.1} tok/s  {stream_gbs:>6.1} GB/s ({:.0} % of bandwidth: the decode's bytes in its order, only summed)",
+        stream_gbs * 1e9 / bytes_per_token,
+        stream_gbs / bw * 100.0
+    );
     if let Some((prefill_tok_s, tok_s)) = after_context {
         println!(
             "  decode after {context:<6} {tok_s:>7.1} tok/s  (the {context}-token context prefilled at {prefill_tok_s:.1} tok/s)"

@@ -739,6 +739,18 @@ fn bench_json_has_every_figure() {
         v["decode"]["tok_s"].as_f64().unwrap() > 0.0
             && v["decode"]["fraction_of_bandwidth"].as_f64().unwrap() > 0.0
     );
+    // The weight stream: the decode's bytes per token, read at its rate, in the units the decode uses.
+    let d = &v["decode"];
+    let f = |k: &str| d[k].as_f64().unwrap();
+    let per_token = v["model"]["weight_bytes_per_token"].as_f64().unwrap();
+    assert!(f("weight_stream_gbs") > 0.0);
+    assert!(
+        (f("weight_stream_tok_s") * per_token / 1e9 / f("weight_stream_gbs") - 1.0).abs() < 1e-9
+    );
+    assert!(
+        (f("fraction_of_weight_stream") * f("weight_stream_gbs") / f("effective_gbs") - 1.0).abs()
+            < 1e-9
+    );
     assert_eq!(v["dual_task"].as_array().unwrap().len(), 2);
     // The tiny model's 512-token context cannot hold the long input's prompt: reported, not fatal.
     let short = &v["dual_task"][0];
