@@ -30,7 +30,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(g: &Global, a: &Args) -> Result<()> {
     let reps = a.reps as usize;
     eprintln!("measuring read bandwidth …");
-    let bw = qb::read_bandwidth_gbs(512 << 20, reps.max(3)); // 512 MiB per thread
+    let bw = qb::read_bandwidth_gbs(512 << 20, reps.max(3))?; // 512 MiB per thread
     eprintln!("measuring FMA peak …");
     let peak = qb::fma_peak_gflops(reps.max(3));
     // The probe's buffers (512 MiB per thread) are freed; peak RSS from here on is the engine's.
@@ -177,7 +177,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     // bandwidth probe's buffers are not the engine's.
     eprintln!("measuring read bandwidth and FMA peak again …");
     let (bw_probes, peak_probes) = (
-        [bw, qb::read_bandwidth_gbs(512 << 20, reps.max(3))],
+        [bw, qb::read_bandwidth_gbs(512 << 20, reps.max(3))?],
         [peak, qb::fma_peak_gflops(reps.max(3))],
     );
     let (bw, peak) = (
