@@ -105,19 +105,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     eprintln!("decode: {decode_tok_s:.1} tok/s");
     // Right after the decode, under the same conditions: the same bytes in the same order, only summed.
     eprintln!("measuring the weight stream …");
-    let steps: Vec<Vec<qb::Stream>> = model
-        .decode_steps()
-        .iter()
-        .map(|step| {
-            step.iter()
-                .map(|m| qb::Stream {
-                    bytes: m.stored_bytes(),
-                    rows: m.rows,
-                })
-                .collect()
-        })
-        .collect();
-    let stream_gbs = qb::weight_stream_gbs(&steps, reps.max(3));
+    let stream_gbs = qb::weight_stream_gbs(&model, reps.max(3));
 
     // Decode after a long context: one prefill of it, then each repetition decodes from its end.
     let after_context = if context > 0 {

@@ -374,7 +374,7 @@ const PARALLEL_MIN_BYTES: usize = 192 << 10;
 
 /// Rows per parallel task such that tasks are big enough to amortise scheduling (≥ ~16 KiB of weights)
 /// and there are several per thread, so the threads finish together. Always even.
-fn rows_per_task(rows: usize, row_bytes: usize, t: usize) -> usize {
+pub(crate) fn rows_per_task(rows: usize, row_bytes: usize, t: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let min_rows = (16384 / (row_bytes * t.max(1)).max(1)).max(2);
     let per = rows.div_ceil(threads * 8).max(min_rows);
