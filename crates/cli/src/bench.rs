@@ -106,6 +106,8 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     // Right after the decode, under the same conditions: the same bytes in the same order, only summed.
     eprintln!("measuring the weight stream …");
     let stream_gbs = qb::weight_stream_gbs(&model, reps.max(3));
+    // Every weight has now been read: what of it the system maps in huge pages.
+    let huge_pages = qb::huge_page_bytes();
 
     // Decode after a long context: one prefill of it, then each repetition decodes from its end.
     let after_context = if context > 0 {
@@ -191,6 +193,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
             "prefill_tok_s": prefill_tok_s, "tokens": decode_n, "tok_s": tok_s})),
         "dual_task": dual.iter().map(|(n, l, f, t)| serde_json::json!({"input": n, "sentiment_ms": l, "first_token_ms": f, "total_ms": t})).chain(skipped).collect::<Vec<_>>(),
         "peak_rss_bytes": rss,
+        "huge_pages": huge_pages.map(|(file, anon)| serde_json::json!({"file_bytes": file, "anonymous_bytes": anon})),
     });
     if a.json {
         println!("{report}");
@@ -229,6 +232,15 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         stream_gbs * 1e9 / bytes_per_token,
         stream_gbs / bw * 100.0
     );
+    if let Some((file, anon)) = huge_pages {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "  huge pages          {:>8.0} MiB of the file, {:.0} MiB anonymous, for {:.0} MiB of weights read per token",
+            mib(file),
+            mib(anon),
+            bytes_per_token / (1 << 20) as f64
+        );
+    }
     if let Some((prefill_tok_s, tok_s)) = after_context {
         println!(
             "  decode after {context:<6} {tok_s:>7.1} tok/s  (the {context}-token context prefilled at {prefill_tok_s:.1} tok/s)"

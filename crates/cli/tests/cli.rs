@@ -761,6 +761,10 @@ fn bench_json_has_every_figure() {
         .unwrap()
         .contains("too long"));
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    // Linux reports what it maps in huge pages, file-backed and anonymous, in bytes.
+    for key in ["file_bytes", "anonymous_bytes"] {
+        assert!(v["huge_pages"][key].as_u64().is_some(), "{key}");
+    }
     let after = &v["decode_after_context"];
     assert_eq!(after["context"].as_u64(), Some(200));
     assert_eq!(after["tokens"].as_u64(), Some(128));

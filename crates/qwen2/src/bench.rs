@@ -174,6 +174,22 @@ pub fn forward_flops(c: &ModelConfig, t: usize) -> f64 {
     2.0 * (t as f64 * per_layer * c.num_hidden_layers as f64 + h * c.vocab_size as f64)
 }
 
+/// This process's memory mapped in huge pages, from `/proc/self/smaps_rollup`: file-backed
+/// (`FilePmdMapped`: the mapped model file) and anonymous (`AnonHugePages`: the forms converted at load,
+/// and any other memory where the system gives huge pages to all of it); `None` where unknown. A file
+/// already in the page cache in small pages when it was mapped stays in them (see `MappedFile::open`),
+/// and its weight stream then reads below the bandwidth probe.
+pub fn huge_page_bytes() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let kib = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|k| k * 1024)
+    };
+    Some((kib("FilePmdMapped:")?, kib("AnonHugePages:")?))
+}
+
 /// Resets this process's peak resident set size to its current size (Linux ≥ 4.0: `5` written to
 /// `/proc/self/clear_refs`), so a peak measured later is the engine's, not the bandwidth probe's buffers.
 /// Returns whether it worked.
