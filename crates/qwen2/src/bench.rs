@@ -2,7 +2,7 @@
 //! (decode is memory-bound) and FMA peak (prefill is compute-bound), plus peak RSS.
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::quantized::rows_per_task;
 use crate::model::Model;
 use crate::weights::arena::{Arena, ArenaBuf};
@@ -25,7 +25,8 @@ pub fn read_bandwidth_gbs(bytes_per_thread: usize, reps: usize) -> Result<f64> {
     let arena = Arena::new();
     let mut bufs: Vec<ArenaBuf> = (0..threads)
         .map(|_| arena.alloc(len))
-        .collect::<Result<_>>()?;
+        .collect::<Result<_>>()
+        .map_err(|e| Error::Invalid(format!("the bandwidth probe's buffers: {e}")))?;
     bufs.par_iter_mut().enumerate().for_each(|(t, b)| {
         for (i, w) in b.bytes_mut().chunks_exact_mut(8).enumerate() {
             let v = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ t as u64;
