@@ -106,6 +106,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     // Right after the decode, under the same conditions: the same bytes in the same order, only summed.
     eprintln!("measuring the weight stream …");
     let stream_gbs = qb::weight_stream_gbs(&model, reps.max(3));
+    let stream_tok_s = stream_gbs * 1e9 / bytes_per_token;
     // Every weight has now been read: what of it the system maps in huge pages.
     let huge_pages = qb::huge_page_bytes();
 
@@ -188,7 +189,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
             "fraction_of_peak": gf / peak})).collect::<Vec<_>>(),
         "decode": {"tokens": decode_n, "tok_s": decode_tok_s, "effective_gbs": eff_bw, "fraction_of_bandwidth": eff_bw / bw,
                    "weight_stream_gbs": stream_gbs, "fraction_of_weight_stream": eff_bw / stream_gbs,
-                   "weight_stream_tok_s": stream_gbs * 1e9 / bytes_per_token},
+                   "weight_stream_tok_s": stream_tok_s},
         "decode_after_context": after_context.map(|(prefill_tok_s, tok_s)| serde_json::json!({"context": context,
             "prefill_tok_s": prefill_tok_s, "tokens": decode_n, "tok_s": tok_s})),
         "dual_task": dual.iter().map(|(n, l, f, t)| serde_json::json!({"input": n, "sentiment_ms": l, "first_token_ms": f, "total_ms": t})).chain(skipped).collect::<Vec<_>>(),
@@ -228,8 +229,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     }
     println!("  decode              {decode_tok_s:>8.1} tok/s  {eff_bw:>6.1} GB/s ({:.0} % of bandwidth, {:.0} % of the weight stream)", eff_bw / bw * 100.0, eff_bw / stream_gbs * 100.0);
     println!(
-        "  weight stream       {:>8.1} tok/s  {stream_gbs:>6.1} GB/s ({:.0} % of bandwidth: the decode's bytes in its order, only summed)",
-        stream_gbs * 1e9 / bytes_per_token,
+        "  weight stream       {stream_tok_s:>8.1} tok/s  {stream_gbs:>6.1} GB/s ({:.0} % of bandwidth: the decode's bytes in its order, only summed)",
         stream_gbs / bw * 100.0
     );
     if let Some((file, anon)) = huge_pages {

@@ -101,7 +101,7 @@ pub fn weight_stream_gbs(model: &Model, reps: usize) -> f64 {
                 .collect()
         })
         .collect();
-    let bytes: usize = steps.iter().flatten().map(|m| m.bytes.len()).sum();
+    let bytes = model.weight_bytes_per_token();
     let mut best = 0.0f64;
     for _ in 0..reps {
         let start = Instant::now();
