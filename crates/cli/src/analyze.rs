@@ -1,10 +1,9 @@
 //! `duet analyze`: the dual task — sentiment, then a reply that knows it — for one text or for every
 //! line of stdin.
 
-use crate::common::{lang_for, load_runner, ms, print_trace, Global};
+use crate::common::{lang_for, load_runner, ms, print_trace, stream, Global};
 use crate::input::{for_each_line, Line};
 use anyhow::{bail, Result};
-use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tasks::pipeline::RunOptions;
@@ -112,22 +111,18 @@ pub fn analyze_one(
                     } else {
                         "Sentiment"
                     };
-                    let _ = write!(
-                        out,
-                        "{} {word}: {} ({:.2})",
+                    let arrow = if a.no_reply { "" } else { " → " };
+                    let label = format!(
+                        "{} {word}: {} ({:.2}){arrow}",
                         c.emoji, c.display, c.confidence
                     );
-                    if !a.no_reply {
-                        let _ = write!(out, " → ");
-                    }
-                    let _ = out.flush();
+                    stream(&mut out, label.as_bytes());
                 }
             }
             PipelineEvent::Text(piece) => {
                 first_token_ms.get_or_insert_with(|| ms(start.elapsed()));
                 if !a.json {
-                    let _ = out.write_all(piece.as_bytes());
-                    let _ = out.flush();
+                    stream(&mut out, piece.as_bytes());
                 }
             }
             _ => {}

@@ -1,7 +1,7 @@
 //! `duet chat`: an interactive conversation. Each turn shows the sentiment tag, then streams the reply.
 //! Commands: /reset, /system TEXT, /task NAME, /trace on|off, /quit. Works with a pipe (one turn per line).
 
-use crate::common::{lang_for, load_runner, print_trace, Global};
+use crate::common::{lang_for, load_runner, print_trace, stream, Global};
 use crate::input::{for_each_line, Line};
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -143,12 +143,8 @@ fn turn(
         "Sentiment"
     };
     let mut out = std::io::stdout();
-    write!(
-        out,
-        "{} {word}: {} ({:.2}) → ",
-        c.emoji, c.display, c.confidence
-    )?;
-    out.flush()?;
+    let label = format!("{} {word}: {} ({:.2}) → ", c.emoji, c.display, c.confidence);
+    stream(&mut out, label.as_bytes());
     let mut vars = BTreeMap::new();
     vars.insert("sentiment".to_string(), c.display.clone());
     // Keep the conversation inside the context: drop the oldest turns first.
@@ -181,14 +177,13 @@ fn turn(
         a.max_new_tokens.map(|n| n as usize),
         &mut on_trace,
         &mut |piece| {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
+            stream(&mut out, piece.as_bytes());
             !crate::interrupt::requested()
         },
     );
     crate::interrupt::idle();
     let reply = reply?;
-    writeln!(out)?;
+    stream(&mut out, b"\n");
     if reply.stop_reason == qwen2::StopReason::Cancelled {
         eprintln!("(reply stopped)");
     }

@@ -233,6 +233,26 @@ pub fn clap_error(e: clap::Error) -> ExitCode {
     }
 }
 
+/// Writes streamed output (a label, a reply's pieces) and shows it at once. A reader that has gone ends
+/// the program quietly ([`reader_gone`]); any other failure to write (a full disk) ends it with one error
+/// line, as what cannot be written is lost.
+pub fn stream(out: &mut impl Write, bytes: &[u8]) {
+    if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            reader_gone();
+        }
+        eprintln!("duet: error: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The reader of our output has gone (`duet … | head`): that is how a pipeline ends, not an error, so
+/// the program ends quietly and generates nothing more for no one. A C program would be ended by SIGPIPE;
+/// Rust ignores that signal, so writes fail with EPIPE instead. The status is success, as ripgrep's.
+pub fn reader_gone() -> ! {
+    std::process::exit(0)
+}
+
 /// A bug should still end as one line, not a backtrace.
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
@@ -242,6 +262,18 @@ pub fn install_panic_hook() {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown".into());
+        // `print!` and `eprint!` panic when their write fails ("failed printing to stdout: Broken pipe
+        // (os error 32)"); for a reader that has gone, that is no bug. (Writing the line below to a
+        // stderr that has gone would panic inside this hook and abort.)
+        let os_error = msg
+            .rsplit_once("(os error ")
+            .and_then(|(_, n)| n.trim_end_matches(')').parse().ok())
+            .map(std::io::Error::from_raw_os_error);
+        if msg.starts_with("failed printing to std")
+            && os_error.is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            reader_gone();
+        }
         let place = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))

@@ -1,9 +1,8 @@
 //! `duet generate`: one prompt in, streamed text out.
 
-use crate::common::{load_model, ms, prefill_progress, Global};
+use crate::common::{load_model, ms, prefill_progress, stream, Global};
 use anyhow::{bail, Result};
 use qwen2::{GenerateOptions, KvCache, Message, SamplingParams};
-use std::io::Write;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -118,8 +117,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
                 );
             }
             if !a.json {
-                let _ = out.write_all(ev.text.as_bytes());
-                let _ = out.flush();
+                stream(&mut out, ev.text.as_bytes());
             }
             true
         },

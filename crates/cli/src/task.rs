@@ -1,9 +1,8 @@
 //! `duet task NAME` runs any task or pipeline; `duet tasks` lists them.
 
-use crate::common::{lang_for, load_runner, print_trace, Global};
+use crate::common::{lang_for, load_runner, print_trace, stream, Global};
 use crate::input::{for_each_line, Line};
 use anyhow::{bail, Result};
-use std::io::Write;
 use tasks::pipeline::RunOptions;
 use tasks::{PipelineEvent, StepOutput};
 
@@ -155,18 +154,17 @@ fn one(
         match ev {
             PipelineEvent::Trace(t) if g.trace => print_trace(&t),
             PipelineEvent::StepStart { task, .. } if !a.json => {
-                let _ = write!(out, "[{task}] ");
-                let _ = out.flush();
+                stream(&mut out, format!("[{task}] ").as_bytes());
             }
-            PipelineEvent::Text(p) if !a.json => {
-                let _ = out.write_all(p.as_bytes());
-                let _ = out.flush();
-            }
+            PipelineEvent::Text(p) if !a.json => stream(&mut out, p.as_bytes()),
             PipelineEvent::StepDone { output, .. } if !a.json => {
-                if let StepOutput::Label(c) = output {
-                    let _ = write!(out, "{} {} ({:.2})", c.emoji, c.display, c.confidence);
-                }
-                let _ = writeln!(out);
+                let label = match output {
+                    StepOutput::Label(c) => {
+                        format!("{} {} ({:.2})", c.emoji, c.display, c.confidence)
+                    }
+                    _ => String::new(),
+                };
+                stream(&mut out, format!("{label}\n").as_bytes());
             }
             _ => {}
         }

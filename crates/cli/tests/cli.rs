@@ -177,6 +177,61 @@ fn tasks_lists_tasks_and_pipelines() {
     assert!(stdout(&o).contains("Pipelines:"));
 }
 
+/// `duet … | head`: the reader goes away before duet writes. Like other Unix tools, duet then ends
+/// quietly with success (Rust ignores SIGPIPE, so the writes fail with EPIPE, and `print!` panics). A
+/// streamed reply and `println!` output are both covered, with stderr gone as well (`2>&1 | head`) or
+/// kept to show that nothing was reported.
+#[test]
+fn a_reader_that_goes_away_ends_duet_quietly() {
+    let m = tiny();
+    let m = m.to_str().unwrap();
+    let cases: [&[&str]; 3] = [
+        // Streamed piece by piece.
+        &[
+            "--model",
+            m,
+            "generate",
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "400",
+            "--ignore-eos",
+        ],
+        &["tasks"],
+        &["--model", m, "tokenize", "Hello world"],
+    ];
+    for args in cases {
+        for stderr_gone in [false, true] {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
+                .args(args)
+                .env_remove("DUET_MODEL")
+                .env("DUET_CACHE_DIR", "")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run duet");
+            // Closed before duet can write: its writes find no reader.
+            drop(child.stdout.take());
+            if stderr_gone {
+                drop(child.stderr.take());
+            }
+            let o = child.wait_with_output().unwrap();
+            let err = stderr(&o);
+            assert!(
+                o.status.success(),
+                "{args:?}, stderr gone: {stderr_gone}: {:?} {err}",
+                o.status
+            );
+            // Nothing reported but the load line.
+            assert!(
+                err.lines().all(|l| l.starts_with("loading ")),
+                "{args:?}: {err}"
+            );
+        }
+    }
+}
+
 #[test]
 fn analyze_batch_keeps_every_line_and_reports_bad_ones() {
     // The tiny model's answers are random, but their shape is not: one JSON line per input line.
