@@ -221,12 +221,21 @@ pub fn clap_error(e: clap::Error) -> ExitCode {
             }
         }
         _ => {
+            // The first paragraph: the message, and for some kinds the names it refers to on the lines
+            // below it ("the following required arguments were not provided:" then "  <TEXT>").
             let text = e.render().to_string();
-            let first = text
+            let first: Vec<&str> = text
                 .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = first.join(" ");
+            let first = first.trim_start_matches("error: ");
+            let first = if first.is_empty() {
+                "invalid arguments"
+            } else {
+                first
+            };
             eprintln!("duet: error: {first} (see duet --help)");
             ExitCode::from(2)
         }

@@ -486,6 +486,8 @@ fn errors_are_one_line() {
     );
     // Bad flags, empty text, unknown task.
     assert_clean_error(&duet(&["analyze", "--bogus"], None), "--bogus");
+    // A missing argument is named: clap gives it on the line below its message.
+    assert_clean_error(&duet(&["tokenize", "--json"], None), "<TEXT>");
     assert_clean_error(
         &duet(
             &["--model", tiny().to_str().unwrap(), "analyze", "   "],
