@@ -19,8 +19,9 @@ fn duet(args: &[&str], stdin: Option<&[u8]>) -> Output {
     duet_with(args, stdin, "")
 }
 
-/// `duet` with `$DUET_CACHE_DIR` set (empty: no prefix cache on disk, so tests neither read nor leave one).
-fn duet_with(args: &[&str], stdin: Option<&[u8]>, cache_dir: &str) -> Output {
+/// `duet ARGS` with `$DUET_CACHE_DIR` set (empty: no prefix cache on disk, so tests neither read nor leave
+/// one) and every stream piped.
+fn duet_command(args: &[&str], cache_dir: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
     cmd.args(args)
         .env_remove("DUET_MODEL")
@@ -28,7 +29,12 @@ fn duet_with(args: &[&str], stdin: Option<&[u8]>, cache_dir: &str) -> Output {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run duet");
+    cmd
+}
+
+/// `duet` run to its end, with `stdin` written to it (see [`duet_command`]).
+fn duet_with(args: &[&str], stdin: Option<&[u8]>, cache_dir: &str) -> Output {
+    let mut child = duet_command(args, cache_dir).spawn().expect("run duet");
     {
         let mut sin = child.stdin.take().unwrap();
         if let Some(data) = stdin {
@@ -202,13 +208,8 @@ fn a_reader_that_goes_away_ends_duet_quietly() {
     ];
     for args in cases {
         for stderr_gone in [false, true] {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
-                .args(args)
-                .env_remove("DUET_MODEL")
-                .env("DUET_CACHE_DIR", "")
+            let mut child = duet_command(args, "")
                 .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
                 .spawn()
                 .expect("run duet");
             // Closed before duet can write: its writes find no reader.
@@ -619,20 +620,14 @@ fn real_model_dual_task() {
 fn ctrl_c_stops_the_reply_not_the_chat() {
     use std::io::Read;
     let model = qwen2::fetch::resolve_model(None).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
-        .env("DUET_CACHE_DIR", "")
-        .args([
-            "--model",
-            model.to_str().unwrap(),
-            "chat",
-            "--max-new-tokens",
-            "400",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "chat",
+        "--max-new-tokens",
+        "400",
+    ];
+    let mut child = duet_command(&args, "").spawn().unwrap();
     let mut sin = child.stdin.take().unwrap();
     // A request this model answers at length (it declines "write a long story" in a dozen tokens, which
     // could end before the signal arrives and make Ctrl-C exit an idle chat, as it should).
