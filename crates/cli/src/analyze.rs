@@ -1,13 +1,13 @@
 //! `duet analyze`: the dual task — sentiment, then a reply that knows it — for one text or for every
 //! line of stdin.
 
-use crate::common::{lang_for, load_runner, ms, print_trace, stream, Global};
+use crate::common::{lang_for, load_runner, ms, print_trace, sentiment_tag, stream, Global};
 use crate::input::{for_each_line, Line};
 use anyhow::{bail, Result};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tasks::pipeline::RunOptions;
-use tasks::{ClassifyMode, Lang, PipelineEvent, StepOutput};
+use tasks::{ClassifyMode, PipelineEvent, StepOutput};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -106,16 +106,8 @@ pub fn analyze_one(
             } => {
                 sentiment_ms = ms(start.elapsed());
                 if !a.json {
-                    let word = if lang == Lang::Zh {
-                        "情感"
-                    } else {
-                        "Sentiment"
-                    };
                     let arrow = if a.no_reply { "" } else { " → " };
-                    let label = format!(
-                        "{} {word}: {} ({:.2}){arrow}",
-                        c.emoji, c.display, c.confidence
-                    );
+                    let label = format!("{}{arrow}", sentiment_tag(c, lang));
                     stream(&mut out, label.as_bytes());
                 }
             }

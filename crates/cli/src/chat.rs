@@ -1,13 +1,13 @@
 //! `duet chat`: an interactive conversation. Each turn shows the sentiment tag, then streams the reply.
 //! Commands: /reset, /system TEXT, /task NAME, /trace on|off, /quit. Works with a pipe (one turn per line).
 
-use crate::common::{lang_for, load_runner, print_trace, stream, Global};
+use crate::common::{lang_for, load_runner, print_trace, sentiment_tag, stream, Global};
 use crate::input::{for_each_line, Line};
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use tasks::conversation::Conversation;
-use tasks::{ClassifyMode, Lang};
+use tasks::ClassifyMode;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -137,14 +137,11 @@ fn turn(
         ClassifyMode::Scoring,
         &mut on_trace,
     )?;
-    let word = if lang == Lang::Zh {
-        "情感"
-    } else {
-        "Sentiment"
-    };
     let mut out = std::io::stdout();
-    let label = format!("{} {word}: {} ({:.2}) → ", c.emoji, c.display, c.confidence);
-    stream(&mut out, label.as_bytes());
+    stream(
+        &mut out,
+        format!("{} → ", sentiment_tag(&c, lang)).as_bytes(),
+    );
     let mut vars = BTreeMap::new();
     vars.insert("sentiment".to_string(), c.display.clone());
     // Keep the conversation inside the context: drop the oldest turns first.

@@ -242,6 +242,16 @@ pub fn clap_error(e: clap::Error) -> ExitCode {
     }
 }
 
+/// The sentiment tag shown before a reply: `😄 情感: 正面 (1.00)` or `😞 Sentiment: negative (0.85)`.
+pub fn sentiment_tag(c: &tasks::Classification, lang: tasks::Lang) -> String {
+    let word = if lang == tasks::Lang::Zh {
+        "情感"
+    } else {
+        "Sentiment"
+    };
+    format!("{} {word}: {} ({:.2})", c.emoji, c.display, c.confidence)
+}
+
 /// Writes streamed output (a label, a reply's pieces) and shows it at once. A reader that has gone ends
 /// the program quietly ([`reader_gone`]); any other failure to write (a full disk) ends it with one error
 /// line, as what cannot be written is lost.
