@@ -7,7 +7,7 @@ use crate::kernels::attention::AttentionShape;
 use crate::kernels::matmul::matmul_many;
 use crate::kernels::{attention, pool, rmsnorm, rope, silu_mul, RopeTable};
 use crate::kv_cache::KvCache;
-use crate::matrix::{Matrix, WeightForm};
+use crate::matrix::{LookupTable, Matrix, WeightForm};
 use crate::weights::arena::Arena;
 use crate::weights::{to_f32_vec, TensorStore};
 
@@ -69,7 +69,8 @@ pub struct DecoderLayer {
 
 pub struct Model {
     pub config: ModelConfig,
-    pub embed_tokens: Matrix,
+    /// Read one row per token; also the output matrix when the embeddings are tied.
+    pub embed_tokens: LookupTable,
     pub layers: Vec<DecoderLayer>,
     pub norm: Vec<f32>,
     /// `None` when the output projection is tied to the embeddings.
@@ -196,8 +197,16 @@ impl Model {
         } else {
             Some(matrix("lm_head.weight", c.vocab_size, h)?)
         };
+        // Untied, the embedding table is only looked up, a row per token: it stays as stored and each
+        // row is rounded to the weight form as it is read (`LookupTable`), rather than held converted.
+        let name = "model.embed_tokens.weight";
+        let embed_tokens = if c.tie_word_embeddings {
+            LookupTable::of_matrix(matrix(name, c.vocab_size, h)?)
+        } else {
+            LookupTable::from_raw_in(&arena, name, store.get(name)?, c.vocab_size, h, form)?
+        };
         Ok(Model {
-            embed_tokens: matrix("model.embed_tokens.weight", c.vocab_size, h)?,
+            embed_tokens,
             layers,
             norm: vector("model.norm.weight", h)?,
             lm_head,
@@ -207,7 +216,7 @@ impl Model {
     }
 
     pub fn output_matrix(&self) -> &Matrix {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens.matrix)
     }
 
     /// Bytes of weights one decode step reads (every matrix once; the embedding table only if tied).

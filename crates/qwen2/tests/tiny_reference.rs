@@ -108,7 +108,7 @@ fn config_shapes_are_read_as_transformers_reads_them() {
         mha.model.config.num_attention_heads
     );
     assert_eq!(
-        mha.model.embed_tokens.form(),
+        mha.model.embed_tokens.matrix.form(),
         "bf16 (mapped)",
         "BF16 weights stay in the mapping"
     );
@@ -116,6 +116,26 @@ fn config_shapes_are_read_as_transformers_reads_them() {
     assert_eq!(gqa.model.config.rope_theta, 10000.0);
     assert!(gqa.model.lm_head.is_some());
     assert!(gqa.model.config.num_key_value_heads < gqa.model.config.num_attention_heads);
+}
+
+/// An untied embedding table is only looked up, never multiplied, so every weight form keeps it as
+/// stored (here mapped f32) and rounds the rows it looks up; the output matrix is held in the form, like
+/// every matrix multiplied.
+#[test]
+fn an_untied_embedding_table_stays_as_stored_in_every_form() {
+    use qwen2::matrix::WeightForm;
+    for (form, output) in [
+        (WeightForm::Exact, "f32 (mapped)"),
+        (WeightForm::Native, "f32 (mapped)"),
+        (WeightForm::Bf16, "bf16 (owned)"),
+        (WeightForm::Q8_0, "quantized (owned)"),
+    ] {
+        let m = qwen2::load::load_with(&dir("qwen25-gqa-untied-f32"), form)
+            .unwrap()
+            .model;
+        assert_eq!(m.embed_tokens.matrix.form(), "f32 (mapped)", "{form:?}");
+        assert_eq!(m.output_matrix().form(), output, "{form:?}");
+    }
 }
 
 /// A decode step reads every layer matrix and the output matrix once, and no more: the bytes `duet bench`
