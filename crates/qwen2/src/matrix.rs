@@ -440,7 +440,8 @@ impl LookupTable {
                 .iter_mut()
                 .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
             Rounding::Q8_0 => {
-                let mut blocks = vec![0u8; out.len() / 32 * quantized::Q8_0_BLOCK_BYTES];
+                let rb = quantized::row_bytes(DType::Q8_0, out.len()).expect("whole Q8_0 blocks");
+                let mut blocks = vec![0u8; rb];
                 quantized::quantize_weights_q8_0(out, &mut blocks);
                 dequantize_into(DType::Q8_0, &blocks, out).expect("whole Q8_0 blocks");
             }
