@@ -444,12 +444,18 @@ fn parse_text(path: &Path, text: &str, is_pipeline: bool) -> std::result::Result
     Ok(Item::Task(t))
 }
 
-/// Fills `{name}` placeholders from `vars`; unknown names become empty. Other braces are left alone.
-pub fn fill(template: &str, vars: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(template.len());
+/// A template's pieces in order: literal text, and `{name}` placeholders (a name of ASCII letters, digits,
+/// `_` and `.`; any other brace is literal text).
+enum Piece<'a> {
+    Text(&'a str),
+    Placeholder(&'a str),
+}
+
+fn pieces(template: &str) -> Vec<Piece<'_>> {
+    let mut out = Vec::new();
     let mut rest = template;
     while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
+        out.push(Piece::Text(&rest[..open]));
         let after = &rest[open + 1..];
         match after.find('}') {
             Some(close)
@@ -458,19 +464,39 @@ pub fn fill(template: &str, vars: &BTreeMap<String, String>) -> String {
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') =>
             {
-                if let Some(v) = vars.get(&after[..close]) {
-                    out.push_str(v);
-                }
+                out.push(Piece::Placeholder(&after[..close]));
                 rest = &after[close + 1..];
             }
             _ => {
-                out.push('{');
+                out.push(Piece::Text("{"));
                 rest = after;
             }
         }
     }
-    out.push_str(rest);
+    out.push(Piece::Text(rest));
     out
+}
+
+/// Fills `{name}` placeholders from `vars`; unknown names become empty. Other braces are left alone.
+pub fn fill(template: &str, vars: &BTreeMap<String, String>) -> String {
+    pieces(template)
+        .into_iter()
+        .map(|p| match p {
+            Piece::Text(t) => t,
+            Piece::Placeholder(name) => vars.get(name).map_or("", String::as_str),
+        })
+        .collect()
+}
+
+/// The names of the placeholders a template fills, as [`fill`] reads them.
+pub fn placeholders(template: &str) -> Vec<&str> {
+    pieces(template)
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Placeholder(name) => Some(name),
+            Piece::Text(_) => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -579,6 +605,7 @@ mod tests {
         let mut v = BTreeMap::new();
         v.insert("a".to_string(), "X".to_string());
         assert_eq!(fill("{a}-{b}-{ not }-{}", &v), "X--{ not }-{}");
+        assert_eq!(placeholders("{a}-{b}-{ not }-{}{c.d}"), ["a", "b", "c.d"]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::lang::Lang;
-use crate::library::{Library, OutputKind, Task};
+use crate::library::{placeholders, Library, OutputKind, Task};
 use crate::prefix_cache::PromptCache;
 use crate::prompt;
 use crate::trace::TraceEvent;
@@ -123,11 +123,15 @@ impl Runner {
         let t = Instant::now();
         // Only a prefix made of library text (system prompt, examples, label names, defaults) may be kept
         // on disk, never one holding the user's words: earlier turns, or a pipeline value taken from the
-        // text (the input itself, an earlier step's output) that the prompt puts before the text.
+        // text (the input itself, an earlier step's output) that the system prompt puts before the text.
+        // Values reach the prefix only through the system prompt's placeholders, so those decide, not a
+        // search of the prefix for each value: a short message that also occurs in a worked example
+        // ("great", "好") would keep its prefix off the disk, and every one-shot run would prefill it.
         // A conversation's prefix goes to disk only up to its first turn: the prefix the same prompt
         // has without history, which one-shot commands use too.
-        let library_only = vars.values().all(|v| {
-            v.is_empty() || self.library.is_library_text(v) || !p.prefix.contains(v.as_str())
+        let library_only = placeholders(task.system.get(lang)).into_iter().all(|name| {
+            vars.get(name)
+                .is_none_or(|v| v.is_empty() || self.library.is_library_text(v))
         });
         let persist_len = match (library_only, history.is_empty()) {
             (false, _) => 0,

@@ -355,6 +355,60 @@ fn disk_prefix_cache_gives_the_results_of_the_whole_prompt() {
     );
 }
 
+/// Whether a prefix may go to disk follows from the system prompt's placeholders, not from the text: a
+/// message that also occurs in a worked example keeps its prompt's prefix on disk like any other, and a
+/// value the system prompt puts before the text (`qa`'s document) keeps it off.
+#[test]
+fn a_message_found_in_the_examples_still_keeps_its_prefix_on_disk() {
+    let disk = Disk::new();
+    // In an English sentiment example ("Oh great, another update …"); a pipeline passes it as `input`.
+    let text = "great";
+    let vars = BTreeMap::from([("input".to_string(), text.to_string())]);
+    let classify = |r: &mut Runner| {
+        let mut from_disk = None;
+        r.classify(
+            "sentiment",
+            text,
+            Lang::En,
+            &vars,
+            ClassifyMode::Scoring,
+            &mut |e| {
+                if let tasks::TraceEvent::Cache { from_disk: d, .. } = e {
+                    from_disk = Some(d);
+                }
+            },
+        )
+        .unwrap();
+        from_disk
+    };
+    assert_eq!(classify(&mut disk.runner()), Some(false));
+    assert_eq!(disk.files(), 1, "the sentiment prefix");
+    assert_eq!(
+        classify(&mut disk.runner()),
+        Some(true),
+        "read back by a fresh runner"
+    );
+
+    let vars = BTreeMap::from([("document".to_string(), "my private notes".to_string())]);
+    disk.runner()
+        .generate(
+            "qa",
+            "what is in them?",
+            Lang::En,
+            &vars,
+            &[],
+            Some(2),
+            &mut |_| {},
+            &mut |_| true,
+        )
+        .unwrap();
+    assert_eq!(
+        disk.files(),
+        1,
+        "a prefix holding the document stays in memory"
+    );
+}
+
 /// A conversation's prefix starts with its prompt's library part (system prompt, examples): that part,
 /// and only that, goes to the disk directory, shared with one-shot commands both ways. So a reply whose
 /// system prompt (the mood) has not come up yet in a chat runs only the turns, not the examples too.
