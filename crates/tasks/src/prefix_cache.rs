@@ -250,8 +250,16 @@ impl PromptCache {
     /// The disk directory's copy of `ids`, if it is whole and of their length; anything else (missing,
     /// cut short, another model) is computed again.
     fn read_disk(&self, model: &Model, ids: &[u32]) -> Option<KvCache> {
-        let kv = KvCache::load(&model.config, &self.disk_path(ids)?).ok()?;
-        (kv.len() == ids.len()).then_some(kv)
+        let path = self.disk_path(ids)?;
+        let kv = KvCache::load(&model.config, &path).ok()?;
+        if kv.len() != ids.len() {
+            return None;
+        }
+        // The directory is trimmed oldest first by modification time: a prefix read now is in use, so it
+        // should go last, not first because it was written long ago. A hint: failing costs nothing.
+        let _ =
+            std::fs::File::open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        Some(kv)
     }
 
     fn write_disk(&self, kv: &KvCache, ids: &[u32]) {

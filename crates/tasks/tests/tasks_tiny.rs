@@ -409,6 +409,42 @@ fn a_message_found_in_the_examples_still_keeps_its_prefix_on_disk() {
     );
 }
 
+/// The directory is trimmed oldest first by modification time, and reading a prefix back renews its
+/// time: a prefix in use is not the first to go because it was written long ago.
+#[test]
+fn a_prefix_read_from_disk_counts_as_recently_used() {
+    let disk = Disk::new();
+    let none = BTreeMap::new();
+    let classify = |r: &mut Runner| {
+        r.classify(
+            "sentiment",
+            "the parcel came late",
+            Lang::En,
+            &none,
+            ClassifyMode::Scoring,
+            &mut |_| {},
+        )
+        .unwrap();
+    };
+    classify(&mut disk.runner());
+    let files: Vec<PathBuf> = std::fs::read_dir(disk.0.path())
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "the sentiment prefix");
+    let long_ago = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30);
+    std::fs::File::open(&files[0])
+        .unwrap()
+        .set_modified(long_ago)
+        .unwrap();
+    classify(&mut disk.runner());
+    let modified = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+    assert!(
+        modified > long_ago + std::time::Duration::from_secs(86_400),
+        "read back, its time is renewed"
+    );
+}
+
 /// A conversation's prefix starts with its prompt's library part (system prompt, examples): that part,
 /// and only that, goes to the disk directory, shared with one-shot commands both ways. So a reply whose
 /// system prompt (the mood) has not come up yet in a chat runs only the turns, not the examples too.
