@@ -265,6 +265,27 @@ impl Disk {
     fn files(&self) -> usize {
         std::fs::read_dir(self.0.path()).map_or(0, |d| d.count())
     }
+
+    /// The sentiment of `text` in English by a fresh runner (a new process, in effect): whether its
+    /// prompt's prefix was read from the directory.
+    fn sentiment_from_disk(&self, text: &str, vars: &BTreeMap<String, String>) -> bool {
+        let mut from_disk = None;
+        self.runner()
+            .classify(
+                "sentiment",
+                text,
+                Lang::En,
+                vars,
+                ClassifyMode::Scoring,
+                &mut |e| {
+                    if let tasks::TraceEvent::Cache { from_disk: d, .. } = e {
+                        from_disk = Some(d);
+                    }
+                },
+            )
+            .unwrap();
+        from_disk.expect("a prompt-cache event")
+    }
 }
 
 /// A prefix kept on disk by one runner is read back by a fresh one (a new process, in effect) and gives
@@ -364,28 +385,10 @@ fn a_message_found_in_the_examples_still_keeps_its_prefix_on_disk() {
     // In an English sentiment example ("Oh great, another update …"); a pipeline passes it as `input`.
     let text = "great";
     let vars = BTreeMap::from([("input".to_string(), text.to_string())]);
-    let classify = |r: &mut Runner| {
-        let mut from_disk = None;
-        r.classify(
-            "sentiment",
-            text,
-            Lang::En,
-            &vars,
-            ClassifyMode::Scoring,
-            &mut |e| {
-                if let tasks::TraceEvent::Cache { from_disk: d, .. } = e {
-                    from_disk = Some(d);
-                }
-            },
-        )
-        .unwrap();
-        from_disk
-    };
-    assert_eq!(classify(&mut disk.runner()), Some(false));
+    assert!(!disk.sentiment_from_disk(text, &vars));
     assert_eq!(disk.files(), 1, "the sentiment prefix");
-    assert_eq!(
-        classify(&mut disk.runner()),
-        Some(true),
+    assert!(
+        disk.sentiment_from_disk(text, &vars),
         "read back by a fresh runner"
     );
 
@@ -414,19 +417,8 @@ fn a_message_found_in_the_examples_still_keeps_its_prefix_on_disk() {
 #[test]
 fn a_prefix_read_from_disk_counts_as_recently_used() {
     let disk = Disk::new();
-    let none = BTreeMap::new();
-    let classify = |r: &mut Runner| {
-        r.classify(
-            "sentiment",
-            "the parcel came late",
-            Lang::En,
-            &none,
-            ClassifyMode::Scoring,
-            &mut |_| {},
-        )
-        .unwrap();
-    };
-    classify(&mut disk.runner());
+    let (text, none) = ("the parcel came late", BTreeMap::new());
+    assert!(!disk.sentiment_from_disk(text, &none));
     let files: Vec<PathBuf> = std::fs::read_dir(disk.0.path())
         .unwrap()
         .map(|f| f.unwrap().path())
@@ -437,7 +429,7 @@ fn a_prefix_read_from_disk_counts_as_recently_used() {
         .unwrap()
         .set_modified(long_ago)
         .unwrap();
-    classify(&mut disk.runner());
+    assert!(disk.sentiment_from_disk(text, &none));
     let modified = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
     assert!(
         modified > long_ago + std::time::Duration::from_secs(86_400),
