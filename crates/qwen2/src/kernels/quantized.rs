@@ -477,9 +477,8 @@ pub fn matmul_acts_many(
         super::pool::for_each_item(tasks, |(w, r0, o)| run(w, r0, o));
         return;
     }
-    // Prefill: each task owns a block of rows and writes them for every token into its own part of a
-    // buffer (`t × its rows`), so tasks never share output cache lines; the parts are then copied into
-    // place. Tokens are taken in groups whose activations fit in L2.
+    // Prefill: each task owns a block of rows and writes them, for every token, straight into the
+    // product's output. Tokens are taken in groups whose activations fit in L2.
     let tok_group = (262144 / cols).clamp(8, 256) & !7;
     let panels: Vec<bool> = ws
         .iter()
@@ -501,40 +500,57 @@ pub fn matmul_acts_many(
             panel_acts.push((w.dtype, super::quantized_x86::PanelActs::new(acts, w.dtype)));
         }
     }
-    let mut parts: Vec<Vec<f32>> = products.iter().map(|p| vec![0f32; p.rows * t]).collect();
     let mut tasks = Vec::new();
-    for (i, part) in parts.iter_mut().enumerate() {
-        let per = pers[i];
-        tasks.extend(
-            part.chunks_mut(per * t)
-                .enumerate()
-                .map(|(c, o)| (i, c * per, o)),
-        );
+    for (i, p) in products.iter_mut().enumerate() {
+        let out = super::pool::SendPtr(p.out.as_mut_ptr());
+        for r0 in (0..p.rows).step_by(pers[i]) {
+            let block = OutBlock {
+                start: super::pool::SendPtr(out.at(r0)),
+                stride: p.rows,
+                rows: pers[i].min(p.rows - r0),
+                tokens: t,
+            };
+            tasks.push((i, r0, block));
+        }
     }
-    super::pool::for_each_item(tasks, |(i, r0, o)| {
+    // The blocks share a token's output row, but only a cache line at each edge: copying each task's
+    // part into place afterwards (as this once did, to keep every line to one task) cost more than that
+    // sharing, a serial pass over every output that also zeroed it first.
+    super::pool::for_each(tasks.len(), |k| {
+        let (i, r0, block) = tasks[k];
         let (w, rb, _) = ws[i];
         let dtype = w.dtype;
-        let wrows = &w.bytes[r0 * rb..(r0 + o.len() / t) * rb];
+        let wrows = &w.bytes[r0 * rb..(r0 + block.rows) * rb];
         #[cfg(target_arch = "x86_64")]
         if let Some((_, pacts)) = panel_acts.iter().find(|(d, _)| *d == dtype) {
-            return prefill_task_panel(backend, dtype, wrows, rb, pacts, tok_group, o);
+            return prefill_task_panel(backend, dtype, wrows, rb, pacts, t, tok_group, block);
         }
         // 2 × 3 tiles measured best for Q8_0 on AVX2 (A/B in one process, 13-64 tokens): its pieces
         // are plain bytes, and 2 × 4 spilled an accumulator (2 × 3 was 1-12 % faster).
-        prefill_task::<2, 3>((backend, dtype, wrows, rb, acts, tok_group, o))
+        prefill_task::<2, 3>((backend, dtype, wrows, rb, acts, tok_group, block))
     });
-    for ((p, part), per) in products.iter_mut().zip(&parts).zip(pers) {
-        assemble(part, per, p.rows, t, p.out);
-    }
 }
 
-/// The tasks' results, each `t × nrows` for its block of rows, into `out` (`t × rows`).
-fn assemble(parts: &[f32], per: usize, rows: usize, t: usize, out: &mut [f32]) {
-    for (c, part) in parts.chunks(per * t).enumerate() {
-        let nrows = part.len() / t;
-        for (ti, src) in part.chunks_exact(nrows).enumerate() {
-            out[ti * rows + c * per..][..nrows].copy_from_slice(src);
-        }
+/// One prefill task's block of rows in a product's output (`tokens × stride`): row `r` of the block for
+/// token `ti` is at `start + ti · stride + r`. Tasks are handed disjoint blocks of rows of the same
+/// outputs, which no safe slice can express: each token's row holds a piece of every task's block.
+#[derive(Clone, Copy)]
+struct OutBlock {
+    start: super::pool::SendPtr<f32>,
+    stride: usize,
+    rows: usize,
+    tokens: usize,
+}
+
+impl OutBlock {
+    /// # Safety
+    /// No other task writes this block while this one does.
+    #[inline]
+    unsafe fn put(&self, ti: usize, r: usize, v: f32) {
+        assert!(r < self.rows && ti < self.tokens);
+        // SAFETY: row r of the block for token ti (checked) lies in the output, and by the caller's
+        // promise belongs to this task alone.
+        unsafe { self.start.at(ti * self.stride + r).write(v) }
     }
 }
 
@@ -545,7 +561,7 @@ type TaskArgs<'a> = (
     usize,
     &'a QuantizedActs,
     usize,
-    &'a mut [f32],
+    OutBlock,
 );
 
 /// Whether a prefill of `dtype` runs on decoded panels (see `quantized_x86::Panel`).
@@ -558,20 +574,23 @@ fn uses_panel(backend: Backend, dtype: DType) -> bool {
     false
 }
 
-/// The prefill task of the panel formats: `o` (`t × nrows`) for the rows in `w`; each span of eight rows
-/// (fewer at the end) is decoded once per token group and multiplied with all of its tokens.
+/// The prefill task of the panel formats: `out`'s rows for the `t` tokens, from the rows in `w`; each
+/// span of eight rows (fewer at the end) is decoded once per token group and multiplied with all of its
+/// tokens.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn prefill_task_panel(
     backend: Backend,
     dtype: DType,
     w: &[u8],
     rb: usize,
     acts: &super::quantized_x86::PanelActs,
+    t: usize,
     tok_group: usize,
-    o: &mut [f32],
+    out: OutBlock,
 ) {
     let nrows = w.len() / rb;
-    let t = o.len() / nrows;
+    assert!(nrows == out.rows && t == out.tokens);
     let mut panel = super::quantized_x86::Panel::default();
     for g0 in (0..t).step_by(tok_group) {
         let tokens = g0..(g0 + tok_group).min(t);
@@ -579,17 +598,20 @@ fn prefill_task_panel(
             let n = (nrows - r).min(8);
             let rows: [&[u8]; 8] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
             panel.fill(dtype, &rows[..n]);
-            panel.run(backend, acts, tokens.clone(), &mut o[r..], nrows);
+            // SAFETY: rows r..r + n of the block (checked: nrows rows), for `out.tokens` tokens: the
+            // task's own elements.
+            unsafe { panel.run_to(backend, acts, tokens.clone(), out.start.at(r), out.stride) };
         }
     }
 }
 
-/// One prefill task: `o` (`t × nrows`) for the rows in `w`, in tiles of `R` rows × `T` tokens; the
+/// One prefill task: the block `out` for the rows in `w`, in tiles of `R` rows × `T` tokens; the
 /// tokens left over in one tile of their own size, leftover rows one at a time.
 fn prefill_task<const R: usize, const T: usize>(args: TaskArgs) {
-    let (backend, dtype, w, rb, acts, tok_group, o) = args;
+    let (backend, dtype, w, rb, acts, tok_group, out) = args;
     let t = acts.t;
     let nrows = w.len() / rb;
+    assert!(nrows == out.rows && t == out.tokens);
     for g0 in (0..t).step_by(tok_group) {
         let g1 = (g0 + tok_group).min(t);
         let mut r = 0;
@@ -605,16 +627,16 @@ fn prefill_task<const R: usize, const T: usize>(args: TaskArgs) {
             };
             let mut ti = g0;
             while ti + T <= g1 {
-                span.tiles::<R, T>(rows, ti, o);
+                span.tiles::<R, T>(rows, ti, out);
                 ti += T;
             }
             // Fewer than four left: one tile of their own size. One token at a time, each would
             // decode the rows again.
             match g1 - ti {
                 0 => {}
-                1 => span.tiles::<R, 1>(rows, ti, o),
-                2 => span.tiles::<R, 2>(rows, ti, o),
-                _ => span.tiles::<R, 3>(rows, ti, o),
+                1 => span.tiles::<R, 1>(rows, ti, out),
+                2 => span.tiles::<R, 2>(rows, ti, out),
+                _ => span.tiles::<R, 3>(rows, ti, out),
             }
             r += rows;
         }
@@ -632,16 +654,16 @@ struct Span<'a> {
 }
 
 impl Span<'_> {
-    /// Tokens `ti..ti + K` of `rows` (`R` or 1) rows from `r`, written into `o` (`t × nrows`).
+    /// Tokens `ti..ti + K` of `rows` (`R` or 1) rows from `r`, written into the task's block `out`.
     #[inline]
-    fn tiles<const R: usize, const K: usize>(&self, rows: usize, ti: usize, o: &mut [f32]) {
+    fn tiles<const R: usize, const K: usize>(&self, rows: usize, ti: usize, out: OutBlock) {
         let (r, rb) = (self.r, self.rb);
-        let nrows = self.w.len() / rb;
         let wrow = |k: usize| &self.w[(r + k) * rb..(r + k + 1) * rb];
         let a: [ActRow; K] = std::array::from_fn(|k| self.acts.row(ti + k));
-        let mut put = |j: usize, row: &[f32; K]| {
+        let put = |j: usize, row: &[f32; K]| {
             for (k, &v) in row.iter().enumerate() {
-                o[(ti + k) * nrows + r + j] = v;
+                // SAFETY: the block is this task's alone.
+                unsafe { out.put(ti + k, r + j, v) };
             }
         };
         if rows == R {

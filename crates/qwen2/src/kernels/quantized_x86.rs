@@ -1199,17 +1199,36 @@ impl Panel {
         out: &mut [f32],
         os: usize,
     ) {
+        let n = self.rows;
+        assert!(!tokens.is_empty() && os >= n && out.len() >= (tokens.end - 1) * os + n);
+        // SAFETY: `out` holds those tokens' rows, checked above, and is borrowed mutably.
+        unsafe { self.run_to(backend, acts, tokens, out.as_mut_ptr(), os) }
+    }
+
+    /// `run`, into rows `0..n` (the panel's rows) of each of `tokens` at `out + t · os`, where `out` is
+    /// a block of a larger output that other threads write other blocks of (see `quantized::OutBlock`).
+    ///
+    /// # Safety
+    /// For every token `t` of `tokens`, `out + t · os` up to the panel's row count is writable and
+    /// written by no one else during the call; `os` ≥ that row count.
+    pub unsafe fn run_to(
+        &self,
+        backend: Backend,
+        acts: &PanelActs,
+        tokens: std::ops::Range<usize>,
+        out: *mut f32,
+        os: usize,
+    ) {
         let dtype = self.dtype.expect("an unfilled panel");
         let (units, nb, n) = (self.units, self.nb, self.rows);
         assert!(acts.acts.cols == 32 * nb && acts.units == units);
-        assert!(tokens.end <= acts.acts.t && !tokens.is_empty());
+        assert!(tokens.end <= acts.acts.t && !tokens.is_empty() && os >= n);
         // Spans start at multiples of four, as `PanelActs` interleaves them.
         assert!(
             tokens.start.is_multiple_of(SPAN),
             "tokens from {}",
             tokens.start
         );
-        assert!(os >= n && out.len() >= (tokens.end - 1) * os + n);
         check_features(backend);
         let p = PanelPtr {
             nb,
@@ -1218,7 +1237,6 @@ impl Panel {
             m: self.m.as_ptr(),
         };
         let a = acts.ptr();
-        let o = out.as_mut_ptr();
         type Span = unsafe fn(&PanelPtr, &PanelActPtr, usize, usize, *mut f32, usize, usize);
         let span: Span = match (backend, dtype) {
             (Backend::Avx512Vnni, DType::Q4K) => vnni_span::<Q4K>,
@@ -1241,9 +1259,9 @@ impl Panel {
                 t0 + k
             );
             // SAFETY: the panel holds nb pieces of `units` units, the activations every token of
-            // `tokens`, `out` those tokens (stride os ≥ n) of n rows; lengths and CPU features
-            // checked above.
-            unsafe { span(&p, &a, t0, k, o, os, n) };
+            // `tokens` (checked above, with the CPU features), `out` those tokens (stride os ≥ n) of n
+            // rows by the caller's promise.
+            unsafe { span(&p, &a, t0, k, out, os, n) };
             t0 += k;
         }
     }
