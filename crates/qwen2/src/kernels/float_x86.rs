@@ -344,14 +344,6 @@ fn transpose(src: &[f32], rows: usize, cols: usize, ss: usize, dst: &mut [f32], 
     }
 }
 
-/// The GEMM's output, `t × rows`, shared by the tasks: each task writes only its own rows, a band of
-/// columns, so no two tasks write the same element.
-#[derive(Clone, Copy)]
-struct SharedOut {
-    p: super::pool::SendPtr<f32>,
-    rows: usize,
-}
-
 /// `out[tok][r] (+)= Σ_k w[k][r] · panel[k][tok]` for `r < R`, `tok < nt`, from four weight rows
 /// packed as `[k][4]` (or, with `IN_PLACE`, from `R` f32 rows where they lie, `rs` apart): with
 /// `V = 3`, twelve accumulators, three panel vectors and one broadcast weight fill the sixteen
@@ -507,7 +499,7 @@ fn gemm_rows<W: super::matmul::WeightElem>(
     r0: usize,
     nrows: usize,
     panels: &Panels,
-    out: SharedOut,
+    out: super::pool::SharedOut,
 ) {
     let kc_max = kc_for(cols);
     // f32 weights need no widening, so the micro-kernel broadcasts them from their rows in place:
@@ -561,14 +553,14 @@ fn gemm_rows<W: super::matmul::WeightElem>(
                     call += 1;
                 }
                 let xp = xp.as_ptr();
-                let (acc, os, left) = (k0 > 0, out.rows, (mc - r).min(MR));
+                let (acc, os, left) = (k0 > 0, out.stride, (mc - r).min(MR));
                 // SAFETY: the weights hold `left` rows of kc values from wp at stride `cols` (in
                 // place), or kc · 4 packed values; xp holds kc · 24 values (asserted). The output
-                // holds tokens start + nt <= t at stride `rows`, and its columns r0 + m0 + r +
-                // (0..left), below r0 + nrows <= rows, are this task's alone. The features are
+                // holds tokens start + nt <= t at stride `os`, and its columns r0 + m0 + r +
+                // (0..left), below r0 + nrows <= os, are this task's alone. The features are
                 // enabled here.
                 unsafe {
-                    let op = out.p.at(start * os + r0 + m0 + r);
+                    let op = out.at(start, r0 + m0 + r);
                     match in_place {
                         Some(w) => {
                             let wp = w[(r0 + m0 + r) * cols + k0..].as_ptr();
@@ -637,10 +629,7 @@ pub fn gemm<W: super::matmul::WeightElem>(
     let panels = Panels::pack(x, t, cols);
     let threads = rayon::current_num_threads().max(1);
     let per = rows.div_ceil(threads * 4).next_multiple_of(MR).max(MR);
-    let shared = SharedOut {
-        p: super::pool::SendPtr(out.as_mut_ptr()),
-        rows,
-    };
+    let shared = super::pool::SharedOut::new(out, t);
     super::pool::for_each(rows.div_ceil(per), |i| {
         let r0 = i * per;
         // SAFETY: the CPU features were checked above; task i writes only columns

@@ -294,10 +294,39 @@ impl<T> Clone for SendPtr<T> {
 impl<T> Copy for SendPtr<T> {}
 
 // SAFETY: every user turns the pointer only into pieces no other task touches (`for_each_chunk_mut`,
-// `float_x86::gemm`), and keeps the buffer borrowed until its tasks are done.
+// [`SharedOut`]), and keeps the buffer borrowed until its tasks are done.
 unsafe impl<T: Send> Send for SendPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+/// A product's output, `tokens × stride`, shared by the tasks of one step, each of which writes only its
+/// own band of columns (its rows of the weight matrix) for every token. Every token's row holds a piece
+/// of each band, which no split of a slice can express; tasks writing into buffers of their own and
+/// copying them into place afterwards cost a serial pass over the whole output (see the GEMM, and
+/// `quantized::matmul_acts_many`).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut {
+    p: SendPtr<f32>,
+    pub(crate) stride: usize,
+    pub(crate) tokens: usize,
+}
+
+impl SharedOut {
+    pub(crate) fn new(out: &mut [f32], tokens: usize) -> SharedOut {
+        assert!(tokens > 0 && out.len().is_multiple_of(tokens));
+        SharedOut {
+            p: SendPtr(out.as_mut_ptr()),
+            stride: out.len() / tokens,
+            tokens,
+        }
+    }
+
+    /// Where column `c` of token `tok`'s row is; the caller writes there only within its own band.
+    pub(crate) fn at(&self, tok: usize, c: usize) -> *mut f32 {
+        assert!(tok < self.tokens && c < self.stride);
+        self.p.at(tok * self.stride + c)
+    }
+}
 
 #[cfg(test)]
 mod tests {

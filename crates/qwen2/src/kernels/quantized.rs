@@ -502,13 +502,13 @@ pub fn matmul_acts_many(
     }
     let mut tasks = Vec::new();
     for (i, p) in products.iter_mut().enumerate() {
-        let out = super::pool::SendPtr(p.out.as_mut_ptr());
+        let out = super::pool::SharedOut::new(p.out, t);
         for r0 in (0..p.rows).step_by(pers[i]) {
+            let rows = pers[i].min(p.rows - r0);
             let block = OutBlock {
-                start: super::pool::SendPtr(out.at(r0)),
-                stride: p.rows,
-                rows: pers[i].min(p.rows - r0),
-                tokens: t,
+                shared: out,
+                r0,
+                rows,
             };
             tasks.push((i, r0, block));
         }
@@ -523,7 +523,7 @@ pub fn matmul_acts_many(
         let wrows = &w.bytes[r0 * rb..(r0 + block.rows) * rb];
         #[cfg(target_arch = "x86_64")]
         if let Some((_, pacts)) = panel_acts.iter().find(|(d, _)| *d == dtype) {
-            return prefill_task_panel(backend, dtype, wrows, rb, pacts, t, tok_group, block);
+            return prefill_task_panel(backend, dtype, wrows, rb, pacts, tok_group, block);
         }
         // 2 × 3 tiles measured best for Q8_0 on AVX2 (A/B in one process, 13-64 tokens): its pieces
         // are plain bytes, and 2 × 4 spilled an accumulator (2 × 3 was 1-12 % faster).
@@ -531,15 +531,12 @@ pub fn matmul_acts_many(
     });
 }
 
-/// One prefill task's block of rows in a product's output (`tokens × stride`): row `r` of the block for
-/// token `ti` is at `start + ti · stride + r`. Tasks are handed disjoint blocks of rows of the same
-/// outputs, which no safe slice can express: each token's row holds a piece of every task's block.
+/// One prefill task's block of a product's output: columns `r0..r0 + rows` of every token's row.
 #[derive(Clone, Copy)]
 struct OutBlock {
-    start: super::pool::SendPtr<f32>,
-    stride: usize,
+    shared: super::pool::SharedOut,
+    r0: usize,
     rows: usize,
-    tokens: usize,
 }
 
 impl OutBlock {
@@ -547,10 +544,10 @@ impl OutBlock {
     /// No other task writes this block while this one does.
     #[inline]
     unsafe fn put(&self, ti: usize, r: usize, v: f32) {
-        assert!(r < self.rows && ti < self.tokens);
-        // SAFETY: row r of the block for token ti (checked) lies in the output, and by the caller's
-        // promise belongs to this task alone.
-        unsafe { self.start.at(ti * self.stride + r).write(v) }
+        assert!(r < self.rows);
+        // SAFETY: row r of the block for token ti (both checked) is this task's alone, by the caller's
+        // promise.
+        unsafe { self.shared.at(ti, self.r0 + r).write(v) }
     }
 }
 
@@ -574,23 +571,21 @@ fn uses_panel(backend: Backend, dtype: DType) -> bool {
     false
 }
 
-/// The prefill task of the panel formats: `out`'s rows for the `t` tokens, from the rows in `w`; each
-/// span of eight rows (fewer at the end) is decoded once per token group and multiplied with all of its
+/// The prefill task of the panel formats: the block `out` for the rows in `w`, for every token; each span
+/// of eight rows (fewer at the end) is decoded once per token group and multiplied with all of its
 /// tokens.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 fn prefill_task_panel(
     backend: Backend,
     dtype: DType,
     w: &[u8],
     rb: usize,
     acts: &super::quantized_x86::PanelActs,
-    t: usize,
     tok_group: usize,
     out: OutBlock,
 ) {
-    let nrows = w.len() / rb;
-    assert!(nrows == out.rows && t == out.tokens);
+    let (nrows, t) = (w.len() / rb, out.shared.tokens);
+    assert!(nrows == out.rows);
     let mut panel = super::quantized_x86::Panel::default();
     for g0 in (0..t).step_by(tok_group) {
         let tokens = g0..(g0 + tok_group).min(t);
@@ -598,9 +593,10 @@ fn prefill_task_panel(
             let n = (nrows - r).min(8);
             let rows: [&[u8]; 8] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
             panel.fill(dtype, &rows[..n]);
-            // SAFETY: rows r..r + n of the block (checked: nrows rows), for `out.tokens` tokens: the
-            // task's own elements.
-            unsafe { panel.run_to(backend, acts, tokens.clone(), out.start.at(r), out.stride) };
+            // SAFETY: rows r..r + n of the block (checked: nrows rows), for the product's tokens
+            // (`run_to` checks those against `acts`): the task's own elements.
+            let start = out.shared.at(0, out.r0 + r);
+            unsafe { panel.run_to(backend, acts, tokens.clone(), start, out.shared.stride) };
         }
     }
 }
@@ -611,7 +607,7 @@ fn prefill_task<const R: usize, const T: usize>(args: TaskArgs) {
     let (backend, dtype, w, rb, acts, tok_group, out) = args;
     let t = acts.t;
     let nrows = w.len() / rb;
-    assert!(nrows == out.rows && t == out.tokens);
+    assert!(nrows == out.rows && t == out.shared.tokens);
     for g0 in (0..t).step_by(tok_group) {
         let g1 = (g0 + tok_group).min(t);
         let mut r = 0;
