@@ -81,6 +81,13 @@ trait Fmt {
     unsafe fn panel_scales(_p: &[*const u8; 8], _j: usize) -> Option<__m256> {
         None
     }
+    /// For a [`Panel`]: piece `j` of eight rows' super-blocks at `p` already in the panel's layout
+    /// (group `g` in register `g`, row `r` in lane `r`), where the format decodes it so without a
+    /// transpose ([`Rows8`]); `None` otherwise.
+    #[inline]
+    unsafe fn panel_values(_p: &[*const u8; 8], _j: usize) -> Option<[__m256i; 8]> {
+        None
+    }
     /// Piece `j` as stored: `sub`'s values plus `ZERO`, unsigned.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -205,6 +212,15 @@ impl Fmt for Q5_0 {
         let d: [i16; 8] = std::array::from_fn(|r| unsafe { (p[r] as *const i16).read_unaligned() });
         let d = _mm_setr_epi16(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]);
         Some(_mm256_cvtph_ps(d))
+    }
+    /// About half the vector operations of decoding each row and transposing the eight. Filling every
+    /// gate and up panel of the default model on one thread, six alternations: 1.20× as fast in cache,
+    /// 1.125× from memory (5 of 6 faster each); the fill is a quarter of a 13-token prefill.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn panel_values(p: &[*const u8; 8], _j: usize) -> Option<[__m256i; 8]> {
+        // SAFETY: as the caller guarantees: each p[r] points at a whole block.
+        Some(unsafe { Self::piece8(p) })
     }
     #[inline]
     unsafe fn mins(_h: &()) -> __m256 {
@@ -1153,6 +1169,15 @@ impl Panel {
                             .add(b)
                             .write(_mm256_mul_ps(sv, _mm256_set1_ps(zero)));
                     }
+                }
+                // SAFETY: as above.
+                if let Some(groups) = unsafe { F::panel_values(&p, j) } {
+                    assert!(gathered.is_some());
+                    for (k, g) in groups.into_iter().enumerate() {
+                        // SAFETY: 8b + k < 8 · nb, the length of `w`.
+                        unsafe { w_out.add(8 * b + k).write(g) };
+                    }
+                    continue;
                 }
                 for r in 0..8 {
                     // SAFETY: as above; j < SUBS.
