@@ -1,7 +1,8 @@
 //! x86-64 tiles for `quantized.rs`: `R` weight rows × `T` tokens of integer dot products.
 //!
 //! Each weight format decodes a 32-value piece of a row into one 256-bit register of bytes (signed for
-//! Q8_0/Q5_0/Q6_K after removing their offsets, unsigned nibbles for Q4_K) plus an f32 scale vector. The
+//! Q8_0/Q6_K after removing their offsets, unsigned nibbles for Q4_K) plus an f32 scale vector; Q5_0 is
+//! decoded eight rows at a time instead, straight into the panel layout below. The
 //! multiply is `vpmaddubsw` (u8 × i8 → i16 pairs) + `vpmaddwd` with ones (→ i32) on AVX2, or one
 //! `vpdpbusd` on AVX-512 VNNI. Both need an unsigned left operand, so signed weights use the sign trick:
 //! `|w| · (x · sign w)`. No i16 pair can saturate: activations are within ±127 and `|w| ≤ 128` gives at
@@ -125,22 +126,6 @@ unsafe fn load32(p: *const u8) -> __m256i {
     unsafe { _mm256_loadu_si256(p as *const __m256i) }
 }
 
-/// Byte `j` of the result is 0xFF if bit `j` of `bits` is set, else 0.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn bits_to_bytes(bits: u32) -> __m256i {
-    let b = _mm256_set1_epi32(bits as i32);
-    // Byte j takes byte j / 8 of `bits` (shuffles stay within 128-bit lanes; every lane holds `bits`).
-    let idx = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
-        3, 3,
-    );
-    let sel = _mm256_shuffle_epi8(b, idx);
-    // …and keeps bit j % 8 of it.
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    _mm256_cmpeq_epi8(_mm256_and_si256(sel, bit), bit)
-}
-
 struct Q8_0;
 impl Fmt for Q8_0 {
     const SB_VALS: usize = 32;
@@ -173,36 +158,11 @@ impl Fmt for Q5_0 {
     type Hdr = ();
     #[inline]
     unsafe fn header(_p: *const u8) {}
-    /// The stored values minus the zero point. Not on a hot path: Q5_0 decode runs eight rows at a time
-    /// ([`Rows8`]) and its prefill on panels, both from the stored values.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn sub(p: *const u8, h: &(), j: usize) -> (__m256i, __m256) {
-        // SAFETY: as the caller guarantees.
-        let (v, scale) = unsafe { Self::raw(p, h, j) };
-        (_mm256_sub_epi8(v, _mm256_set1_epi8(16)), scale)
+    /// Never called: Q5_0 is decoded eight rows at a time, straight into a panel's layout
+    /// ([`Rows8::piece8`]), both for decode (`rows8`) and for a prefill's [`Panel`] (`panel_values`).
+    unsafe fn sub(_p: *const u8, _h: &(), _j: usize) -> (__m256i, __m256) {
+        unreachable!("Q5_0 pieces are decoded eight rows at a time")
     }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn raw(p: *const u8, _h: &(), _j: usize) -> (__m256i, __m256) {
-        // SAFETY: p points at a whole 22-byte block: f16 scale, u32 fifth bits, 16 bytes of nibbles.
-        let (d, qh, qs) = unsafe {
-            (
-                f16_at(p),
-                (p.add(2) as *const u32).read_unaligned(),
-                _mm_loadu_si128(p.add(6) as *const __m128i),
-            )
-        };
-        let m4 = _mm_set1_epi8(0x0F);
-        // Values 0..16 are the low nibbles, 16..32 the high ones; the fifth bit adds 16.
-        let v = _mm256_set_m128i(
-            _mm_and_si128(_mm_srli_epi16(qs, 4), m4),
-            _mm_and_si128(qs, m4),
-        );
-        let v = _mm256_or_si256(v, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16)));
-        (v, _mm256_set1_ps(d))
-    }
-
     /// The eight f16 scales side by side, widened in one `vcvtph2ps`: a lookup per row in the 256 KiB
     /// table, and a store per row, were a fifth of a panel's fill.
     #[target_feature(enable = "avx2,fma,f16c")]
