@@ -510,17 +510,17 @@ pub fn matmul_acts_many(
                 r0,
                 rows,
             };
-            tasks.push((i, r0, block));
+            tasks.push((i, block));
         }
     }
     // The blocks share a token's output row, but only a cache line at each edge: copying each task's
     // part into place afterwards (as this once did, to keep every line to one task) cost more than that
     // sharing, a serial pass over every output that also zeroed it first.
     super::pool::for_each(tasks.len(), |k| {
-        let (i, r0, block) = tasks[k];
+        let (i, block) = tasks[k];
         let (w, rb, _) = ws[i];
         let dtype = w.dtype;
-        let wrows = &w.bytes[r0 * rb..(r0 + block.rows) * rb];
+        let wrows = &w.bytes[block.r0 * rb..(block.r0 + block.rows) * rb];
         #[cfg(target_arch = "x86_64")]
         if let Some((_, pacts)) = panel_acts.iter().find(|(d, _)| *d == dtype) {
             return prefill_task_panel(backend, dtype, wrows, rb, pacts, tok_group, block);
