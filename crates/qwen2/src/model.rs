@@ -34,7 +34,8 @@ impl Linear {
 }
 
 /// `outs[i] = x · Wᵢᵀ + bᵢ` for layers that share their input (q, k and v; gate and up), computed
-/// in one step: quantized weights then share one quantization of `x` and one parallel pass.
+/// in one step: quantized weights then share one quantization of `x`, float ones one packing of it
+/// (in prefill), and all of them one parallel pass.
 fn forward_shared<const N: usize>(mut layers: [(&Linear, &mut [f32]); N], x: &[f32], t: usize) {
     let cols = layers[0].0.weight.cols;
     let mut products: Vec<_> = layers

@@ -624,17 +624,42 @@ pub fn gemm<W: super::matmul::WeightElem>(
     t: usize,
     out: &mut [f32],
 ) {
-    assert!(w.len() >= rows * cols && x.len() == t * cols && out.len() == t * rows);
+    gemm_many(&mut [(w, rows, out)], cols, x, t);
+}
+
+/// [`gemm`] for several matrices of the same activations (q, k and v; gate and up), `outs[i] = x ·
+/// wᵢᵀ`: the activations are packed into panels once, not once per matrix, and every matrix's row
+/// blocks are tasks of one parallel step, so the pool waits for its slowest thread once.
+pub fn gemm_many<W: super::matmul::WeightElem>(
+    products: &mut [(&[W], usize, &mut [f32])],
+    cols: usize,
+    x: &[f32],
+    t: usize,
+) {
+    assert!(x.len() == t * cols);
+    assert!(products
+        .iter()
+        .all(|(w, rows, out)| w.len() >= rows * cols && out.len() == t * rows));
     assert!(has_avx2());
     let panels = Panels::pack(x, t, cols);
     let threads = rayon::current_num_threads().max(1);
-    let per = rows.div_ceil(threads * 4).next_multiple_of(MR).max(MR);
-    let shared = super::pool::SharedOut::new(out, t);
-    super::pool::for_each(rows.div_ceil(per), |i| {
-        let r0 = i * per;
-        // SAFETY: the CPU features were checked above; task i writes only columns
-        // r0..r0 + per of `out`, which `shared` points into for the whole call.
-        unsafe { gemm_rows(w, cols, r0, per.min(rows - r0), &panels, shared) }
+    // (matrix, its output, first row, rows) per task: four tasks per thread and matrix.
+    let mut tasks = Vec::new();
+    for (w, rows, out) in products.iter_mut() {
+        let (w, rows) = (*w, *rows);
+        let per = rows.div_ceil(threads * 4).next_multiple_of(MR).max(MR);
+        let shared = super::pool::SharedOut::new(out, t);
+        tasks.extend(
+            (0..rows)
+                .step_by(per)
+                .map(|r0| (w, shared, r0, per.min(rows - r0))),
+        );
+    }
+    super::pool::for_each(tasks.len(), |i| {
+        let (w, out, r0, nrows) = tasks[i];
+        // SAFETY: the CPU features were checked above; the task writes only columns r0..r0 + nrows
+        // of its matrix's output, which `out` points into for the whole call.
+        unsafe { gemm_rows(w, cols, r0, nrows, &panels, out) }
     });
 }
 

@@ -286,17 +286,7 @@ fn matmul_tiled<W: WeightElem>(
     let row_bytes = cols * std::mem::size_of::<W>();
     let threads = rayon::current_num_threads().max(1);
     if t == 1 {
-        // One row at a time: a single sequential stream per thread, with the next row prefetched. Four
-        // rows per pass (four streams) read a 151936-row bf16 product from DRAM at ~11 GB/s on a 2-core
-        // Zen 3 VM; one row reached ~15 GB/s (f32 about level), A/B in one process.
-        let per = rows.div_ceil(threads * 8).max(16384 / row_bytes.max(1));
-        let x0 = xrow(0);
-        pool::for_each_chunk_mut(out, per, |c, o| {
-            for (k, y) in o.iter_mut().enumerate() {
-                *y = super::float_x86::dot(wrow(c * per + k), x0);
-            }
-        });
-        return;
+        return matvec_many(&mut [(w, rows, out)], cols, x);
     }
     let per = rows
         .div_ceil(threads * 8)
@@ -350,6 +340,56 @@ fn matmul_tiled<W: WeightElem>(
     }
 }
 
+/// Decode of several matrices of the same activations (q, k and v; gate and up) in one parallel step:
+/// each task a run of one matrix's rows, one row at a time — a single sequential stream per thread,
+/// with the next row prefetched. Four rows per pass (four streams) read a 151936-row bf16 product
+/// from DRAM at ~11 GB/s on a 2-core Zen 3 VM; one row reached ~15 GB/s (f32 about level), A/B in one
+/// process.
+#[cfg(target_arch = "x86_64")]
+fn matvec_many<W: WeightElem>(products: &mut [(&[W], usize, &mut [f32])], cols: usize, x: &[f32]) {
+    assert!(x.len() == cols);
+    let threads = rayon::current_num_threads().max(1);
+    let row_bytes = cols * std::mem::size_of::<W>();
+    let mut tasks = Vec::new();
+    for (w, rows, out) in products.iter_mut() {
+        let (w, rows) = (*w, *rows);
+        assert!(w.len() >= rows * cols && out.len() == rows);
+        let per = rows.div_ceil(threads * 8).max(16384 / row_bytes.max(1));
+        tasks.extend(
+            out.chunks_mut(per)
+                .enumerate()
+                .map(|(c, o)| (&w[c * per * cols..], o)),
+        );
+    }
+    pool::for_each_item(tasks, |(w, o)| {
+        for (k, y) in o.iter_mut().enumerate() {
+            *y = super::float_x86::dot(&w[k * cols..(k + 1) * cols], x);
+        }
+    });
+}
+
+/// [`matmul_float`] for several matrices of the same activations, `outs[i] = x · wᵢᵀ`: decode and the
+/// packed GEMM take them all in one parallel step (the GEMM packing the activations once).
+fn matmul_float_many<W: WeightElem>(
+    products: &mut [(&[W], usize, &mut [f32])],
+    cols: usize,
+    x: &[f32],
+    t: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::float_x86::has_avx2() {
+        if t >= GEMM_MIN_TOKENS {
+            return super::float_x86::gemm_many(products, cols, x, t);
+        }
+        if t == 1 {
+            return matvec_many(products, cols, x);
+        }
+    }
+    for (w, rows, out) in products.iter_mut() {
+        matmul_float(w, *rows, cols, x, t, out);
+    }
+}
+
 /// Dispatches on the weight form.
 pub fn matmul(w: WeightSlice, rows: usize, cols: usize, x: &[f32], t: usize, out: &mut [f32]) {
     match w {
@@ -361,8 +401,9 @@ pub fn matmul(w: WeightSlice, rows: usize, cols: usize, x: &[f32], t: usize, out
 }
 
 /// Several products of the same `x` (`t × cols`): `outs[i] = x · wᵢᵀ`. Block-quantized matrices share
-/// one quantization of `x` and one parallel step (see `quantized::matmul_acts_many`); any other form is
-/// multiplied on its own. Values are those of [`matmul`] for each matrix alone.
+/// one quantization of `x` and one parallel step (see `quantized::matmul_acts_many`); float matrices of
+/// one form share one parallel step too, and in prefill one packing of `x` (see `float_x86::gemm_many`).
+/// Mixed forms are multiplied one by one. Values are those of [`matmul`] for each matrix alone.
 pub fn matmul_many(
     products: &mut [(WeightSlice, usize, &mut [f32])],
     cols: usize,
@@ -389,6 +430,26 @@ pub fn matmul_many(
             .collect();
         return q::matmul_acts_many(q::Backend::best(), &mut qs, cols, &acts);
     }
+    macro_rules! all_of {
+        ($form:ident) => {
+            if products
+                .iter()
+                .all(|p| matches!(p.0, WeightSlice::$form(_)))
+            {
+                let mut typed: Vec<_> = products
+                    .iter_mut()
+                    .map(|(w, rows, out)| match w {
+                        WeightSlice::$form(w) => (*w, *rows, &mut **out),
+                        _ => unreachable!("all {}", stringify!($form)),
+                    })
+                    .collect();
+                return matmul_float_many(&mut typed, cols, x, t);
+            }
+        };
+    }
+    all_of!(F32);
+    all_of!(BF16);
+    all_of!(F16);
     for (w, rows, out) in products.iter_mut() {
         matmul(*w, *rows, cols, x, t, out);
     }
@@ -525,6 +586,54 @@ mod tests {
             matmul(WeightSlice::F16(&wh), rows, cols, &x, t, &mut got);
             matmul_scalar(&wh, rows, cols, &x, t, &mut want);
             close(&got, &want, tol);
+        }
+    }
+
+    /// Several matrices of one input in one step (q, k and v; gate and up): each output is the
+    /// definition's, for every float form, in decode, the small tiles and the packed GEMM (whose
+    /// activations are packed once for all three), with row counts that split unevenly into tasks.
+    #[test]
+    fn matmul_many_matches_scalar_float_forms() {
+        let cols = 130;
+        let rows = [67, 9, 22];
+        for t in [1, 3, 13, 40] {
+            let ws: Vec<Vec<f32>> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| data(r * cols, 10 + i as u32))
+                .collect();
+            let x = data(t * cols, 5);
+            let wb: Vec<Vec<bf16>> = ws
+                .iter()
+                .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
+                .collect();
+            let wh: Vec<Vec<f16>> = ws
+                .iter()
+                .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
+                .collect();
+            for form in 0..3 {
+                let slice = |i: usize| match form {
+                    0 => WeightSlice::F32(&ws[i]),
+                    1 => WeightSlice::BF16(&wb[i]),
+                    _ => WeightSlice::F16(&wh[i]),
+                };
+                let mut outs: Vec<Vec<f32>> = rows.iter().map(|&r| vec![0.0; t * r]).collect();
+                let mut products: Vec<_> = outs
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, o)| (slice(i), rows[i], o.as_mut_slice()))
+                    .collect();
+                matmul_many(&mut products, cols, &x, t);
+                for (i, got) in outs.iter().enumerate() {
+                    let mut want = vec![0.0; t * rows[i]];
+                    match form {
+                        0 => matmul_scalar(&ws[i], rows[i], cols, &x, t, &mut want),
+                        1 => matmul_scalar(&wb[i], rows[i], cols, &x, t, &mut want),
+                        _ => matmul_scalar(&wh[i], rows[i], cols, &x, t, &mut want),
+                    }
+                    close(got, &want, 1e-5);
+                }
+            }
         }
     }
 
