@@ -659,24 +659,12 @@ unsafe fn micro_any<const IN_PLACE: bool>(
     }
 }
 
-/// Prefill `out (t × rows) = x (t × cols) · wᵀ` as a packed GEMM: activations repacked into 24-token
-/// panels once, weights read in `MC × kc` blocks (widened once per block for bf16/f16) and broadcast,
-/// 4 rows × 24 tokens per micro-kernel. Rows are split across the pool; each task stores its own
-/// columns of `out`.
-pub fn gemm<W: super::matmul::WeightElem>(
-    w: &[W],
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    t: usize,
-    out: &mut [f32],
-) {
-    gemm_many(&mut [(w, rows, out)], cols, x, t);
-}
-
-/// [`gemm`] for several matrices of the same activations (q, k and v; gate and up), `outs[i] = x ·
-/// wᵢᵀ`: the activations are packed into panels once, not once per matrix, and every matrix's row
-/// blocks are tasks of one parallel step, so the pool waits for its slowest thread once.
+/// Prefill `outs[i] (t × rowsᵢ) = x (t × cols) · wᵢᵀ` as a packed GEMM, for one matrix or several of
+/// the same activations (q, k and v; gate and up): activations repacked into 24-token panels once, not
+/// once per matrix; weights read in `MC × kc` blocks (widened once per block for bf16/f16) and
+/// broadcast, 4 rows × 24 tokens per micro-kernel. Every matrix's rows are split into tasks of one
+/// parallel step, so the pool waits for its slowest thread once; each task stores its own columns of
+/// its matrix's output.
 pub fn gemm_many<W: super::matmul::WeightElem>(
     products: &mut [(&[W], usize, &mut [f32])],
     cols: usize,
@@ -751,11 +739,16 @@ mod tests {
         let w: Vec<f32> = (0..rows * cols).map(val).collect();
         let x: Vec<f32> = (0..t * cols).map(|i| val(i + 13)).collect();
         let mut whole = vec![0f32; t * rows];
-        gemm(&w, rows, cols, &x, t, &mut whole);
+        gemm_many(&mut [(&w[..], rows, &mut whole[..])], cols, &x, t);
         for start in [1, 5, 21, 29, 41, 45, 52] {
             let n = t - start;
             let mut part = vec![0f32; n * rows];
-            gemm(&w, rows, cols, &x[start * cols..], n, &mut part);
+            gemm_many(
+                &mut [(&w[..], rows, &mut part[..])],
+                cols,
+                &x[start * cols..],
+                n,
+            );
             let mut same = part.iter().zip(&whole[start * rows..]);
             assert!(
                 same.all(|(a, b)| a.to_bits() == b.to_bits()),

@@ -257,19 +257,12 @@ pub fn matmul_float<W: WeightElem>(
     t: usize,
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if super::float_x86::has_avx2() {
-        if t >= GEMM_MIN_TOKENS {
-            return super::float_x86::gemm(w, rows, cols, x, t, out);
-        }
-        return matmul_tiled(w, rows, cols, x, t, out);
-    }
-    matmul_typed(w, rows, cols, x, t, out)
+    matmul_float_many(&mut [(w, rows, out)], cols, x, t)
 }
 
-/// The SIMD driver: rows split into tasks (several per thread, so both cores finish together); decode
-/// takes one row at a time, prefill 3 rows × 4 tokens per tile, with the tokens in
-/// groups whose activations stay in L2.
+/// The SIMD driver for a short prefill (2 to `GEMM_MIN_TOKENS - 1` tokens): rows split into tasks
+/// (several per thread, so both cores finish together), 3 rows × 4 tokens per tile, with the tokens
+/// in groups whose activations stay in L2.
 #[cfg(target_arch = "x86_64")]
 fn matmul_tiled<W: WeightElem>(
     w: &[W],
@@ -285,9 +278,6 @@ fn matmul_tiled<W: WeightElem>(
     let xrow = |i: usize| &x[i * cols..(i + 1) * cols];
     let row_bytes = cols * std::mem::size_of::<W>();
     let threads = rayon::current_num_threads().max(1);
-    if t == 1 {
-        return matvec_many(&mut [(w, rows, out)], cols, x);
-    }
     let per = rows
         .div_ceil(threads * 8)
         .max(16384 / (row_bytes * t).max(1))
@@ -368,8 +358,9 @@ fn matvec_many<W: WeightElem>(products: &mut [(&[W], usize, &mut [f32])], cols: 
     });
 }
 
-/// [`matmul_float`] for several matrices of the same activations, `outs[i] = x · wᵢᵀ`: decode and the
-/// packed GEMM take them all in one parallel step (the GEMM packing the activations once).
+/// [`matmul_float`] for several matrices of the same activations, `outs[i] = x · wᵢᵀ`, and the one
+/// place that picks the float kernel: decode and the packed GEMM take all the matrices in one parallel
+/// step (the GEMM packing the activations once); a short prefill takes the tiles one matrix at a time.
 fn matmul_float_many<W: WeightElem>(
     products: &mut [(&[W], usize, &mut [f32])],
     cols: usize,
@@ -384,9 +375,13 @@ fn matmul_float_many<W: WeightElem>(
         if t == 1 {
             return matvec_many(products, cols, x);
         }
+        for (w, rows, out) in products.iter_mut() {
+            matmul_tiled(w, *rows, cols, x, t, out);
+        }
+        return;
     }
     for (w, rows, out) in products.iter_mut() {
-        matmul_float(w, *rows, cols, x, t, out);
+        matmul_typed(w, *rows, cols, x, t, out);
     }
 }
 
