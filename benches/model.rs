@@ -55,52 +55,60 @@ fn dual_task(c: &mut Criterion) {
         .expect("load the model");
     let (lib, _) = tasks::Library::load(&[tasks::library::shipped_dir()]).unwrap();
     let mut runner = tasks::Runner::new(m.model, m.tokenizer, lib);
-    let text = "今天的实验终于成功了，太棒了！";
     let mut g = c.benchmark_group("dual_task/native");
     g.sample_size(10).measurement_time(Duration::from_secs(10));
-    g.bench_function("sentiment_label", |b| {
-        b.iter(|| {
-            let none = BTreeMap::new();
-            runner
-                .classify(
-                    "sentiment",
-                    text,
-                    Lang::Zh,
-                    &none,
-                    ClassifyMode::Scoring,
-                    &mut |_| {},
-                )
-                .unwrap()
-        })
-    });
-    g.bench_function("label_and_32_token_reply", |b| {
-        b.iter(|| {
-            let c = runner
-                .classify(
-                    "sentiment",
-                    text,
-                    Lang::Zh,
-                    &BTreeMap::new(),
-                    ClassifyMode::Scoring,
-                    &mut |_| {},
-                )
-                .unwrap();
-            let mut vars = BTreeMap::new();
-            vars.insert("sentiment".to_string(), c.display);
-            runner
-                .generate(
-                    "reply",
-                    text,
-                    Lang::Zh,
-                    &vars,
-                    &[],
-                    Some(32),
-                    &mut |_| {},
-                    &mut |_| true,
-                )
-                .unwrap()
-        })
-    });
+    // Both ends of the target's "<50 characters": the label's time grows with the new tokens.
+    for (name, text) in [
+        ("15_chars", "今天的实验终于成功了，太棒了！"),
+        (
+            "46_chars",
+            "我上周在你们店买的蓝牙耳机用了不到一周左边就没有声音了，联系客服三天都没人回复，真让人失望！",
+        ),
+    ] {
+        g.bench_function(format!("sentiment_label/{name}"), |b| {
+            b.iter(|| {
+                let none = BTreeMap::new();
+                runner
+                    .classify(
+                        "sentiment",
+                        text,
+                        Lang::Zh,
+                        &none,
+                        ClassifyMode::Scoring,
+                        &mut |_| {},
+                    )
+                    .unwrap()
+            })
+        });
+        g.bench_function(format!("label_and_32_token_reply/{name}"), |b| {
+            b.iter(|| {
+                let c = runner
+                    .classify(
+                        "sentiment",
+                        text,
+                        Lang::Zh,
+                        &BTreeMap::new(),
+                        ClassifyMode::Scoring,
+                        &mut |_| {},
+                    )
+                    .unwrap();
+                let mut vars = BTreeMap::new();
+                vars.insert("sentiment".to_string(), c.display);
+                runner
+                    .generate(
+                        "reply",
+                        text,
+                        Lang::Zh,
+                        &vars,
+                        &[],
+                        Some(32),
+                        &mut |_| {},
+                        &mut |_| true,
+                    )
+                    .unwrap()
+            })
+        });
+    }
     g.finish();
 }
 
