@@ -1188,8 +1188,8 @@ impl Panel {
         out: &mut [f32],
         os: usize,
     ) {
-        let n = self.rows;
-        assert!(!tokens.is_empty() && os >= n && out.len() >= (tokens.end - 1) * os + n);
+        // What `run_to` asks of its caller: the slice holds the last token's rows. (It checks the rest.)
+        assert!(out.len() >= tokens.end.saturating_sub(1) * os + self.rows);
         // SAFETY: `out` holds those tokens' rows, checked above, and is borrowed mutably.
         unsafe { self.run_to(backend, acts, tokens, out.as_mut_ptr(), os) }
     }
