@@ -9,7 +9,10 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
+
+mod common;
+use common::duet_command;
 use std::time::{Duration, Instant};
 
 /// A malformed file is rejected while its header is read: milliseconds. The margin is for a busy machine.
@@ -293,13 +296,8 @@ struct Run {
 /// Runs `duet ARGS` with no stdin; kills it (and fails) if it runs past the time limit.
 fn duet(args: &[&str]) -> Run {
     let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
-        .args(args)
-        .env_remove("DUET_MODEL")
-        .env("DUET_CACHE_DIR", "")
+    let mut child = duet_command(args, "")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("run duet");
     let drain = |mut r: Box<dyn Read + Send>| {

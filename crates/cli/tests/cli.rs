@@ -7,6 +7,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
+mod common;
+use common::duet_command;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -17,19 +20,6 @@ fn tiny() -> PathBuf {
 
 fn duet(args: &[&str], stdin: Option<&[u8]>) -> Output {
     duet_with(args, stdin, "")
-}
-
-/// `duet ARGS` with `$DUET_CACHE_DIR` set (empty: no prefix cache on disk, so tests neither read nor leave
-/// one) and every stream piped.
-fn duet_command(args: &[&str], cache_dir: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
-    cmd.args(args)
-        .env_remove("DUET_MODEL")
-        .env("DUET_CACHE_DIR", cache_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
 }
 
 /// `duet` run to its end, with `stdin` written to it (see [`duet_command`]).
