@@ -50,6 +50,20 @@ fn model(c: &mut Criterion) {
     }
 }
 
+/// The sentiment task's label for `text`, scored (the dual task's first step).
+fn label(runner: &mut tasks::Runner, text: &str) -> tasks::Classification {
+    runner
+        .classify(
+            "sentiment",
+            text,
+            Lang::Zh,
+            &BTreeMap::new(),
+            ClassifyMode::Scoring,
+            &mut |_| {},
+        )
+        .unwrap()
+}
+
 fn dual_task(c: &mut Criterion) {
     let m = qwen2::load::load_with(&duet_e2e::default_model_path(), WeightForm::Native)
         .expect("load the model");
@@ -66,34 +80,12 @@ fn dual_task(c: &mut Criterion) {
         ),
     ] {
         g.bench_function(format!("sentiment_label/{name}"), |b| {
-            b.iter(|| {
-                let none = BTreeMap::new();
-                runner
-                    .classify(
-                        "sentiment",
-                        text,
-                        Lang::Zh,
-                        &none,
-                        ClassifyMode::Scoring,
-                        &mut |_| {},
-                    )
-                    .unwrap()
-            })
+            b.iter(|| label(&mut runner, text))
         });
         g.bench_function(format!("label_and_32_token_reply/{name}"), |b| {
             b.iter(|| {
-                let c = runner
-                    .classify(
-                        "sentiment",
-                        text,
-                        Lang::Zh,
-                        &BTreeMap::new(),
-                        ClassifyMode::Scoring,
-                        &mut |_| {},
-                    )
-                    .unwrap();
                 let mut vars = BTreeMap::new();
-                vars.insert("sentiment".to_string(), c.display);
+                vars.insert("sentiment".to_string(), label(&mut runner, text).display);
                 runner
                     .generate(
                         "reply",

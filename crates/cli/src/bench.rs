@@ -132,9 +132,9 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     };
 
     // Dual task: warm the prefix cache once, then measure. The target is for inputs under 50 characters:
-    // one near each end of that range, then a longer one (the `input` names count characters). The label's time grows with the request's new
-    // tokens (each runs through every layer), so a 15-character input alone would say little about a
-    // 46-character one.
+    // one near each end of that range, then a longer one (the `input` names count characters). The
+    // label's time grows with the request's new tokens (each runs through every layer), so a 15-character
+    // input alone would say little about a 46-character one.
     let mut dual = Vec::new();
     let mut skipped = Vec::new();
     for (name, text) in [

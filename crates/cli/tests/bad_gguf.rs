@@ -10,10 +10,10 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 mod common;
 use common::duet_command;
-use std::time::{Duration, Instant};
 
 /// A malformed file is rejected while its header is read: milliseconds. The margin is for a busy machine.
 const TIME_LIMIT: Duration = Duration::from_secs(10);
