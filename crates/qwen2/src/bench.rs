@@ -84,8 +84,8 @@ struct Stream<'a> {
 
 /// The weight stream: GB/s at which the pool reads the bytes of a decode step of `model` when it does
 /// nothing with them but add them up — in the decode's order ([`Model::decode_steps`]), step by step
-/// with a barrier after each, each step's matrices cut into tasks of whole rows as the decode of
-/// block-quantized weights cuts them (float decode takes 16 rows a task). No decode can read its weights
+/// with a barrier after each, each step's matrices cut into tasks of whole rows as the decode cuts them
+/// (`rows_per_task`, for quantized and float weights alike). No decode can read its weights
 /// much faster, so its share of this is what its arithmetic loses; the stream's share of
 /// [`read_bandwidth_gbs`] is what the order and the barriers cost. Best of `reps`.
 pub fn weight_stream_gbs(model: &Model, reps: usize) -> f64 {

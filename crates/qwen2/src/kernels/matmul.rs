@@ -338,13 +338,13 @@ fn matmul_tiled<W: WeightElem>(
 #[cfg(target_arch = "x86_64")]
 fn matvec_many<W: WeightElem>(products: &mut [(&[W], usize, &mut [f32])], cols: usize, x: &[f32]) {
     assert!(x.len() == cols);
-    let threads = rayon::current_num_threads().max(1);
     let row_bytes = cols * std::mem::size_of::<W>();
     let mut tasks = Vec::new();
     for (w, rows, out) in products.iter_mut() {
         let (w, rows) = (*w, *rows);
         assert!(w.len() >= rows * cols && out.len() == rows);
-        let per = rows.div_ceil(threads * 8).max(16384 / row_bytes.max(1));
+        // The quantized decode's split, which the weight stream (`bench::weight_stream_gbs`) measures.
+        let per = super::quantized::rows_per_task(rows, row_bytes, 1);
         tasks.extend(
             out.chunks_mut(per)
                 .enumerate()
