@@ -3,7 +3,7 @@
 
 use crate::common::Global;
 use anyhow::{bail, Result};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -22,11 +22,20 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     if !qwen2::weights::is_gguf(&a.gguf) {
         bail!("{}: not a GGUF file", a.gguf.display());
     }
+    // A counter rewritten in place on a terminal; into a log or a pipe, a line per tenth of the way
+    // (291 updates joined by carriage returns would be one unreadable line there).
+    let tty = std::io::stderr().is_terminal();
     qwen2::convert::convert_gguf(&a.gguf, &a.out_dir, dtype, &mut |done, total| {
-        eprint!("\rconverting: {done}/{total} tensors");
-        let _ = std::io::stderr().flush();
+        if tty {
+            eprint!("\rconverting: {done}/{total} tensors");
+            let _ = std::io::stderr().flush();
+        } else if done == total || done % total.div_ceil(10).max(1) == 0 {
+            eprintln!("converting: {done}/{total} tensors");
+        }
     })?;
-    eprintln!();
+    if tty {
+        eprintln!();
+    }
     println!("{}", a.out_dir.display());
     Ok(())
 }

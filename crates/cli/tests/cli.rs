@@ -848,6 +848,20 @@ fn convert_writes_a_directory_duet_loads_with_the_same_tokens() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).lines().last().unwrap(), out.to_str().unwrap());
+    // Into a pipe, progress comes as whole lines (at most a dozen), never carriage returns.
+    let err = stderr(&o);
+    assert!(!err.contains('\r'), "{err:?}");
+    let progress: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("converting:"))
+        .collect();
+    assert!((2..=12).contains(&progress.len()), "{err}");
+    let last = progress.last().unwrap();
+    let counts = last
+        .trim_start_matches("converting: ")
+        .trim_end_matches(" tensors");
+    let (done, total) = counts.split_once('/').expect("done/total");
+    assert_eq!(done, total, "{err}");
     for f in [
         "config.json",
         "generation_config.json",
