@@ -83,6 +83,38 @@ pub fn load_runner(g: &Global) -> Result<tasks::Runner> {
     Ok(runner)
 }
 
+/// Progress of a long count on stderr: rewritten in place on a terminal; into a log or a pipe, a line
+/// per tenth of the way (hundreds of updates joined by carriage returns would be one unreadable line).
+pub struct Counter {
+    tty: bool,
+}
+
+impl Counter {
+    pub fn new() -> Self {
+        use std::io::IsTerminal;
+        Counter {
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Reports `done` of `total` as `line`.
+    pub fn show(&self, done: usize, total: usize, line: std::fmt::Arguments) {
+        if self.tty {
+            eprint!("\r{line}");
+            let _ = std::io::stderr().flush();
+        } else if done == total || done.is_multiple_of(total.div_ceil(10).max(1)) {
+            eprintln!("{line}");
+        }
+    }
+
+    /// Ends the counter's line on a terminal.
+    pub fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
 /// How far a long prompt has got (one of 3000 tokens takes ~20 s on two cores), written on the terminal
 /// where the answer will start and erased when it is done: the cursor is saved before and restored
 /// after each report, so text already on the line (`analyze`'s label) stays. Only for a terminal: a log

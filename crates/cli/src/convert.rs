@@ -1,9 +1,8 @@
 //! `duet convert MODEL.gguf OUT_DIR`: a Hugging Face dir (config, tokenizer, safetensors) that
 //! transformers loads and Duet maps directly.
 
-use crate::common::Global;
+use crate::common::{Counter, Global};
 use anyhow::{bail, Result};
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -22,20 +21,15 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     if !qwen2::weights::is_gguf(&a.gguf) {
         bail!("{}: not a GGUF file", a.gguf.display());
     }
-    // A counter rewritten in place on a terminal; into a log or a pipe, a line per tenth of the way
-    // (291 updates joined by carriage returns would be one unreadable line there).
-    let tty = std::io::stderr().is_terminal();
+    let counter = Counter::new();
     qwen2::convert::convert_gguf(&a.gguf, &a.out_dir, dtype, &mut |done, total| {
-        if tty {
-            eprint!("\rconverting: {done}/{total} tensors");
-            let _ = std::io::stderr().flush();
-        } else if done == total || done % total.div_ceil(10).max(1) == 0 {
-            eprintln!("converting: {done}/{total} tensors");
-        }
+        counter.show(
+            done,
+            total,
+            format_args!("converting: {done}/{total} tensors"),
+        )
     })?;
-    if tty {
-        eprintln!();
-    }
+    counter.finish();
     println!("{}", a.out_dir.display());
     Ok(())
 }

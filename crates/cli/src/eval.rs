@@ -1,9 +1,8 @@
 //! `duet eval FILE`: accuracy, confusion and latency of a labels task over a labeled TSV file, label
 //! scoring and generation mode side by side.
 
-use crate::common::{load_runner, Global};
+use crate::common::{load_runner, Counter, Global};
 use anyhow::{Context, Result};
-use std::io::{IsTerminal, Write};
 use tasks::eval::{evaluate, read_tsv, ModeReport};
 use tasks::ClassifyMode;
 
@@ -40,19 +39,11 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         } else {
             "generation mode"
         };
-        // A counter rewritten in place on a terminal; into a log, a line per tenth of the way.
-        let tty = std::io::stderr().is_terminal();
+        let counter = Counter::new();
         let r = evaluate(&mut runner, &a.task, &examples, mode, lang, &mut |i, n| {
-            if tty {
-                eprint!("\r{name}: {i}/{n}");
-                let _ = std::io::stderr().flush();
-            } else if i == n || i % n.div_ceil(10).max(1) == 0 {
-                eprintln!("{name}: {i}/{n}");
-            }
+            counter.show(i, n, format_args!("{name}: {i}/{n}"))
         })?;
-        if tty {
-            eprintln!();
-        }
+        counter.finish();
         reports.push(r);
     }
     if a.json {

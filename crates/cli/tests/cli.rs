@@ -683,6 +683,12 @@ fn eval_reports_both_modes() {
         None,
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // Into a pipe, each mode's progress comes as whole lines ending with the full count.
+    let err = stderr(&o);
+    assert!(!err.contains('\r'), "{err:?}");
+    for line in ["label scoring: 4/4", "generation mode: 4/4"] {
+        assert!(err.lines().any(|l| l == line), "{err}");
+    }
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     let modes = v["modes"].as_array().unwrap();
     assert_eq!(modes.len(), 2);
