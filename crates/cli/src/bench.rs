@@ -131,29 +131,42 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         None
     };
 
-    // Dual task: warm the prefix cache once, then measure. The target is for inputs under 50 characters:
-    // one near each end of that range, then a longer one (the `input` names count characters). The
-    // label's time grows with the request's new tokens (each runs through every layer), so a 15-character
-    // input alone would say little about a 46-character one.
+    // Dual task: warm the prefix cache once, then measure, on each of the shared timing inputs.
     let mut dual = Vec::new();
     let mut skipped = Vec::new();
-    for (name, text) in [
-        ("15 chars", "今天的实验终于成功了，太棒了！"),
-        ("46 chars", "我上周在你们店买的蓝牙耳机用了不到一周左边就没有声音了，联系客服三天都没人回复，真让人失望！"),
-        ("79 chars", "我上周在你们店里买的洗衣机今天送到了，可是安装师傅迟到了三个小时，而且装好以后机器一直漏水，打了好几次客服电话都没人接，真的很失望，希望尽快给我一个解决方案。"),
-    ] {
+    for (name, text) in tasks::pipeline::BENCH_INPUTS {
         let run_once = |runner: &mut tasks::Runner| -> Result<(f64, f64, f64)> {
             let t = Instant::now();
-            let c = runner.classify("sentiment", text, Lang::Zh, &BTreeMap::new(), ClassifyMode::Scoring, &mut |_| {})?;
+            let c = runner.classify(
+                "sentiment",
+                text,
+                Lang::Zh,
+                &BTreeMap::new(),
+                ClassifyMode::Scoring,
+                &mut |_| {},
+            )?;
             let label_ms = t.elapsed().as_secs_f64() * 1e3;
             let mut vars = BTreeMap::new();
             vars.insert("sentiment".to_string(), c.display);
             let mut first = None;
-            runner.generate("reply", text, Lang::Zh, &vars, &[], Some(64), &mut |_| {}, &mut |_| {
-                first.get_or_insert(t.elapsed().as_secs_f64() * 1e3);
-                true
-            })?;
-            Ok((label_ms, first.unwrap_or(0.0), t.elapsed().as_secs_f64() * 1e3))
+            runner.generate(
+                "reply",
+                text,
+                Lang::Zh,
+                &vars,
+                &[],
+                Some(64),
+                &mut |_| {},
+                &mut |_| {
+                    first.get_or_insert(t.elapsed().as_secs_f64() * 1e3);
+                    true
+                },
+            )?;
+            Ok((
+                label_ms,
+                first.unwrap_or(0.0),
+                t.elapsed().as_secs_f64() * 1e3,
+            ))
         };
         // Warm the prefix cache; an input that does not fit a small model's context is reported, not fatal.
         if let Err(e) = run_once(&mut runner) {
@@ -161,7 +174,9 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
             skipped.push(serde_json::json!({"input": name, "error": e.to_string()}));
             continue;
         }
-        let runs: Vec<(f64, f64, f64)> = (0..reps).map(|_| run_once(&mut runner)).collect::<Result<_>>()?;
+        let runs: Vec<(f64, f64, f64)> = (0..reps)
+            .map(|_| run_once(&mut runner))
+            .collect::<Result<_>>()?;
         let m = |f: fn(&(f64, f64, f64)) -> f64| median(runs.iter().map(f).collect());
         dual.push((name, m(|r| r.0), m(|r| r.1), m(|r| r.2)));
     }
