@@ -48,11 +48,6 @@ fn forward_shared<const N: usize>(mut layers: [(&Linear, &mut [f32]); N], x: &[f
     }
 }
 
-/// The residual connection: `x += p`.
-fn add(x: &mut [f32], p: &[f32]) {
-    x.iter_mut().zip(p).for_each(|(xi, p)| *xi += p);
-}
-
 pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
@@ -380,11 +375,14 @@ impl Model {
             let tail = t - n;
 
             // 2. Attention block: rmsnorm → q, k, v (+bias) → rope → attention over the cache → o_proj → residual.
-            // The per-token steps run a token per task (`for_each_row_pair`, `for_each_row`): on
-            // one core they left the other waiting between products.
-            pool::for_each_row_pair(&mut xb, &x, t, |_, xb, x| {
-                rmsnorm(xb, x, &layer.input_layernorm, c.rms_norm_eps)
-            });
+            for i in 0..t {
+                rmsnorm(
+                    &mut xb[i * h..(i + 1) * h],
+                    &x[i * h..(i + 1) * h],
+                    &layer.input_layernorm,
+                    c.rms_norm_eps,
+                );
+            }
             let a = &layer.self_attn;
             forward_shared(
                 [
@@ -395,19 +393,21 @@ impl Model {
                 &xb,
                 t,
             );
-            pool::for_each_row(&mut k, t, |i, k| {
-                let (cos, sin) = &angles[i];
-                k.chunks_mut(hd).for_each(|head| rope(head, cos, sin));
-            });
+            for (i, (cos, sin)) in angles.iter().enumerate() {
+                k[i * kvd..(i + 1) * kvd]
+                    .chunks_mut(hd)
+                    .for_each(|head| rope(head, cos, sin));
+            }
             cache.store(l, start, &k, &v);
             if n == 0 {
                 break;
             }
             let q = &mut q[tail * qd..];
-            pool::for_each_row(q, n, |i, q| {
-                let (cos, sin) = &angles[tail + i];
-                q.chunks_mut(hd).for_each(|head| rope(head, cos, sin));
-            });
+            for (i, (cos, sin)) in angles[tail..].iter().enumerate() {
+                q[i * qd..(i + 1) * qd]
+                    .chunks_mut(hd)
+                    .for_each(|head| rope(head, cos, sin));
+            }
             let shape = AttentionShape {
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
@@ -420,12 +420,17 @@ impl Model {
             attention(q, kc, vc, &shape, att);
             let (x, xb, proj) = (&mut x[tail * h..], &mut xb[..n * h], &mut proj[..n * h]);
             a.o_proj.forward(att, n, proj);
-            pool::for_each_row_pair(x, &*proj, n, |_, x, p| add(x, p));
+            x.iter_mut().zip(&*proj).for_each(|(xi, p)| *xi += p);
 
             // 3. MLP block: rmsnorm → silu(gate) · up → down → residual.
-            pool::for_each_row_pair(xb, x, n, |_, xb, x| {
-                rmsnorm(xb, x, &layer.post_attention_layernorm, c.rms_norm_eps)
-            });
+            for i in 0..n {
+                rmsnorm(
+                    &mut xb[i * h..(i + 1) * h],
+                    &x[i * h..(i + 1) * h],
+                    &layer.post_attention_layernorm,
+                    c.rms_norm_eps,
+                );
+            }
             let (gate, up) = (&mut gate[..n * inter], &mut up[..n * inter]);
             forward_shared(
                 [
@@ -435,9 +440,9 @@ impl Model {
                 xb,
                 n,
             );
-            pool::for_each_row_pair(gate, &*up, n, |_, g, u| silu_mul(g, u));
+            silu_mul(gate, up);
             layer.mlp.down_proj.forward(gate, n, proj);
-            pool::for_each_row_pair(x, &*proj, n, |_, x, p| add(x, p));
+            x.iter_mut().zip(&*proj).for_each(|(xi, p)| *xi += p);
         }
         cache.advance(t);
 

@@ -264,35 +264,6 @@ pub fn for_each_chunk_mut<T: Send>(
     });
 }
 
-/// `f(i, a_i, b_i)` for each row `i` of `rows` equal rows of `a` and of `b`, in parallel (one task a
-/// row; a single row runs here). For the per-token steps between a prefill's products — norms, rope,
-/// residual adds, SwiGLU — which otherwise run on one core while the other waits for the next product.
-pub fn for_each_row_pair<T: Send, U: Sync>(
-    a: &mut [T],
-    b: &[U],
-    rows: usize,
-    f: impl Fn(usize, &mut [T], &[U]) + Sync,
-) {
-    if rows == 0 {
-        return;
-    }
-    assert!(a.len().is_multiple_of(rows) && b.len().is_multiple_of(rows));
-    let (aw, bw) = (a.len() / rows, b.len() / rows);
-    assert!(aw > 0 && bw > 0);
-    let items: Vec<_> = a.chunks_mut(aw).zip(b.chunks(bw)).enumerate().collect();
-    for_each_item(items, |(i, (a, b))| f(i, a, b));
-}
-
-/// `f(i, a_i)` for each row `i` of `rows` equal rows of `a`, in parallel (one task a row; a single row
-/// runs here), like [`for_each_row_pair`].
-pub fn for_each_row<T: Send>(a: &mut [T], rows: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    if rows == 0 {
-        return;
-    }
-    assert!(a.len().is_multiple_of(rows));
-    for_each_chunk_mut(a, a.len() / rows, f);
-}
-
 /// `f(item)` for every item, in parallel (items carry their own `&mut` pieces of outputs).
 pub fn for_each_item<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
     let mut items: Vec<Option<T>> = items.into_iter().map(Some).collect();

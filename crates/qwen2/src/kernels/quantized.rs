@@ -151,7 +151,7 @@ pub fn quantize_acts(x: &[f32], t: usize, cols: usize) -> QuantizedActs {
             (*d, *s) = quantize_block(x, q);
         }
     };
-    if t * cols >= 1 << 14 {
+    if t * cols >= 1 << 16 {
         super::pool::for_each_item(runs, quantize_run);
     } else {
         runs.into_iter().for_each(quantize_run);
