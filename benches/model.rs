@@ -9,9 +9,8 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qwen2::matrix::WeightForm;
 use qwen2::{KvCache, Logits};
-use std::collections::BTreeMap;
 use std::time::Duration;
-use tasks::{ClassifyMode, Lang};
+use tasks::Lang;
 
 /// A fixed prompt of ordinary token ids.
 fn prompt(n: usize) -> Vec<u32> {
@@ -50,20 +49,6 @@ fn model(c: &mut Criterion) {
     }
 }
 
-/// The sentiment task's label for `text`, scored (the dual task's first step).
-fn label(runner: &mut tasks::Runner, text: &str) -> tasks::Classification {
-    runner
-        .classify(
-            "sentiment",
-            text,
-            Lang::Zh,
-            &BTreeMap::new(),
-            ClassifyMode::Scoring,
-            &mut |_| {},
-        )
-        .unwrap()
-}
-
 fn dual_task(c: &mut Criterion) {
     let m = qwen2::load::load_with(&duet_e2e::default_model_path(), WeightForm::Native)
         .expect("load the model");
@@ -76,25 +61,10 @@ fn dual_task(c: &mut Criterion) {
     for (name, text) in &tasks::pipeline::BENCH_INPUTS[..2] {
         let name = name.replace(' ', "_");
         g.bench_function(format!("sentiment_label/{name}"), |b| {
-            b.iter(|| label(&mut runner, text))
+            b.iter(|| runner.time_dual_task(text, Lang::Zh, None).unwrap())
         });
         g.bench_function(format!("label_and_32_token_reply/{name}"), |b| {
-            b.iter(|| {
-                let mut vars = BTreeMap::new();
-                vars.insert("sentiment".to_string(), label(&mut runner, text).display);
-                runner
-                    .generate(
-                        "reply",
-                        text,
-                        Lang::Zh,
-                        &vars,
-                        &[],
-                        Some(32),
-                        &mut |_| {},
-                        &mut |_| true,
-                    )
-                    .unwrap()
-            })
+            b.iter(|| runner.time_dual_task(text, Lang::Zh, Some(32)).unwrap())
         });
     }
     g.finish();

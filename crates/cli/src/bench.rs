@@ -7,7 +7,7 @@ use anyhow::Result;
 use qwen2::bench as qb;
 use std::collections::BTreeMap;
 use std::time::Instant;
-use tasks::{ClassifyMode, Lang};
+use tasks::Lang;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -136,37 +136,8 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     let mut skipped = Vec::new();
     for (name, text) in tasks::pipeline::BENCH_INPUTS {
         let run_once = |runner: &mut tasks::Runner| -> Result<(f64, f64, f64)> {
-            let t = Instant::now();
-            let c = runner.classify(
-                "sentiment",
-                text,
-                Lang::Zh,
-                &BTreeMap::new(),
-                ClassifyMode::Scoring,
-                &mut |_| {},
-            )?;
-            let label_ms = t.elapsed().as_secs_f64() * 1e3;
-            let mut vars = BTreeMap::new();
-            vars.insert("sentiment".to_string(), c.display);
-            let mut first = None;
-            runner.generate(
-                "reply",
-                text,
-                Lang::Zh,
-                &vars,
-                &[],
-                Some(64),
-                &mut |_| {},
-                &mut |_| {
-                    first.get_or_insert(t.elapsed().as_secs_f64() * 1e3);
-                    true
-                },
-            )?;
-            Ok((
-                label_ms,
-                first.unwrap_or(0.0),
-                t.elapsed().as_secs_f64() * 1e3,
-            ))
+            let t = runner.time_dual_task(text, Lang::Zh, Some(64))?;
+            Ok((t.label_ms, t.first_token_ms.unwrap_or(0.0), t.total_ms))
         };
         // Warm the prefix cache; an input that does not fit a small model's context is reported, not fatal.
         if let Err(e) = run_once(&mut runner) {

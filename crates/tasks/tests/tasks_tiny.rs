@@ -548,3 +548,37 @@ fn conversation_turns_extend_the_previous_prefix_with_the_same_results() {
         assert!(!hit && from == before && now > before, "{extended:?}");
     }
 }
+
+/// The dual task's timer sees both steps of `analyze` in order: the label before the reply's first
+/// text, the reply skipped when asked (no first token), and the end after both.
+#[test]
+fn dual_task_times_follow_the_steps() {
+    let mut r = runner(&[tasks::library::shipped_dir()], 1 << 24);
+    let text = "今天的实验终于成功了，太棒了！";
+    let label_only = r.time_dual_task(text, Lang::Zh, None).unwrap();
+    assert!(label_only.first_token_ms.is_none());
+    assert!(0.0 < label_only.label_ms && label_only.label_ms <= label_only.total_ms);
+    let both = r.time_dual_task(text, Lang::Zh, Some(8)).unwrap();
+    // The tiny model's reply is noise; that it has text at all (so a first token to time) is read from
+    // `analyze`'s own output for the same request.
+    let reply = r
+        .run(
+            "analyze",
+            text,
+            Lang::Zh,
+            &tasks::pipeline::RunOptions {
+                max_new_tokens: Some(8),
+                ..Default::default()
+            },
+            &mut |_| true,
+        )
+        .unwrap();
+    match &reply.steps[1].1 {
+        tasks::StepOutput::Text(t) => assert!(!t.text.is_empty(), "an empty reply"),
+        other => panic!("the second step is the reply: {other:?}"),
+    }
+    let first = both
+        .first_token_ms
+        .expect("the reply's first text was timed");
+    assert!(0.0 < both.label_ms && both.label_ms <= first && first <= both.total_ms);
+}
