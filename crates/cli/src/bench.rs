@@ -135,21 +135,24 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     let mut dual = Vec::new();
     let mut skipped = Vec::new();
     for (name, text) in tasks::pipeline::BENCH_INPUTS {
-        let run_once = |runner: &mut tasks::Runner| -> Result<(f64, f64, f64)> {
-            let t = runner.time_dual_task(text, Lang::Zh, Some(64))?;
-            Ok((t.label_ms, t.first_token_ms.unwrap_or(0.0), t.total_ms))
-        };
+        let run_once = |runner: &mut tasks::Runner| runner.time_dual_task(text, Lang::Zh, Some(64));
         // Warm the prefix cache; an input that does not fit a small model's context is reported, not fatal.
         if let Err(e) = run_once(&mut runner) {
             eprintln!("dual task {name}: skipped: {e}");
             skipped.push(serde_json::json!({"input": name, "error": e.to_string()}));
             continue;
         }
-        let runs: Vec<(f64, f64, f64)> = (0..reps)
+        let runs: Vec<tasks::pipeline::DualTaskTimes> = (0..reps)
             .map(|_| run_once(&mut runner))
-            .collect::<Result<_>>()?;
-        let m = |f: fn(&(f64, f64, f64)) -> f64| median(runs.iter().map(f).collect());
-        dual.push((name, m(|r| r.0), m(|r| r.1), m(|r| r.2)));
+            .collect::<std::result::Result<_, _>>()?;
+        let m =
+            |f: fn(&tasks::pipeline::DualTaskTimes) -> f64| median(runs.iter().map(f).collect());
+        dual.push((
+            name,
+            m(|r| r.label_ms),
+            m(|r| r.first_token_ms.unwrap_or(0.0)),
+            m(|r| r.total_ms),
+        ));
     }
     let rss = qb::peak_rss_bytes();
     // The host is shared: a probe that catches it busy reads low, and every fraction of it reads high
