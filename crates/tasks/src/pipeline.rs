@@ -35,51 +35,6 @@ pub struct DualTaskTimes {
     pub total_ms: f64,
 }
 
-impl Runner {
-    /// Runs the dual task (the pipeline `analyze`, as `duet analyze` does) on `text` and times it: the
-    /// label, then a reply of at most `reply_tokens` new tokens (`None`: the label alone). What `duet
-    /// bench` and the criterion benches measure, through the same path as a user's request.
-    pub fn time_dual_task(
-        &mut self,
-        text: &str,
-        lang: Lang,
-        reply_tokens: Option<usize>,
-    ) -> Result<DualTaskTimes> {
-        let opts = RunOptions {
-            max_new_tokens: reply_tokens,
-            skip: if reply_tokens.is_none() {
-                vec!["reply".into()]
-            } else {
-                Vec::new()
-            },
-            ..RunOptions::default()
-        };
-        let start = std::time::Instant::now();
-        let ms = || start.elapsed().as_secs_f64() * 1e3;
-        let (mut label_ms, mut first_token_ms) = (None, None);
-        self.run("analyze", text, lang, &opts, &mut |ev| {
-            match ev {
-                PipelineEvent::StepDone {
-                    task: "sentiment", ..
-                } => {
-                    label_ms.get_or_insert(ms());
-                }
-                PipelineEvent::Text(_) => {
-                    first_token_ms.get_or_insert(ms());
-                }
-                _ => {}
-            }
-            true
-        })?;
-        let total_ms = ms();
-        Ok(DualTaskTimes {
-            label_ms: label_ms.unwrap_or(total_ms),
-            first_token_ms,
-            total_ms,
-        })
-    }
-}
-
 #[derive(Debug, Clone)]
 pub enum StepOutput {
     Label(Classification),
@@ -204,6 +159,49 @@ impl Runner {
         Ok(PipelineResult {
             name: name.to_string(),
             steps: done,
+        })
+    }
+
+    /// Runs the dual task (the pipeline `analyze`, as `duet analyze` does) on `text` and times it: the
+    /// label, then a reply of at most `reply_tokens` new tokens (`None`: the label alone). What `duet
+    /// bench` and the criterion benches measure, through the same path as a user's request.
+    pub fn time_dual_task(
+        &mut self,
+        text: &str,
+        lang: Lang,
+        reply_tokens: Option<usize>,
+    ) -> Result<DualTaskTimes> {
+        let opts = RunOptions {
+            max_new_tokens: reply_tokens,
+            skip: if reply_tokens.is_none() {
+                vec!["reply".into()]
+            } else {
+                Vec::new()
+            },
+            ..RunOptions::default()
+        };
+        let start = std::time::Instant::now();
+        let ms = || start.elapsed().as_secs_f64() * 1e3;
+        let (mut label_ms, mut first_token_ms) = (None, None);
+        self.run("analyze", text, lang, &opts, &mut |ev| {
+            match ev {
+                PipelineEvent::StepDone {
+                    task: "sentiment", ..
+                } => {
+                    label_ms.get_or_insert(ms());
+                }
+                PipelineEvent::Text(_) => {
+                    first_token_ms.get_or_insert(ms());
+                }
+                _ => {}
+            }
+            true
+        })?;
+        let total_ms = ms();
+        Ok(DualTaskTimes {
+            label_ms: label_ms.unwrap_or(total_ms),
+            first_token_ms,
+            total_ms,
         })
     }
 }
