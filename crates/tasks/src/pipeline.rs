@@ -185,8 +185,10 @@ impl Runner {
         let (mut label_ms, mut first_token_ms) = (None, None);
         self.run("analyze", text, lang, &opts, &mut |ev| {
             match ev {
+                // As `duet analyze` reports its timings: the label is the pipeline's labels step.
                 PipelineEvent::StepDone {
-                    task: "sentiment", ..
+                    output: StepOutput::Label(_),
+                    ..
                 } => {
                     label_ms.get_or_insert(ms());
                 }
