@@ -752,6 +752,12 @@ macro_rules! instruction_set {
                 };
                 let mut acc = [_mm256_setzero_ps(); T];
                 for b in 0..p.nb {
+                    // The next panel's lines for this block (see `Panel::run_to`); a hint, never faults.
+                    let first = (p.blocks_before + b) * p.per_block;
+                    for i in first..(first + p.per_block).min(p.lines) {
+                        let line = p.next.wrapping_add((i % 8) * p.next_rb + 64 * (i / 8));
+                        _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+                    }
                     for u in 0..units {
                         let mut a32 = [_mm256_setzero_si256(); T];
                         for c in 0..gu / g16 {
@@ -1029,12 +1035,22 @@ struct PanelActPtr {
     sums: *const f32,
 }
 
-/// A [`Panel`] as raw pointers for the kernels.
+/// A [`Panel`] as raw pointers for the kernels, and the prefetch of the next panel's rows that its
+/// span kernel spreads over its blocks.
 struct PanelPtr {
     nb: usize,
     w: *const __m256i,
     s: *const __m256,
     m: *const __m256,
+    /// The rows eight on (only ever prefetched, never read), their length, and their cache lines in
+    /// the prefetch's order: line `i` is line `i / 8` of row `i % 8`.
+    next: *const u8,
+    next_rb: usize,
+    lines: usize,
+    /// Lines asked for per block the kernel runs, and how many blocks this run of the panel has run
+    /// before the current span (`nb` per span).
+    per_block: usize,
+    blocks_before: usize,
 }
 
 /// Up to eight weight rows decoded once for a prefill, interleaved so that row `r` is lane `r`: for
@@ -1053,6 +1069,9 @@ pub struct Panel {
     nb: usize,
     units: usize,
     dtype: Option<DType>,
+    /// The address of the rows eight on from the first (a prefetch hint: never read) and the row length.
+    next: usize,
+    row_bytes: usize,
     /// `[8 · b + g]`: group `g` of piece `b`, row `r` in the i32 lane `r`.
     w: Vec<__m256i>,
     /// `[units · b + u]`: the rows' scales of unit `u` of piece `b`, and their zero point × scale (or min).
@@ -1087,6 +1106,10 @@ impl Panel {
         assert!(nsb * F::SB_BYTES == row_bytes && nsb > 0);
         let (nb, units) = (nsb * F::SUBS, if F::HALVES { 2 } else { 1 });
         (self.rows, self.nb, self.units) = (rows.len(), nb, units);
+        (self.next, self.row_bytes) = (
+            rows[0].as_ptr().wrapping_add(8 * row_bytes) as usize,
+            row_bytes,
+        );
         self.w.resize(8 * nb, _mm256_setzero_si256());
         self.s.resize(units * nb, _mm256_setzero_ps());
         self.m.resize(units * nb, _mm256_setzero_ps());
@@ -1109,12 +1132,6 @@ impl Panel {
             for r in 0..8 {
                 // SAFETY: super-block sb of row r lies within it.
                 let p = unsafe { base[r].add(sb * F::SB_BYTES) };
-                // This is where a prefill first reads the weights, from DRAM. Ask for the same place
-                // eight rows on — the next panel's, for consecutive rows — while this one's tokens
-                // run (a hint; never faults).
-                for off in (0..F::SB_BYTES).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(8 * row_bytes + off) as *const i8);
-                }
                 // SAFETY: p points at a whole super-block.
                 hdr[r] = unsafe { F::header(p) };
             }
@@ -1219,11 +1236,23 @@ impl Panel {
             tokens.start
         );
         check_features(backend);
-        let p = PanelPtr {
+        // This is where a prefill first reads the weights, from DRAM. Each span asks for a share of the
+        // next panel's rows (eight on: the next panel's, for consecutive rows) block by block, so they
+        // arrive while this panel's tokens run. Asked for all at once in the fill, many came late: whole
+        // passes of the default model alternated in one process ran 1.03-1.12× as fast with 13 new
+        // tokens, 1.02-1.03× with 32 and 1.00-1.01× with 128 (benches/RESULTS.md).
+        let lines = 8 * self.row_bytes.div_ceil(64);
+        let blocks = nb * (tokens.end - tokens.start).div_ceil(SPAN);
+        let mut p = PanelPtr {
             nb,
             w: self.w.as_ptr(),
             s: self.s.as_ptr(),
             m: self.m.as_ptr(),
+            next: self.next as *const u8,
+            next_rb: self.row_bytes,
+            lines,
+            per_block: lines.div_ceil(blocks),
+            blocks_before: 0,
         };
         let a = acts.ptr();
         type Span = unsafe fn(&PanelPtr, &PanelActPtr, usize, usize, *mut f32, usize, usize);
@@ -1251,6 +1280,7 @@ impl Panel {
             // `tokens` (checked above, with the CPU features), `out` those tokens (stride os ≥ n) of n
             // rows by the caller's promise.
             unsafe { span(&p, &a, t0, k, out, os, n) };
+            p.blocks_before += nb;
             t0 += k;
         }
     }
