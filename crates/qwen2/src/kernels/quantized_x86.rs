@@ -755,7 +755,7 @@ macro_rules! instruction_set {
                     // The next panel's lines for this block (see `Panel::run_to`); a hint, never faults.
                     let first = (p.blocks_before + b) * p.per_block;
                     for i in first..(first + p.per_block).min(p.lines) {
-                        let line = p.next.wrapping_add((i % 8) * p.next_rb + 64 * (i / 8));
+                        let line = p.next.wrapping_add((i % 8) * p.row_bytes + 64 * (i / 8));
                         _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
                     }
                     for u in 0..units {
@@ -1045,7 +1045,7 @@ struct PanelPtr {
     /// The rows eight on (only ever prefetched, never read), their length, and their cache lines in
     /// the prefetch's order: line `i` is line `i / 8` of row `i % 8`.
     next: *const u8,
-    next_rb: usize,
+    row_bytes: usize,
     lines: usize,
     /// Lines asked for per block the kernel runs, and how many blocks this run of the panel has run
     /// before the current span (`nb` per span).
@@ -1249,7 +1249,7 @@ impl Panel {
             s: self.s.as_ptr(),
             m: self.m.as_ptr(),
             next: self.next as *const u8,
-            next_rb: self.row_bytes,
+            row_bytes: self.row_bytes,
             lines,
             per_block: lines.div_ceil(blocks),
             blocks_before: 0,
