@@ -5,7 +5,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::matmul::matmul_many;
-use crate::kernels::{attention, pool, rmsnorm, rope, silu_mul, RopeTable};
+use crate::kernels::{attention, pool, rmsnorm_rows, rope, silu_mul, RopeTable};
 use crate::kv_cache::KvCache;
 use crate::matrix::{LookupTable, Matrix, WeightForm};
 use crate::weights::arena::Arena;
@@ -375,14 +375,7 @@ impl Model {
             let tail = t - n;
 
             // 2. Attention block: rmsnorm → q, k, v (+bias) → rope → attention over the cache → o_proj → residual.
-            for i in 0..t {
-                rmsnorm(
-                    &mut xb[i * h..(i + 1) * h],
-                    &x[i * h..(i + 1) * h],
-                    &layer.input_layernorm,
-                    c.rms_norm_eps,
-                );
-            }
+            rmsnorm_rows(&mut xb, &x, &layer.input_layernorm, c.rms_norm_eps);
             let a = &layer.self_attn;
             forward_shared(
                 [
@@ -423,14 +416,7 @@ impl Model {
             x.iter_mut().zip(&*proj).for_each(|(xi, p)| *xi += p);
 
             // 3. MLP block: rmsnorm → silu(gate) · up → down → residual.
-            for i in 0..n {
-                rmsnorm(
-                    &mut xb[i * h..(i + 1) * h],
-                    &x[i * h..(i + 1) * h],
-                    &layer.post_attention_layernorm,
-                    c.rms_norm_eps,
-                );
-            }
+            rmsnorm_rows(xb, x, &layer.post_attention_layernorm, c.rms_norm_eps);
             let (gate, up) = (&mut gate[..n * inter], &mut up[..n * inter]);
             forward_shared(
                 [
@@ -449,14 +435,7 @@ impl Model {
         // 4. Final norm, of the rows kept.
         let n = keep.min(t);
         let (x, mut out) = (&x[(t - n) * h..], vec![0.0f32; n * h]);
-        for i in 0..n {
-            rmsnorm(
-                &mut out[i * h..(i + 1) * h],
-                &x[i * h..(i + 1) * h],
-                &self.norm,
-                c.rms_norm_eps,
-            );
-        }
+        rmsnorm_rows(&mut out, x, &self.norm, c.rms_norm_eps);
         Ok(out)
     }
 }

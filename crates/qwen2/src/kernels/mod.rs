@@ -26,5 +26,5 @@ pub mod rope;
 pub use activation::{silu_mul, softmax};
 pub use attention::attention;
 pub use matmul::{matmul, WeightElem, WeightSlice};
-pub use norm::rmsnorm;
+pub use norm::{rmsnorm, rmsnorm_rows};
 pub use rope::{rope, RopeTable};

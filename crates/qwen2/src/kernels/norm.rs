@@ -22,6 +22,16 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     }
 }
 
+/// [`rmsnorm`] of each row of `x` (rows of `weight.len()` values) into the same row of `out`: the
+/// forward pass's norms over all its tokens at once.
+pub fn rmsnorm_rows(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+    let h = weight.len();
+    assert!(out.len() == x.len() && h > 0 && x.len().is_multiple_of(h));
+    for (o, r) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+        rmsnorm(o, r, weight, eps);
+    }
+}
+
 pub fn rmsnorm_scalar(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     let ss: f32 = x.iter().map(|v| v * v).sum();
     let inv = 1.0 / (ss / x.len() as f32 + eps).sqrt();
@@ -50,6 +60,18 @@ mod tests {
             for (p, q) in a.iter().zip(&b) {
                 assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()));
             }
+        }
+    }
+
+    #[test]
+    fn rows_are_normed_one_by_one() {
+        // Rows [3, 4] and [6, 8] (mean of squares 12.5 and 50): each over its own root, times the weight.
+        let mut out = [0.0; 4];
+        rmsnorm_rows(&mut out, &[3.0, 4.0, 6.0, 8.0], &[1.0, 2.0], 0.0);
+        let (r1, r2) = (12.5f32.sqrt(), 50f32.sqrt());
+        let want = [3.0 / r1, 8.0 / r1, 6.0 / r2, 16.0 / r2];
+        for (o, w) in out.iter().zip(want) {
+            assert!((o - w).abs() < 1e-6, "{out:?}");
         }
     }
 }
