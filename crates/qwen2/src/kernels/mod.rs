@@ -12,6 +12,8 @@
 //! at run time) or in portable Rust.
 
 pub mod activation;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod float_x86;

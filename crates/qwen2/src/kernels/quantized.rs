@@ -281,6 +281,9 @@ pub enum Backend {
     Avx2,
     /// AVX-512 VNNI `vpdpbusd` (x86-64 with AVX-512 F/BW/VL/VNNI, F16C).
     Avx512Vnni,
+    /// AVX-512 VNNI, with the prefill of the formats `amx::format` takes on AMX tiles (Xeons since
+    /// Sapphire Rapids, on a Linux that grants the tile state).
+    Amx,
 }
 
 impl Backend {
@@ -292,6 +295,8 @@ impl Backend {
             Backend::Avx2 => super::quantized_x86::has_avx2(),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512Vnni => super::quantized_x86::has_avx512vnni(),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Amx => super::amx::available(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -299,16 +304,40 @@ impl Backend {
 
     /// Every backend this CPU can run, fastest last.
     pub fn available() -> Vec<Backend> {
-        [Backend::Portable, Backend::Avx2, Backend::Avx512Vnni]
-            .into_iter()
-            .filter(|b| b.is_available())
-            .collect()
+        [
+            Backend::Portable,
+            Backend::Avx2,
+            Backend::Avx512Vnni,
+            Backend::Amx,
+        ]
+        .into_iter()
+        .filter(|b| b.is_available())
+        .collect()
     }
 
-    /// The fastest available backend (detected once).
+    /// The fastest available backend (detected once), or the one `DUET_BACKEND` names (`portable`,
+    /// `avx2`, `avx512-vnni`, `amx`) if this CPU has it: to compare them, or to step around one.
     pub fn best() -> Backend {
         static BEST: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| *Backend::available().last().unwrap_or(&Backend::Portable))
+        *BEST.get_or_init(|| {
+            let available = Backend::available();
+            let fastest = *available.last().unwrap_or(&Backend::Portable);
+            let Ok(name) = std::env::var("DUET_BACKEND") else {
+                return fastest;
+            };
+            match available.iter().find(|b| b.name() == name) {
+                Some(&b) => b,
+                None => {
+                    let names: Vec<&str> = available.iter().map(|b| b.name()).collect();
+                    eprintln!(
+                        "duet: warning: DUET_BACKEND={name:?} is not one this CPU runs ({}); using {}",
+                        names.join(", "),
+                        fastest.name()
+                    );
+                    fastest
+                }
+            }
+        })
     }
 
     pub fn name(self) -> &'static str {
@@ -316,6 +345,7 @@ impl Backend {
             Backend::Portable => "portable",
             Backend::Avx2 => "avx2",
             Backend::Avx512Vnni => "avx512-vnni",
+            Backend::Amx => "amx",
         }
     }
 }
@@ -331,7 +361,7 @@ fn tile<const R: usize, const T: usize>(
 ) -> [[f32; T]; R] {
     match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 | Backend::Avx512Vnni => {
+        Backend::Avx2 | Backend::Avx512Vnni | Backend::Amx => {
             super::quantized_x86::tile::<R, T>(backend, dtype, w, a)
         }
         _ => {
@@ -357,7 +387,7 @@ fn rows_dot(
 ) {
     match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 | Backend::Avx512Vnni => {
+        Backend::Avx2 | Backend::Avx512Vnni | Backend::Amx => {
             super::quantized_x86::rows(backend, dtype, w, row_bytes, a, out)
         }
         _ => {
@@ -480,16 +510,31 @@ pub fn matmul_acts_many(
     // Prefill: each task owns a block of rows and writes them, for every token, straight into the
     // product's output. Tokens are taken in groups whose activations fit in L2.
     let tok_group = (262144 / cols).clamp(8, 256) & !7;
+    let tiles: Vec<bool> = ws
+        .iter()
+        .map(|(w, ..)| uses_amx(backend, w.dtype, t))
+        .collect();
     let panels: Vec<bool> = ws
         .iter()
-        .map(|(w, ..)| uses_panel(backend, w.dtype))
+        .zip(&tiles)
+        .map(|((w, ..), &tiles)| !tiles && uses_panel(backend, w.dtype))
         .collect();
-    // Panels take eight rows at a time: tasks of a multiple of eight rows leave none over.
+    // Panels take eight rows at a time (AMX panels 16): tasks of a multiple of that leave none over.
     let pers: Vec<usize> = ws
         .iter()
-        .zip(&panels)
-        .map(|(&(_, _, per), &panel)| if panel { per.next_multiple_of(8) } else { per })
+        .zip(panels.iter().zip(&tiles))
+        .map(|(&(_, _, per), (&panel, &tiles))| match (panel, tiles) {
+            (_, true) => per.next_multiple_of(16),
+            (true, _) => per.next_multiple_of(8),
+            _ => per,
+        })
         .collect();
+    // One for every product on AMX tiles: their layout does not depend on the weights' format.
+    #[cfg(target_arch = "x86_64")]
+    let amx_acts = tiles
+        .iter()
+        .any(|&x| x)
+        .then(|| super::amx::AmxActs::new(acts));
     // One per panel type, not per matrix: q, k and v (gate and up) are often of one type, and its
     // activation sums are the same for each.
     #[cfg(target_arch = "x86_64")]
@@ -521,6 +566,10 @@ pub fn matmul_acts_many(
         let (w, rb, _) = ws[i];
         let dtype = w.dtype;
         let wrows = &w.bytes[block.r0 * rb..(block.r0 + block.rows) * rb];
+        #[cfg(target_arch = "x86_64")]
+        if let (true, Some(aacts)) = (tiles[i], &amx_acts) {
+            return prefill_task_amx(dtype, wrows, rb, aacts, block);
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some((_, pacts)) = panel_acts.iter().find(|(d, _)| *d == dtype) {
             return prefill_task_panel(backend, dtype, wrows, rb, pacts, tok_group, block);
@@ -569,6 +618,37 @@ fn uses_panel(backend: Backend, dtype: DType) -> bool {
     }
     let _ = (backend, dtype);
     false
+}
+
+/// Whether a prefill of `t` tokens of `dtype` runs on AMX tiles (see `amx.rs`). Tiles take 16 tokens
+/// at a time, and decoding a panel costs as much as a few tokens' products: below about a dozen tokens
+/// the VNNI kernels were faster (benches/RESULTS.md).
+fn uses_amx(backend: Backend, dtype: DType, t: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Amx {
+        return t >= super::amx::MIN_TOKENS && super::amx::format(dtype);
+    }
+    let _ = (backend, dtype, t);
+    false
+}
+
+/// The prefill task of the AMX formats: the block `out` for the rows in `w`, for every token; each
+/// panel of 16 rows (fewer at the end) is decoded once and multiplied with all tokens.
+#[cfg(target_arch = "x86_64")]
+fn prefill_task_amx(dtype: DType, w: &[u8], rb: usize, acts: &super::amx::AmxActs, out: OutBlock) {
+    const ROWS: usize = super::amx::ROWS;
+    let (nrows, t) = (w.len() / rb, out.shared.tokens);
+    assert!(nrows == out.rows);
+    let mut panel = super::amx::AmxPanel::default();
+    for r in (0..nrows).step_by(ROWS) {
+        let n = (nrows - r).min(ROWS);
+        let rows: [&[u8]; ROWS] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
+        panel.fill(dtype, &rows[..n]);
+        // SAFETY: rows r..r + n of the block (checked: nrows rows), for every token of the product:
+        // the task's own elements.
+        let start = out.shared.at(0, out.r0 + r);
+        unsafe { panel.run_to(acts, 0..t, start, out.shared.stride) };
+    }
 }
 
 /// The prefill task of the panel formats: the block `out` for the rows in `w`, for every token; each span
@@ -699,6 +779,22 @@ pub fn matmul_rows(
                 acts.row(0),
                 std::slice::from_mut(o),
             );
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if uses_amx(backend, w.dtype, t) {
+        let aacts = super::amx::AmxActs::new(&acts);
+        let mut panel = super::amx::AmxPanel::default();
+        for (c, ids16) in ids.chunks(super::amx::ROWS).enumerate() {
+            let rows: Vec<&[u8]> = ids16.iter().map(|&r| &w.bytes[r * rb..][..rb]).collect();
+            panel.fill(w.dtype, &rows);
+            let first = &mut out[super::amx::ROWS * c..];
+            // What `run_to` asks: the slice holds the last token's rows of this chunk.
+            assert!(first.len() >= (t - 1) * ids.len() + ids16.len());
+            // SAFETY: `first` is borrowed mutably and holds every token's rows of this chunk (stride
+            // ids.len() ≥ the chunk's rows), checked above.
+            unsafe { panel.run_to(&aacts, 0..t, first.as_mut_ptr(), ids.len()) };
         }
         return;
     }

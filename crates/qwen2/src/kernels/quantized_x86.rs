@@ -837,7 +837,9 @@ instruction_set!(
 /// Checks that `backend` runs here (AVX2 when not VNNI): the condition for calling its kernels.
 fn check_features(backend: Backend) {
     match backend {
-        Backend::Avx512Vnni => assert!(has_avx512vnni(), "AVX-512 VNNI is not available"),
+        Backend::Avx512Vnni | Backend::Amx => {
+            assert!(has_avx512vnni(), "AVX-512 VNNI is not available")
+        }
         _ => assert!(has_avx2(), "AVX2/FMA/F16C are not available"),
     }
 }
@@ -864,7 +866,7 @@ fn run_tile<F: Fmt, const R: usize, const T: usize>(
     check_features(backend);
     match backend {
         // SAFETY: lengths and CPU features checked above.
-        Backend::Avx512Vnni => unsafe { vnni::tile::<F, R, T>(wp, ap, nsb) },
+        Backend::Avx512Vnni | Backend::Amx => unsafe { vnni::tile::<F, R, T>(wp, ap, nsb) },
         // SAFETY: lengths and CPU features checked above.
         _ => unsafe { avx2::tile::<F, R, T>(wp, ap, nsb) },
     }
@@ -890,7 +892,9 @@ fn run_rows<F: Fmt>(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, out
     let (wp, n, ap, nsb, op) = rows_args::<F>(backend, w, row_bytes, a, out);
     match backend {
         // SAFETY: `rows_args` checked the lengths and CPU features.
-        Backend::Avx512Vnni => unsafe { vnni::rows::<F>(wp, row_bytes, n, ap, nsb, op) },
+        Backend::Avx512Vnni | Backend::Amx => unsafe {
+            vnni::rows::<F>(wp, row_bytes, n, ap, nsb, op)
+        },
         // SAFETY: as above.
         _ => unsafe { avx2::rows::<F>(wp, row_bytes, n, ap, nsb, op) },
     }
@@ -900,7 +904,9 @@ fn run_rows8<F: Rows8>(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, 
     let (wp, n, ap, nsb, op) = rows_args::<F>(backend, w, row_bytes, a, out);
     match backend {
         // SAFETY: `rows_args` checked the lengths and CPU features.
-        Backend::Avx512Vnni => unsafe { vnni::rows8::<F>(wp, row_bytes, n, ap, nsb, op) },
+        Backend::Avx512Vnni | Backend::Amx => unsafe {
+            vnni::rows8::<F>(wp, row_bytes, n, ap, nsb, op)
+        },
         // SAFETY: as above.
         _ => unsafe { avx2::rows8::<F>(wp, row_bytes, n, ap, nsb, op) },
     }
@@ -1257,9 +1263,9 @@ impl Panel {
         let a = acts.ptr();
         type Span = unsafe fn(&PanelPtr, &PanelActPtr, usize, usize, *mut f32, usize, usize);
         let span: Span = match (backend, dtype) {
-            (Backend::Avx512Vnni, DType::Q4K) => vnni_span::<Q4K>,
-            (Backend::Avx512Vnni, DType::Q5_0) => vnni_span::<Q5_0>,
-            (Backend::Avx512Vnni, DType::Q6K) => vnni_span::<Q6K>,
+            (Backend::Avx512Vnni | Backend::Amx, DType::Q4K) => vnni_span::<Q4K>,
+            (Backend::Avx512Vnni | Backend::Amx, DType::Q5_0) => vnni_span::<Q5_0>,
+            (Backend::Avx512Vnni | Backend::Amx, DType::Q6K) => vnni_span::<Q6K>,
             (_, DType::Q4K) => avx2_span::<Q4K>,
             (_, DType::Q5_0) => avx2_span::<Q5_0>,
             (_, DType::Q6K) => avx2_span::<Q6K>,
