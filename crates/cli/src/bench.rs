@@ -171,6 +171,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     let eff_bw = bytes_per_token * decode_tok_s / 1e9;
     let report = serde_json::json!({
         "machine": {"threads": qwen2::kernels::pool::threads(), "simd": qwen2::cpu::compiled_features(),
+                     "quantized_kernels": qwen2::kernels::quantized::Backend::best().name(),
                      "read_bandwidth_gbs": bw, "fma_peak_gflops": peak,
                      "probes_before_and_after": {"read_bandwidth_gbs": bw_probes, "fma_peak_gflops": peak_probes}},
         "model": {"path": g.model.as_ref().map(|p| p.display().to_string()), "weight_bytes_per_token": bytes_per_token,
@@ -194,9 +195,10 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "machine: {} threads, SIMD {:?}",
+        "machine: {} threads, SIMD {:?}, quantized products on {}",
         qwen2::kernels::pool::threads(),
-        qwen2::cpu::compiled_features()
+        qwen2::cpu::compiled_features(),
+        qwen2::kernels::quantized::Backend::best().name()
     );
     println!(
         "  read bandwidth      {bw:>8.1} GB/s      (best of {:.1} before, {:.1} after)",

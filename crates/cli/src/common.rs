@@ -64,6 +64,12 @@ pub fn load_model(g: &Global) -> Result<qwen2::LoadedModel> {
     let _ = std::io::stderr().flush();
     let loaded = qwen2::load::load_with(&path, g.form()).inspect_err(|_| eprintln!())?;
     eprintln!("done in {} ms", loaded.load_time.as_millis());
+    if g.trace {
+        eprintln!(
+            "[trace] quantized::Backend::best → {} (the kernels of block-quantized products)",
+            qwen2::kernels::quantized::Backend::best().name()
+        );
+    }
     Ok(loaded)
 }
 
@@ -139,7 +145,8 @@ pub fn prefill_progress() -> Option<qwen2::PrefillProgress> {
 
 /// Where prompt prefixes are kept across runs, and the key naming what their values depend on: the model
 /// file (path, size, modification time; each file's for a directory), the weight form and this binary
-/// (its size and modification time: any rebuild may change the numbers). `$DUET_CACHE_DIR` (empty:
+/// (its size and modification time: any rebuild may change the numbers) and the kernels it runs (AMX
+/// tiles and VNNI add in different orders). `$DUET_CACHE_DIR` (empty:
 /// off), else `$XDG_CACHE_HOME/duet`, else `~/.cache/duet`.
 fn prefix_cache_dir(model: &std::path::Path, form: &str) -> Option<(PathBuf, String)> {
     let base = match std::env::var_os("DUET_CACHE_DIR") {
@@ -156,7 +163,13 @@ fn prefix_cache_dir(model: &std::path::Path, form: &str) -> Option<(PathBuf, Str
             .ok()?;
         Some(format!("{}:{}:{}", p.display(), m.len(), t.as_nanos()))
     };
-    let mut key = vec![env!("CARGO_PKG_VERSION").to_string(), form.to_string()];
+    let mut key = vec![
+        env!("CARGO_PKG_VERSION").to_string(),
+        form.to_string(),
+        qwen2::kernels::quantized::Backend::best()
+            .name()
+            .to_string(),
+    ];
     key.push(stamp(&std::env::current_exe().ok()?)?);
     let model = std::fs::canonicalize(model).ok()?;
     if model.is_dir() {

@@ -739,6 +739,55 @@ fn eval_reports_both_modes() {
     );
 }
 
+/// `DUET_BACKEND` picks the kernels of quantized products where this CPU runs them (the trace names
+/// them); a name it cannot run gets a warning, and the fastest serve.
+#[test]
+fn duet_backend_chooses_the_quantized_kernels() {
+    let m = tiny();
+    let run = |backend: &str| {
+        let args = [
+            "--model",
+            m.to_str().unwrap(),
+            "--trace",
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "1",
+        ];
+        let o = duet_command(&args, "")
+            .env("DUET_BACKEND", backend)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    let chosen = |err: &str| -> String {
+        let line = err
+            .lines()
+            .find(|l| l.contains("Backend::best"))
+            .unwrap_or_else(|| panic!("no backend in the trace: {err}"));
+        line.split("→ ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    // Plain Rust runs everywhere.
+    let err = run("portable");
+    assert_eq!(chosen(&err), "portable", "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    let err = run("no-such-kernels");
+    assert!(
+        err.contains("duet: warning: DUET_BACKEND=\"no-such-kernels\""),
+        "{err}"
+    );
+    assert!(err.contains("portable"), "{err}");
+    assert!(["portable", "avx2", "avx512-vnni", "amx"].contains(&chosen(&err).as_str()));
+}
+
 #[test]
 fn bench_json_has_every_figure() {
     let o = duet(
@@ -769,6 +818,8 @@ fn bench_json_has_every_figure() {
         assert!(probes.iter().all(|&p| p > 0.0 && p <= best), "{key}");
         assert!(probes.contains(&best), "{key}");
     }
+    let kernels = v["machine"]["quantized_kernels"].as_str().unwrap();
+    assert!(["portable", "avx2", "avx512-vnni", "amx"].contains(&kernels));
     assert!(v["load_s"].as_f64().unwrap() >= 0.0);
     assert!(v["first_forward_64_tokens_s"].as_f64().unwrap() > 0.0);
     let p = v["prefill"].as_array().unwrap();

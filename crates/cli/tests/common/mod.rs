@@ -8,6 +8,7 @@ pub fn duet_command(args: &[&str], cache_dir: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
     cmd.args(args)
         .env_remove("DUET_MODEL")
+        .env_remove("DUET_BACKEND")
         .env("DUET_CACHE_DIR", cache_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
