@@ -1,35 +1,43 @@
 //! Prefill products of block-quantized weights on AMX tiles (Intel's Advanced Matrix Extensions, in
-//! Xeons since Sapphire Rapids).
+//! Xeons since Sapphire Rapids), in bf16 with f32 sums.
 //!
 //! Why: prefill is compute-bound, and the AVX-512 VNNI panel kernel (`quantized_x86::Panel`) does 32
-//! byte products per instruction. One AMX `tdpbssd` multiplies a 16 × 32 tile of i8 weights with a
-//! 32 × 16 tile of i8 activations into 16 × 16 i32 sums: 8192 products. The integer sums are the ones
-//! the other kernels compute (i8 × i8, exact in i32), so only the order of the f32 additions differs.
+//! byte products per instruction. One AMX `tdpbf16ps` multiplies a 16 × 32 tile of bf16 weights with a
+//! 32 × 16 tile of bf16 activations and adds the 16 × 16 results to f32 sums: 8192 products. The weights
+//! are dequantized (each block's values times its scales, minus its min) and rounded to bf16 once per
+//! panel of 16 rows, the activations rounded to bf16 once per product, and the sums stay in the tiles
+//! across every block of a row: nothing leaves them until the row's end. (A first version multiplied the
+//! blocks' i8 values with the 8-bit activations in i32, as the VNNI kernels do: every block's sums then
+//! had to leave the tiles to be scaled, and that scaling, 48 vector instructions per block, bounded it.
+//! See benches/RESULTS.md.)
 //!
-//! The shape of the work: 16 weight rows are decoded once into a [`AmxPanel`] (each 32-value block of
-//! each row as 32 signed bytes, the block's scale, and for Q4_K its min), the activations once per
-//! product into [`AmxActs`] (16 tokens a tile, laid out as `tdpbssd`'s right operand wants: four
-//! consecutive values of one token side by side). Then for each tile of 16 tokens, four blocks at a time
-//! go through the tiles (`tmul4`) into four buffers of i32 sums, and each block's sums are converted,
-//! scaled by the token's and the row's scales, and added into 16 accumulators, one per row, 16 tokens
-//! in the lanes. Blocks have their own scales, so every block's sums leave the tiles: four at a time,
-//! while the next four are multiplied, keep the tile unit busy.
+//! So this is its own approximation of the exact product, not the VNNI kernels' one: each weight and
+//! each activation is rounded to bf16 (8 significant bits, a relative error of at most 2⁻⁹), where the
+//! VNNI kernels keep the weights exact and round the activations to 8 bits per 32 values. Decode (one
+//! token) and products of fewer than [`MIN_TOKENS`] tokens keep the VNNI kernels.
 //!
-//! Rows, tokens and blocks are padded to 16, 16 and 4 with zeros (zero values, zero scales), so any
-//! shape runs; only the real rows and tokens are written.
+//! Rows and tokens are padded to 16 (rows repeat the last, tokens are zeros), so any shape runs; only the
+//! real rows and tokens are written.
 
-use super::quantized::{q4k_scale_min, QuantizedActs};
 use crate::weights::DType;
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-/// Weight rows per panel and tokens per tile (`tdpbssd`'s largest M and N).
+/// Weight rows per panel and tokens per tile (the tiles' largest M and N).
 pub const ROWS: usize = 16;
 const TOKENS: usize = 16;
-/// Fewest tokens a product runs on the tiles with.
+/// Token tiles multiplied together, and the sums each keeps: block `b` of a row goes into its sum
+/// `b mod 2`, added at the end. A product waits for the one before into the same sums, and with one sum
+/// per token tile the tile unit sat idle between them. The split never depends on how many tokens a
+/// product has, so a token's result has the same bits in any batch (what a chunked prefill relies on).
+const GROUP: usize = 2;
+const CHAINS: usize = 2;
+/// Bytes of one block's tile: 16 rows (or 16 pairs of values) × 64 bytes.
+const TILE_BYTES: usize = 1024;
+/// Fewest tokens a product runs on the tiles with: below, dequantizing the rows costs more than the
+/// tiles save (benches/RESULTS.md). The float GEMM's threshold too (`matmul::GEMM_MIN_TOKENS`): a
+/// chunked prefill never runs fewer, so its tokens take the same kernels as in one pass.
 pub const MIN_TOKENS: usize = 12;
-/// Bytes of one block's tile of 16 rows (or 16 tokens) × 32 values.
-const TILE_BYTES: usize = 512;
 
 /// Whether this CPU has AMX tiles with i8 products and the kernel lets this process use them.
 /// Linux keeps the (8 KiB) tile state off until a process asks for it (`arch_prctl`
@@ -67,10 +75,9 @@ pub fn available() -> bool {
     })
 }
 
-/// Whether prefill of `dtype` can run here: the formats whose 32-value blocks each have one scale.
-/// (Q6_K scales every 16 values; it stays on the VNNI panel.)
+/// Whether prefill of `dtype` can run here: every block-quantized format (the panel dequantizes it).
 pub fn format(dtype: DType) -> bool {
-    matches!(dtype, DType::Q8_0 | DType::Q5_0 | DType::Q4K)
+    matches!(dtype, DType::Q8_0 | DType::Q5_0 | DType::Q4K | DType::Q6K)
 }
 
 /// Bytes in 64-byte aligned lines: a tile row that crosses a cache line loads several times slower (a
@@ -98,312 +105,387 @@ impl Lines {
     fn as_mut_ptr(&mut self) -> *mut i8 {
         self.0.as_mut_ptr().cast()
     }
-
-    fn bytes_mut(&mut self) -> &mut [i8] {
-        // SAFETY: the lines are plain bytes, contiguous (`repr(C)`, size 64), borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), self.len()) }
-    }
 }
 
 /// One product's activations for the tiles, made once per product: for each tile of 16 tokens and each
-/// block, eight rows of 64 bytes (row `g` holds values `4g..4g + 4` of each of the 16 tokens), and the
-/// tokens' scales and block sums side by side.
+/// 32-value block, 16 rows of 64 bytes (row `p` holds values `2p, 2p + 1` of each of the 16 tokens, as
+/// bf16: the pairs `tdpbf16ps` multiplies).
 pub struct AmxActs {
     t: usize,
-    /// Blocks per token, padded to a multiple of four (`tmul4`).
     nb: usize,
-    /// `[tile][b][g][token][4]`.
+    /// `[tile][b][p][token][2]` bf16.
     q: Lines,
-    /// `[tile][b][token]`.
-    d: Vec<f32>,
-    sums: Vec<f32>,
 }
 
 impl AmxActs {
-    pub fn new(acts: &QuantizedActs) -> AmxActs {
-        let (t, nb_real) = (acts.t, acts.cols / 32);
-        let nb = nb_real.next_multiple_of(4);
-        let tiles = t.div_ceil(TOKENS);
-        let mut lines = Lines::zeroed(tiles * nb * TILE_BYTES);
-        let q = lines.bytes_mut();
-        let mut d = vec![0f32; tiles * nb * TOKENS];
-        let mut sums = vec![0f32; tiles * nb * TOKENS];
-        for i in 0..t {
-            let (tile, n) = (i / TOKENS, i % TOKENS);
-            let row = acts.row(i);
-            for b in 0..nb_real {
-                let at = (tile * nb + b) * TILE_BYTES + 4 * n;
-                for g in 0..8 {
-                    q[at + 64 * g..at + 64 * g + 4]
-                        .copy_from_slice(&row.qs[32 * b + 4 * g..32 * b + 4 * g + 4]);
-                }
-                d[(tile * nb + b) * TOKENS + n] = row.d[b];
-                sums[(tile * nb + b) * TOKENS + n] = row.sums[b];
-            }
-        }
-        AmxActs {
-            t,
-            nb,
-            q: lines,
-            d,
-            sums,
-        }
-    }
-}
-
-/// Up to 16 weight rows decoded for the tiles: for each block, the rows' 32 values as signed bytes
-/// (row-major: `tdpbssd`'s left operand), their scales and (Q4_K) mins.
-#[derive(Default)]
-pub struct AmxPanel {
-    rows: usize,
-    /// Blocks per row, padded to a multiple of four, and how many of them are real.
-    nb: usize,
-    nb_real: usize,
-    mins: bool,
-    /// `[b][row][32]`.
-    q: Lines,
-    /// `[b][row]`: the scale of the block's values; and what the min takes off per unit of the
-    /// activations' block sum.
-    d: Vec<f32>,
-    m: Vec<f32>,
-    /// The rows after this panel's (a prefetch hint, never read) and their length in bytes.
-    next: usize,
-    row_bytes: usize,
-}
-
-impl AmxPanel {
-    /// Decodes `rows` (one to 16 rows of `dtype`, a [`format`], of one length).
-    pub fn fill(&mut self, dtype: DType, rows: &[&[u8]]) {
-        assert!(format(dtype) && (1..=ROWS).contains(&rows.len()));
-        let row_bytes = rows[0].len();
-        assert!(rows.iter().all(|r| r.len() == row_bytes));
-        let (vals, bytes) = dtype.block();
-        assert!(row_bytes.is_multiple_of(bytes) && row_bytes > 0);
-        let nb_real = row_bytes / bytes * vals / 32;
-        let nb = nb_real.next_multiple_of(4);
-        (self.rows, self.mins) = (rows.len(), dtype == DType::Q4K);
-        (self.next, self.row_bytes) = (
-            rows[0].as_ptr().wrapping_add(ROWS * row_bytes) as usize,
-            row_bytes,
-        );
-        if (self.nb, self.nb_real) != (nb, nb_real) || self.q.len() != nb * TILE_BYTES {
-            (self.nb, self.nb_real) = (nb, nb_real);
-            self.q = Lines::zeroed(nb * TILE_BYTES);
-            self.d = vec![0.0; nb * ROWS];
-            self.m = vec![0.0; nb * ROWS];
-        }
-        // The padding blocks stay zero (values and scales); every other byte is written below. Rows
-        // past the last repeat it: their results are computed and never stored.
+    /// `x`: `t` rows of `cols` values (`cols` a multiple of 32).
+    pub fn new(x: &[f32], t: usize, cols: usize) -> AmxActs {
+        assert!(cols.is_multiple_of(32) && x.len() == t * cols);
         assert!(available(), "AMX is not available");
-        for r in 0..ROWS {
-            let row = rows[r.min(rows.len() - 1)];
-            // SAFETY: `row` holds nb_real blocks of `dtype` (checked above); the panel holds nb ≥
-            // nb_real blocks of 16 rows; AVX-512 BW/VL and F16C are present (`available`).
-            unsafe {
-                match dtype {
-                    DType::Q8_0 => self.fill_q8_0(row.as_ptr(), r, nb_real),
-                    DType::Q5_0 => self.fill_q5_0(row.as_ptr(), r, nb_real),
-                    DType::Q4K => self.fill_q4k(row.as_ptr(), r, nb_real / 8),
-                    _ => unreachable!("checked: a format with one scale per block"),
-                }
+        let nb = cols / 32;
+        let mut lines = Lines::zeroed(t.div_ceil(TOKENS) * nb * TILE_BYTES);
+        let q = lines.as_mut_ptr().cast::<u32>();
+        for (i, row) in x.chunks_exact(cols).enumerate() {
+            let (tile, n) = (i / TOKENS, i % TOKENS);
+            for (b, block) in row.chunks_exact(32).enumerate() {
+                let at = (tile * nb + b) * TILE_BYTES / 4 + n;
+                let block: &[f32; 32] = block
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("32 values"));
+                // SAFETY: tile, b and n are within the lines' tiles × nb blocks × 16 tokens; AVX-512
+                // BF16 is present (`available`).
+                unsafe { put_pairs(block, q.add(at)) };
             }
         }
+        AmxActs { t, nb, q: lines }
     }
+}
 
-    /// # Safety
-    /// `row` points at `nb` Q8_0 blocks; `r` < 16 and `nb` ≤ the panel's blocks.
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn fill_q8_0(&mut self, row: *const u8, r: usize, nb: usize) {
-        let (q, d) = (self.q.as_mut_ptr(), self.d.as_mut_ptr());
-        for b in 0..nb {
-            // SAFETY: block b of the row (34 bytes) and of the panel, by the caller's promise.
-            unsafe {
-                let blk = row.add(34 * b);
-                let values = _mm256_loadu_si256(blk.add(2).cast());
-                _mm256_storeu_si256(q.add(b * TILE_BYTES + 32 * r).cast(), values);
-                *d.add(b * ROWS + r) = f16_to_f32(blk);
-            }
+/// 32 values as bf16 pairs, pair `p` at `out + 16p` (`u32`s).
+///
+/// # Safety
+/// `out` points at 16 · 15 + 1 writable `u32`s; the CPU has AVX-512 F/BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn put_pairs(block: &[f32; 32], out: *mut u32) {
+    // SAFETY: 32 floats.
+    let (lo, hi) = unsafe {
+        (
+            _mm512_loadu_ps(block.as_ptr()),
+            _mm512_loadu_ps(block.as_ptr().add(16)),
+        )
+    };
+    // SAFETY: both are 64 bytes of plain data.
+    let pairs: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
+    let index = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(16),
+    );
+    // SAFETY: the 16 u32s at out + 16p, p < 16, by the caller's promise.
+    unsafe { _mm512_i32scatter_epi32::<4>(out.cast(), index, pairs) };
+}
+
+/// `out + t · os + r = row r · token t` for `rows` (one to 16 rows of `dtype`, a [`format`], of one
+/// length) and the tokens `tokens` (a range starting at a multiple of 16).
+///
+/// Up to 32 tokens (one group of token tiles), each block of the rows is dequantized to bf16 just
+/// before the tiles take it, into one of two 1 KiB slots: dequantizing the whole panel first (28 KiB for
+/// 896 values a row, as much again for a tile of activations) spilled it out of L1, and the
+/// dequantizing's stores then missed (most of its time). With more tokens the panel is dequantized once
+/// for all groups.
+///
+/// # Safety
+/// For every token `t` of `tokens`, `out + t · os` up to `rows.len()` is writable and written by no one
+/// else during the call; `os` ≥ `rows.len()`.
+pub unsafe fn multiply_rows(
+    dtype: DType,
+    rows: &[&[u8]],
+    acts: &AmxActs,
+    tokens: std::ops::Range<usize>,
+    out: *mut f32,
+    os: usize,
+) {
+    assert!(format(dtype) && (1..=ROWS).contains(&rows.len()));
+    let row_bytes = rows[0].len();
+    assert!(rows.iter().all(|r| r.len() == row_bytes));
+    let (vals, bytes) = dtype.block();
+    assert!(row_bytes.is_multiple_of(bytes) && row_bytes / bytes * vals == 32 * acts.nb);
+    assert!(tokens.start.is_multiple_of(TOKENS) && tokens.end <= acts.t && os >= rows.len());
+    assert!(acts.q.len() >= acts.t.div_ceil(TOKENS) * acts.nb * TILE_BYTES);
+    assert!(available(), "AMX is not available");
+    // Rows past the last repeat it: their results are computed and never stored.
+    let ptrs: [*const u8; ROWS] = std::array::from_fn(|r| rows[r.min(rows.len() - 1)].as_ptr());
+    let n = rows.len();
+    // SAFETY: every row holds `acts.nb` blocks of `dtype` and the activations every tile `tokens`
+    // covers (checked above); the tile unit is enabled for this process and AVX-512 F/BW/VL/BF16 and
+    // F16C are present (`available`); `out` by the caller's promise.
+    unsafe {
+        match dtype {
+            DType::Q8_0 => run::<Q8_0>(&ptrs, n, row_bytes, acts, tokens, out, os),
+            DType::Q5_0 => run::<Q5_0>(&ptrs, n, row_bytes, acts, tokens, out, os),
+            DType::Q4K => run::<Q4K>(&ptrs, n, row_bytes, acts, tokens, out, os),
+            DType::Q6K => run::<Q6K>(&ptrs, n, row_bytes, acts, tokens, out, os),
+            _ => unreachable!("checked: a block-quantized format"),
         }
     }
+}
 
-    /// # Safety
-    /// `row` points at `nb` Q5_0 blocks; `r` < 16 and `nb` ≤ the panel's blocks.
-    #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl")]
-    unsafe fn fill_q5_0(&mut self, row: *const u8, r: usize, nb: usize) {
-        let (q, d) = (self.q.as_mut_ptr(), self.d.as_mut_ptr());
-        for b in 0..nb {
-            // SAFETY: block b of the row (22 bytes) and of the panel, by the caller's promise.
-            unsafe {
-                let blk = row.add(22 * b);
-                let signed = q5_0_values(blk);
-                _mm256_storeu_si256(q.add(b * TILE_BYTES + 32 * r).cast(), signed);
-                *d.add(b * ROWS + r) = f16_to_f32(blk);
-            }
-        }
-    }
-
-    /// # Safety
-    /// `row` points at `nsb` Q4_K super-blocks; `r` < 16 and `8 · nsb` ≤ the panel's blocks.
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn fill_q4k(&mut self, row: *const u8, r: usize, nsb: usize) {
-        let (q, d, m) = (
-            self.q.as_mut_ptr(),
-            self.d.as_mut_ptr(),
-            self.m.as_mut_ptr(),
-        );
-        let low = _mm256_set1_epi8(0x0F);
-        for sb in 0..nsb {
-            // SAFETY: super-block sb of the row (144 bytes) and blocks 8sb..8sb + 8 of the panel, by
-            // the caller's promise.
-            unsafe {
-                let blk = row.add(144 * sb);
-                let (dd, dmin) = (f16_to_f32(blk), f16_to_f32(blk.add(2)));
-                let packed = std::slice::from_raw_parts(blk.add(4), 12);
-                for pair in 0..4 {
-                    let b = 8 * sb + 2 * pair;
-                    let nibbles = _mm256_loadu_si256(blk.add(16 + 32 * pair).cast());
-                    let lo = _mm256_and_si256(nibbles, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(nibbles), low);
-                    _mm256_storeu_si256(q.add(b * TILE_BYTES + 32 * r).cast(), lo);
-                    _mm256_storeu_si256(q.add((b + 1) * TILE_BYTES + 32 * r).cast(), hi);
-                    for j in 0..2 {
-                        let (sc, mn) = q4k_scale_min(packed, 2 * pair + j);
-                        *d.add((b + j) * ROWS + r) = dd * sc as f32;
-                        *m.add((b + j) * ROWS + r) = dmin * mn as f32;
-                    }
-                }
-            }
-        }
-    }
-
-    /// `out + t · os + r = row r · token t` for the panel's rows `r` and the tokens `tokens` (a range
-    /// starting at a multiple of 16).
+/// A weight format's 32-value blocks, dequantized.
+trait Block {
+    /// Block `b` of the row at `row`, as 32 bf16 at `out`.
     ///
     /// # Safety
-    /// For every token `t` of `tokens`, `out + t · os` up to the panel's row count is writable and
-    /// written by no one else during the call; `os` ≥ that row count.
-    pub unsafe fn run_to(
-        &self,
-        acts: &AmxActs,
-        tokens: std::ops::Range<usize>,
-        out: *mut f32,
-        os: usize,
-    ) {
-        assert!(
-            self.rows > 0 && acts.nb == self.nb,
-            "an unfilled or mismatched panel"
-        );
-        assert!(tokens.start.is_multiple_of(TOKENS) && tokens.end <= acts.t && os >= self.rows);
-        assert!(self.q.len() == self.nb * TILE_BYTES && self.d.len() == self.nb * ROWS);
-        assert!(acts.q.len() >= acts.t.div_ceil(TOKENS) * self.nb * TILE_BYTES);
-        assert!(available(), "AMX is not available");
-        // SAFETY: the tile unit is enabled for this process (`available`); the panel and the
-        // activations hold every block of every tile `tokens` covers (checked above); `out` by the
-        // caller's promise.
-        unsafe { self.run_unchecked(acts, tokens, out, os) }
-    }
+    /// `row` holds block `b`; `out` points at 64 writable bytes; the CPU has AVX-512 F/BW/VL/BF16 and
+    /// F16C.
+    unsafe fn put(row: *const u8, b: usize, out: *mut i8);
+}
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn run_unchecked(
-        &self,
-        acts: &AmxActs,
-        tokens: std::ops::Range<usize>,
-        out: *mut f32,
-        os: usize,
-    ) {
-        let nb = self.nb;
-        let config = TileConfig::new();
-        // SAFETY: a valid palette-1 configuration (see `TileConfig`).
-        unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
-        // Two sets of four blocks' i32 sums: the tiles fill one while the other is scaled.
-        let mut sums = Sums([[[0; ROWS * TOKENS]; 4]; 2]);
-        let sums = sums.0.as_mut_ptr() as *mut i32;
-        const SET: usize = 4 * ROWS * TOKENS;
-        // This is where a prefill first reads the weights, from DRAM: the next panel's rows are asked
-        // for over the first tile's blocks, so they arrive while this panel's tokens run.
-        let lines = ROWS * self.row_bytes.div_ceil(64);
-        let per_group = lines.div_ceil(nb / 4);
-        let mut next_line = 0;
-        for tile in tokens.start / TOKENS..tokens.end.div_ceil(TOKENS) {
-            let mut acc = [_mm512_setzero_ps(); ROWS];
-            // SAFETY (for the offsets below): block b < nb of the panel and of this tile.
-            let w = |b: usize| unsafe { self.q.as_ptr().add(b * TILE_BYTES) };
-            let a = |b: usize| unsafe { acts.q.as_ptr().add((tile * nb + b) * TILE_BYTES) };
-            // SAFETY: four blocks from 0 < nb, into the first set.
-            unsafe {
-                tmul4(w(0), a(0));
-                store4(sums);
+struct Q8_0;
+struct Q5_0;
+struct Q4K;
+struct Q6K;
+
+impl Block for Q8_0 {
+    #[inline(always)]
+    unsafe fn put(row: *const u8, b: usize, out: *mut i8) {
+        // SAFETY: block b (34 bytes) and `out`, by the caller's promise.
+        unsafe {
+            let blk = row.add(34 * b);
+            let d = f16_to_f32(blk);
+            put_bf16(_mm256_loadu_si256(blk.add(2).cast()), (d, d), 0.0, out);
+        }
+    }
+}
+
+impl Block for Q5_0 {
+    #[inline(always)]
+    unsafe fn put(row: *const u8, b: usize, out: *mut i8) {
+        // SAFETY: block b (22 bytes) and `out`, by the caller's promise.
+        unsafe {
+            let blk = row.add(22 * b);
+            let d = f16_to_f32(blk);
+            put_bf16(q5_0_values(blk), (d, d), 0.0, out);
+        }
+    }
+}
+
+impl Block for Q4K {
+    #[inline(always)]
+    unsafe fn put(row: *const u8, b: usize, out: *mut i8) {
+        let (sb, j) = (b / 8, b % 8);
+        // SAFETY: super-block sb (144 bytes) holds block b; `out`, by the caller's promise.
+        unsafe {
+            let blk = row.add(144 * sb);
+            let (d, dmin) = (f16_to_f32(blk), f16_to_f32(blk.add(2)));
+            let packed: &[u8; 12] = &*blk.add(4).cast();
+            let (sc, m) = super::quantized::q4k_scale_min(packed, j);
+            let nibbles = _mm256_loadu_si256(blk.add(16 + 32 * (j / 2)).cast());
+            let nibbles = if j % 2 == 0 {
+                nibbles
+            } else {
+                _mm256_srli_epi16::<4>(nibbles)
+            };
+            let values = _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0F));
+            let s = d * sc as f32;
+            put_bf16(values, (s, s), dmin * m as f32, out);
+        }
+    }
+}
+
+impl Block for Q6K {
+    #[inline(always)]
+    unsafe fn put(row: *const u8, b: usize, out: *mut i8) {
+        let (sb, j) = (b / 8, b % 8);
+        let (h, k) = (j / 4, j % 4);
+        // SAFETY: super-block sb (210 bytes) holds block b; `out`, by the caller's promise.
+        unsafe {
+            let blk = row.add(210 * sb);
+            let d = f16_to_f32(blk.add(208));
+            let ql = _mm256_loadu_si256(blk.add(64 * h + 32 * (k & 1)).cast());
+            let qh = _mm256_loadu_si256(blk.add(128 + 32 * h).cast());
+            let ql = if k < 2 {
+                ql
+            } else {
+                _mm256_srli_epi16::<4>(ql)
+            };
+            let lo = _mm256_and_si256(ql, _mm256_set1_epi8(0x0F));
+            let hi = _mm256_and_si256(
+                _mm256_srlv_epi16(qh, _mm256_set1_epi16(2 * k as i16)),
+                _mm256_set1_epi8(3),
+            );
+            let values = _mm256_sub_epi8(
+                _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi)),
+                _mm256_set1_epi8(32),
+            );
+            let sc = |i: usize| d * *blk.add(192 + 8 * h + 2 * k + i) as i8 as f32;
+            put_bf16(values, (sc(0), sc(1)), 0.0, out);
+        }
+    }
+}
+
+/// [`multiply_rows`] for one format, after its checks.
+///
+/// # Safety
+/// As `multiply_rows` checks and promises: 16 rows of `acts.nb` blocks of `F` (the last `16 - n`
+/// repeating a real one), the activations, the tile unit and the CPU features, the output.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn run<F: Block>(
+    rows: &[*const u8; ROWS],
+    n: usize,
+    row_bytes: usize,
+    acts: &AmxActs,
+    tokens: std::ops::Range<usize>,
+    out: *mut f32,
+    os: usize,
+) {
+    let nb = acts.nb;
+    let config = TileConfig::new();
+    // SAFETY: a valid palette-1 configuration (see `TileConfig`).
+    unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+    // This is where a prefill first reads the weights, from DRAM: the next 16 rows (a hint only, never
+    // read) are asked for over the first group's blocks, so they arrive while these rows' tokens run.
+    let next = rows[0].wrapping_add(ROWS * row_bytes);
+    let lines = ROWS * row_bytes.div_ceil(64);
+    let per_block = lines.div_ceil(nb);
+    let mut next_line = 0;
+    let tiles: Vec<usize> = (tokens.start / TOKENS..tokens.end.div_ceil(TOKENS)).collect();
+    let whole = tiles.len() > GROUP;
+    let mut panel = Lines::zeroed(if whole { nb * TILE_BYTES } else { 0 });
+    if whole {
+        for b in 0..nb {
+            for (r, &row) in rows.iter().enumerate() {
+                // SAFETY: block b < nb of the row; row r of block b of the panel.
+                unsafe { F::put(row, b, panel.as_mut_ptr().add(b * TILE_BYTES + 64 * r)) };
             }
-            for g in 0..nb / 4 {
-                // The next four blocks go through the tiles while these are scaled. (Storing their
-                // sums only after the scaling, so that no tile store comes before its loads, was
-                // 0.87-0.98x as fast.)
-                if g + 1 < nb / 4 {
-                    // SAFETY: blocks 4g + 4 .. 4g + 8 ≤ nb, into the set not read below.
-                    unsafe {
-                        tmul4(w(4 * g + 4), a(4 * g + 4));
-                        store4(sums.add(SET * ((g + 1) % 2)));
-                    }
+        }
+    }
+    let mut slots = Slots([[0; TILE_BYTES]; 2]);
+    let mut sums = Sums([[0.0; ROWS * TOKENS]; GROUP * CHAINS]);
+    let mut loads = 0;
+    for group in tiles.chunks(GROUP) {
+        // SAFETY: no operands but the tiles.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            )
+        };
+        for b in 0..nb {
+            let weights = if whole {
+                // SAFETY: block b < nb of the panel.
+                unsafe { panel.as_ptr().add(b * TILE_BYTES) }
+            } else {
+                let slot = slots.0[b % 2].as_mut_ptr();
+                for (r, &row) in rows.iter().enumerate() {
+                    // SAFETY: block b < nb of the row; row r of the slot (16 × 64 bytes).
+                    unsafe { F::put(row, b, slot.add(64 * r)) };
                 }
-                for _ in 0..per_group {
-                    if next_line < lines {
-                        let p = (self.next as *const u8)
-                            .wrapping_add((next_line % ROWS) * self.row_bytes)
-                            .wrapping_add(64 * (next_line / ROWS));
-                        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                        next_line += 1;
-                    }
-                }
-                for k in 0..4 {
-                    let b = 4 * g + k;
-                    // SAFETY: b < nb: the block's scales and sums (tile · nb + b < tiles · nb).
-                    let (da, sa) = unsafe {
-                        let at = (tile * nb + b) * TOKENS;
-                        (
-                            _mm512_loadu_ps(acts.d.as_ptr().add(at)),
-                            _mm512_loadu_ps(acts.sums.as_ptr().add(at)),
-                        )
-                    };
-                    let s = sums.wrapping_add(SET * (g % 2) + ROWS * TOKENS * k);
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        // SAFETY: row r < 16 of the block's 16 × 16 sums; b · 16 + r < nb · 16.
-                        unsafe {
-                            let v = _mm512_cvtepi32_ps(_mm512_load_si512(s.add(ROWS * r).cast()));
-                            let dw = _mm512_set1_ps(*self.d.get_unchecked(b * ROWS + r));
-                            *acc = _mm512_fmadd_ps(_mm512_mul_ps(v, da), dw, *acc);
-                            if self.mins {
-                                let mw = _mm512_set1_ps(*self.m.get_unchecked(b * ROWS + r));
-                                *acc = _mm512_fnmadd_ps(sa, mw, *acc);
-                            }
-                        }
-                    }
+                slot.cast_const()
+            };
+            // The weights go to tmm4 or tmm5 by turns, the activations to tmm6 or tmm7, so a load need
+            // not wait for the product before it to have read its tile.
+            let w_tile = 4 + b % 2;
+            // SAFETY: 1 KiB of dequantized weights.
+            unsafe { load(w_tile, weights) };
+            for (j, &tile) in group.iter().enumerate() {
+                let a_tile = 6 + loads % 2;
+                loads += 1;
+                // SAFETY: block b < nb of token tile `tile` of the activations (checked by
+                // `multiply_rows`); sums j · 2 + b mod 2 < 4.
+                unsafe {
+                    load(a_tile, acts.q.as_ptr().add((tile * nb + b) * TILE_BYTES));
+                    dot(j * CHAINS + b % CHAINS, w_tile, a_tile);
                 }
             }
-            // Row r's 16 tokens are in acc[r]; each token's rows go out side by side.
-            let mut by_row = [[0f32; TOKENS]; ROWS];
-            for (o, acc) in by_row.iter_mut().zip(&acc) {
-                // SAFETY: 16 floats.
-                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *acc) };
-            }
-            let t0 = tile * TOKENS;
-            for t in t0.max(tokens.start)..(t0 + TOKENS).min(tokens.end) {
-                for (r, row) in by_row.iter().enumerate().take(self.rows) {
-                    // SAFETY: token t of `tokens`, row r < the panel's rows: the caller's promise.
-                    unsafe { out.add(t * os + r).write(row[t - t0]) };
+            for _ in 0..per_block {
+                if next_line < lines {
+                    let p = next
+                        .wrapping_add((next_line % ROWS) * row_bytes)
+                        .wrapping_add(64 * (next_line / ROWS));
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                    next_line += 1;
                 }
             }
         }
-        // Leaves the tile state empty: a thread switch then need not save 8 KiB of it.
-        // SAFETY: no operands; the tiles are not used again before the next `ldtilecfg`.
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        let s = sums.0.as_mut_ptr().cast::<f32>();
+        // SAFETY: four 16 × 16 f32 buffers, 1 KiB apart.
+        unsafe {
+            asm!(
+                "tilestored [{s} + {s64}*1], tmm0",
+                "tilestored [{s} + {s64}*1 + 1024], tmm1",
+                "tilestored [{s} + {s64}*1 + 2048], tmm2",
+                "tilestored [{s} + {s64}*1 + 3072], tmm3",
+                s = in(reg) s,
+                s64 = in(reg) 64usize,
+                options(nostack),
+            )
+        };
+        // Row r's 16 tokens are row r of a tile's sums; each token's rows go out side by side.
+        for (j, &tile) in group.iter().enumerate() {
+            let (even, odd) = (&sums.0[CHAINS * j], &sums.0[CHAINS * j + 1]);
+            let t0 = tile * TOKENS;
+            for t in t0.max(tokens.start)..(t0 + TOKENS).min(tokens.end) {
+                for r in 0..n {
+                    let v = even[r * TOKENS + t - t0] + odd[r * TOKENS + t - t0];
+                    // SAFETY: token t of `tokens`, row r < n: the caller's promise.
+                    unsafe { out.add(t * os + r).write(v) };
+                }
+            }
+        }
     }
+    // Leaves the tile state empty: a thread switch then need not save 8 KiB of it.
+    // SAFETY: no operands; the tiles are not used again before the next `ldtilecfg`.
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
 }
 
 #[repr(C, align(64))]
-struct Sums([[[i32; ROWS * TOKENS]; 4]; 2]);
+struct Slots([[i8; TILE_BYTES]; 2]);
 
-/// The tiles' shapes (palette 1): tmm0-3 the 16 × 16 i32 sums of four blocks, tmm4-5 a block of 16
-/// weight rows × 32 bytes, tmm6-7 a block of 16 tokens as 8 rows × 64 bytes.
+#[repr(C, align(64))]
+struct Sums([[f32; ROWS * TOKENS]; GROUP * CHAINS]);
+
+/// Loads 16 rows of 64 bytes from `p` into tile `tile` (4 to 7).
+///
+/// # Safety
+/// The tiles are configured as [`TileConfig`] says; `p` points at 1 KiB.
+#[inline(always)]
+unsafe fn load(tile: usize, p: *const i8) {
+    macro_rules! load {
+        ($t:literal) => {
+            // SAFETY: the caller's promise.
+            unsafe {
+                asm!(concat!("tileloadd tmm", $t, ", [{p} + {s64}*1]"), p = in(reg) p,
+                     s64 = in(reg) 64usize, options(nostack, readonly))
+            }
+        };
+    }
+    match tile {
+        4 => load!("4"),
+        5 => load!("5"),
+        6 => load!("6"),
+        _ => load!("7"),
+    }
+}
+
+/// Sums tile `c` (0 to 3) += weights tile `w` (4 or 5) × activations tile `a` (6 or 7), in bf16 pairs.
+///
+/// # Safety
+/// The tiles are configured as [`TileConfig`] says and hold what their names say.
+#[inline(always)]
+unsafe fn dot(c: usize, w: usize, a: usize) {
+    macro_rules! dp {
+        ($c:literal, $w:literal, $a:literal) => {
+            // SAFETY: registers only.
+            unsafe {
+                asm!(
+                    concat!("tdpbf16ps tmm", $c, ", tmm", $w, ", tmm", $a),
+                    options(nostack, nomem)
+                )
+            }
+        };
+    }
+    macro_rules! by_c {
+        ($w:literal, $a:literal) => {
+            match c {
+                0 => dp!("0", $w, $a),
+                1 => dp!("1", $w, $a),
+                2 => dp!("2", $w, $a),
+                _ => dp!("3", $w, $a),
+            }
+        };
+    }
+    match (w, a) {
+        (4, 6) => by_c!("4", "6"),
+        (4, _) => by_c!("4", "7"),
+        (_, 6) => by_c!("5", "6"),
+        _ => by_c!("5", "7"),
+    }
+}
+
+/// The tiles' shapes (palette 1): tmm0-3 16 × 16 f32 sums, tmm4-5 a block of 16 weight rows × 32 bf16,
+/// tmm6-7 a block of 16 tokens as 16 pairs × 16 tokens × 2 bf16; all 16 × 64 bytes.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
@@ -411,76 +493,11 @@ impl TileConfig {
     fn new() -> TileConfig {
         let mut c = [0u8; 64];
         c[0] = 1;
-        let shapes: [(u8, u16); 8] = [
-            (16, 64),
-            (16, 64),
-            (16, 64),
-            (16, 64),
-            (16, 32),
-            (16, 32),
-            (8, 64),
-            (8, 64),
-        ];
-        for (t, (rows, bytes)) in shapes.into_iter().enumerate() {
-            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&bytes.to_le_bytes());
-            c[48 + t] = rows;
+        for t in 0..8 {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            c[48 + t] = 16;
         }
         TileConfig(c)
-    }
-}
-
-/// The i32 sums of blocks `0..4` from `w` (four panel blocks of 16 rows × 32 bytes) and `a` (four
-/// activation blocks of 8 × 64 bytes) into tiles 0-3; [`store4`] writes them out.
-///
-/// # Safety
-/// The tiles are configured as [`TileConfig`] says; `w` and `a` point at 2 KiB each.
-#[inline(always)]
-unsafe fn tmul4(w: *const i8, a: *const i8) {
-    // SAFETY: the caller's promise: every load below lies within those ranges.
-    unsafe {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            "tileloadd tmm4, [{w} + {s32}*1]",
-            "tileloadd tmm6, [{a} + {s64}*1]",
-            "tdpbssd tmm0, tmm4, tmm6",
-            "tileloadd tmm5, [{w} + {s32}*1 + 512]",
-            "tileloadd tmm7, [{a} + {s64}*1 + 512]",
-            "tdpbssd tmm1, tmm5, tmm7",
-            "tileloadd tmm4, [{w} + {s32}*1 + 1024]",
-            "tileloadd tmm6, [{a} + {s64}*1 + 1024]",
-            "tdpbssd tmm2, tmm4, tmm6",
-            "tileloadd tmm5, [{w} + {s32}*1 + 1536]",
-            "tileloadd tmm7, [{a} + {s64}*1 + 1536]",
-            "tdpbssd tmm3, tmm5, tmm7",
-            w = in(reg) w,
-            a = in(reg) a,
-            s32 = in(reg) 32usize,
-            s64 = in(reg) 64usize,
-            options(nostack, readonly),
-        );
-    }
-}
-
-/// Tiles 0-3 (the sums of [`tmul4`]) into `out`: four 16 × 16 i32 buffers, 1 KiB apart.
-///
-/// # Safety
-/// The tiles are configured as [`TileConfig`] says; `out` points at 4 KiB.
-#[inline(always)]
-unsafe fn store4(out: *mut i32) {
-    // SAFETY: the caller's promise: every store below lies within that range.
-    unsafe {
-        asm!(
-            "tilestored [{out} + {s64}*1], tmm0",
-            "tilestored [{out} + {s64}*1 + 1024], tmm1",
-            "tilestored [{out} + {s64}*1 + 2048], tmm2",
-            "tilestored [{out} + {s64}*1 + 3072], tmm3",
-            out = in(reg) out,
-            s64 = in(reg) 64usize,
-            options(nostack),
-        );
     }
 }
 
@@ -494,6 +511,26 @@ unsafe fn f16_to_f32(p: *const u8) -> f32 {
     // SAFETY: two bytes at p, by the caller's promise.
     let bits = unsafe { p.cast::<u16>().read_unaligned() };
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// 32 signed byte values times `scale` (low 16 and high 16 each times their own), minus `min`, as 32
+/// bf16 at `out`.
+///
+/// # Safety
+/// `out` points at 64 writable bytes; the CPU has AVX-512 F/BW/VL/BF16.
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn put_bf16(values: __m256i, scale: (f32, f32), min: f32, out: *mut i8) {
+    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(values)));
+    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(values)));
+    let m = _mm512_set1_ps(min);
+    let lo = _mm512_fmsub_ps(lo, _mm512_set1_ps(scale.0), m);
+    let hi = _mm512_fmsub_ps(hi, _mm512_set1_ps(scale.1), m);
+    // SAFETY: 64 bytes of plain data, stored at `out` (64 bytes by the caller's promise).
+    unsafe {
+        let bf16: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(out.cast(), bf16);
+    }
 }
 
 /// A Q5_0 block's 32 values as signed bytes (stored 0..=31 around 16: four low bits in the nibbles,
@@ -534,13 +571,20 @@ fn q5_0_values_scalar(blk: &[u8; 22], out: &mut [i8; 32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::quantized::{dot_portable, quantize_acts, reference_quantizer};
+    use super::super::quantized::reference_quantizer;
     use super::*;
+
+    fn skip() -> bool {
+        if available() {
+            return false;
+        }
+        eprintln!("AMX is not available here: the AMX kernels are not exercised");
+        true
+    }
 
     #[test]
     fn q5_0_values_match_the_scalar_reference() {
-        if !available() {
-            eprintln!("AMX is not available here: the AMX kernels are not exercised");
+        if skip() {
             return;
         }
         let blocks = reference_quantizer::random_blocks(DType::Q5_0, 64, 5);
@@ -554,20 +598,56 @@ mod tests {
         }
     }
 
-    /// Every (row, token) of panels of up to 16 rows, against the portable dot product, with row,
-    /// token and block counts that are not multiples of 16, 16 and 4, and tokens from a later tile.
+    /// A token's results have the same bits whatever else is in its product: alone in a tile, in a
+    /// group of two, or in a product long enough to dequantize the panel once for several groups.
     #[test]
-    fn panels_match_the_portable_dot() {
-        if !available() {
-            eprintln!("AMX is not available here: the AMX kernels are not exercised");
+    fn a_tokens_bits_do_not_depend_on_its_batch() {
+        if skip() {
             return;
         }
-        for dtype in [DType::Q8_0, DType::Q5_0, DType::Q4K] {
+        let (dtype, rows, cols) = (DType::Q5_0, 16, 512);
+        let w = reference_quantizer::random_blocks(dtype, rows * cols / 32, 9);
+        let rows_b: Vec<&[u8]> = w.chunks_exact(cols / 32 * 22).collect();
+        let x: Vec<f32> = (0..80 * cols)
+            .map(|i| (i % 201) as f32 / 50.0 - 2.0)
+            .collect();
+        let run = |t: usize| {
+            let acts = AmxActs::new(&x[..t * cols], t, cols);
+            let mut out = vec![0f32; t * rows];
+            // SAFETY: `out` holds t tokens of `rows` values; stride rows.
+            unsafe { multiply_rows(dtype, &rows_b, &acts, 0..t, out.as_mut_ptr(), rows) };
+            out
+        };
+        let alone = run(12);
+        for t in [16, 30, 80] {
+            let batch = run(t);
+            let (a, b): (Vec<u32>, Vec<u32>) = (
+                alone.iter().map(|v| v.to_bits()).collect(),
+                batch[..12 * rows].iter().map(|v| v.to_bits()).collect(),
+            );
+            assert_eq!(a, b, "t={t}");
+        }
+    }
+
+    fn bf16(v: f32) -> f64 {
+        half::bf16::from_f32(v).to_f32() as f64
+    }
+
+    /// Every (row, token) of panels of up to 16 rows, against the same sums in f64 over the dequantized
+    /// weights and the activations, each rounded to bf16 as the tiles take them: only the order and
+    /// rounding of the f32 additions differ. Row, token and block counts that are not multiples of 16,
+    /// 16 and 3, and tokens from a later tile.
+    #[test]
+    fn panels_match_the_bf16_sums() {
+        if skip() {
+            return;
+        }
+        for dtype in [DType::Q8_0, DType::Q5_0, DType::Q4K, DType::Q6K] {
             for (cols, rows, t, from) in [
                 (256usize, 16, 16, 0),
                 (96, 3, 5, 0),
                 (512, 11, 37, 16),
-                (4864, 16, 33, 32),
+                (4864, 16, 70, 32),
             ] {
                 let (vals, bytes) = dtype.block();
                 let cols = cols.next_multiple_of(vals);
@@ -576,25 +656,27 @@ mod tests {
                 let x: Vec<f32> = (0..t * cols)
                     .map(|i| ((i * 7919 % 1013) as f32 / 506.0 - 1.0) * (1 + i / 32 % 3) as f32)
                     .collect();
-                let acts = quantize_acts(&x, t, cols);
                 let rows_b: Vec<&[u8]> = w.chunks_exact(rb).collect();
-                let mut panel = AmxPanel::default();
-                panel.fill(dtype, &rows_b);
-                let amx_acts = AmxActs::new(&acts);
+                let acts = AmxActs::new(&x, t, cols);
                 let mut got = vec![f32::NAN; t * rows];
                 // SAFETY: `got` holds t tokens of `rows` values; stride rows.
-                unsafe { panel.run_to(&amx_acts, from..t, got.as_mut_ptr(), rows) };
-                for ti in 0..t {
-                    for r in 0..rows {
+                unsafe { multiply_rows(dtype, &rows_b, &acts, from..t, got.as_mut_ptr(), rows) };
+                for (r, row) in rows_b.iter().enumerate() {
+                    let wr = crate::weights::quant::dequantize(dtype, row, cols).unwrap();
+                    for ti in 0..t {
                         let g = got[ti * rows + r];
                         if ti < from {
                             assert!(g.is_nan(), "{dtype:?}: token {ti} was not asked for");
                             continue;
                         }
-                        let want = dot_portable(dtype, rows_b[r], acts.row(ti));
-                        let tol = 1e-5 * (1.0 + want.abs()) * (cols as f32).sqrt();
+                        let xr = &x[ti * cols..(ti + 1) * cols];
+                        let (want, mag) =
+                            wr.iter().zip(xr).fold((0f64, 0f64), |(s, m), (&w, &x)| {
+                                let p = bf16(w) * bf16(x);
+                                (s + p, m + p.abs())
+                            });
                         assert!(
-                            (g - want).abs() <= tol,
+                            (g as f64 - want).abs() <= 1e-5 * mag + 1e-30,
                             "{dtype:?} cols={cols} rows={rows} t={t}: row {r} token {ti}: {g} vs {want}"
                         );
                     }

@@ -411,7 +411,6 @@ pub fn matmul_many(
         .all(|p| matches!(p.0, WeightSlice::Quant(_)))
     {
         assert!(x.len() == t * cols);
-        let acts = q::quantize_acts(x, t, cols);
         let mut qs: Vec<Product> = products
             .iter_mut()
             .map(|(w, rows, out)| match w {
@@ -423,7 +422,7 @@ pub fn matmul_many(
                 _ => unreachable!("all quantized"),
             })
             .collect();
-        return q::matmul_acts_many(q::Backend::best(), &mut qs, cols, &acts);
+        return q::matmul_many(q::Backend::best(), &mut qs, cols, x, t);
     }
     macro_rules! all_of {
         ($form:ident) => {

@@ -435,8 +435,79 @@ pub fn matmul_with(
     out: &mut [f32],
 ) {
     assert!(x.len() == t * cols && out.len() == t * rows);
-    let acts = quantize_acts(x, t, cols);
-    matmul_acts(backend, w, rows, cols, &acts, out);
+    matmul_many(backend, &mut [Product { w, rows, out }], cols, x, t);
+}
+
+/// Several products of `x` (`t` rows of `cols` values) in one step: on AMX tiles those that
+/// `uses_amx` takes (bf16, see `amx.rs`), the rest with `x` quantized to 8 bits once
+/// ([`matmul_acts_many`]).
+pub fn matmul_many(backend: Backend, products: &mut [Product], cols: usize, x: &[f32], t: usize) {
+    assert!(x.len() == t * cols);
+    let tiles: Vec<bool> = products
+        .iter()
+        .map(|p| uses_amx(backend, p.w.dtype, t))
+        .collect();
+    let mut rest: Vec<Product> = Vec::new();
+    #[allow(unused_mut)]
+    let mut on_tiles: Vec<Product> = Vec::new();
+    for (p, &tiles) in products.iter_mut().zip(&tiles) {
+        let p = Product {
+            w: p.w,
+            rows: p.rows,
+            out: &mut *p.out,
+        };
+        if tiles {
+            on_tiles.push(p);
+        } else {
+            rest.push(p);
+        }
+    }
+    if !rest.is_empty() {
+        let acts = quantize_acts(x, t, cols);
+        matmul_acts_many(backend, &mut rest, cols, &acts);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if !on_tiles.is_empty() {
+        amx_many(&mut on_tiles, cols, x, t);
+    }
+}
+
+/// The products of [`matmul_many`] on AMX tiles: each task owns a block of rows (a multiple of 16)
+/// of one product and writes them, for every token, straight into its output.
+#[cfg(target_arch = "x86_64")]
+fn amx_many(products: &mut [Product], cols: usize, x: &[f32], t: usize) {
+    let acts = super::amx::AmxActs::new(x, t, cols);
+    let ws: Vec<(QuantSlice, usize, usize)> = products
+        .iter()
+        .map(|p| {
+            let rb = check(&p.w, p.rows, cols);
+            assert!(p.out.len() == t * p.rows);
+            let per = rows_per_task(p.rows, rb, t).next_multiple_of(super::amx::ROWS);
+            (p.w, rb, per)
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for (i, p) in products.iter_mut().enumerate() {
+        let out = super::pool::SharedOut::new(p.out, t);
+        let per = ws[i].2;
+        for r0 in (0..p.rows).step_by(per) {
+            let rows = per.min(p.rows - r0);
+            tasks.push((
+                i,
+                OutBlock {
+                    shared: out,
+                    r0,
+                    rows,
+                },
+            ));
+        }
+    }
+    super::pool::for_each(tasks.len(), |k| {
+        let (i, block) = tasks[k];
+        let (w, rb, _) = ws[i];
+        let wrows = &w.bytes[block.r0 * rb..(block.r0 + block.rows) * rb];
+        prefill_task_amx(w.dtype, wrows, rb, &acts, block);
+    });
 }
 
 /// The product with activations already quantized (one quantization can serve several matrices).
@@ -510,31 +581,16 @@ pub fn matmul_acts_many(
     // Prefill: each task owns a block of rows and writes them, for every token, straight into the
     // product's output. Tokens are taken in groups whose activations fit in L2.
     let tok_group = (262144 / cols).clamp(8, 256) & !7;
-    let tiles: Vec<bool> = ws
-        .iter()
-        .map(|(w, ..)| uses_amx(backend, w.dtype, t))
-        .collect();
     let panels: Vec<bool> = ws
         .iter()
-        .zip(&tiles)
-        .map(|((w, ..), &tiles)| !tiles && uses_panel(backend, w.dtype))
+        .map(|(w, ..)| uses_panel(backend, w.dtype))
         .collect();
-    // Panels take eight rows at a time (AMX panels 16): tasks of a multiple of that leave none over.
+    // Panels take eight rows at a time: tasks of a multiple of eight rows leave none over.
     let pers: Vec<usize> = ws
         .iter()
-        .zip(panels.iter().zip(&tiles))
-        .map(|(&(_, _, per), (&panel, &tiles))| match (panel, tiles) {
-            (_, true) => per.next_multiple_of(16),
-            (true, _) => per.next_multiple_of(8),
-            _ => per,
-        })
+        .zip(&panels)
+        .map(|(&(_, _, per), &panel)| if panel { per.next_multiple_of(8) } else { per })
         .collect();
-    // One for every product on AMX tiles: their layout does not depend on the weights' format.
-    #[cfg(target_arch = "x86_64")]
-    let amx_acts = tiles
-        .iter()
-        .any(|&x| x)
-        .then(|| super::amx::AmxActs::new(acts));
     // One per panel type, not per matrix: q, k and v (gate and up) are often of one type, and its
     // activation sums are the same for each.
     #[cfg(target_arch = "x86_64")]
@@ -566,10 +622,6 @@ pub fn matmul_acts_many(
         let (w, rb, _) = ws[i];
         let dtype = w.dtype;
         let wrows = &w.bytes[block.r0 * rb..(block.r0 + block.rows) * rb];
-        #[cfg(target_arch = "x86_64")]
-        if let (true, Some(aacts)) = (tiles[i], &amx_acts) {
-            return prefill_task_amx(dtype, wrows, rb, aacts, block);
-        }
         #[cfg(target_arch = "x86_64")]
         if let Some((_, pacts)) = panel_acts.iter().find(|(d, _)| *d == dtype) {
             return prefill_task_panel(backend, dtype, wrows, rb, pacts, tok_group, block);
@@ -620,13 +672,12 @@ fn uses_panel(backend: Backend, dtype: DType) -> bool {
     false
 }
 
-/// Whether a prefill of `t` tokens of `dtype` runs on AMX tiles (see `amx.rs`). Tiles take 16 tokens
-/// at a time, and decoding a panel costs as much as a few tokens' products: below about a dozen tokens
-/// the VNNI kernels were faster (benches/RESULTS.md).
+/// Whether a product of `t` tokens of `dtype` runs on AMX tiles (see `amx.rs`; only through
+/// [`matmul_many`], which has the activations in f32).
 fn uses_amx(backend: Backend, dtype: DType, t: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     if backend == Backend::Amx {
-        return t >= super::amx::MIN_TOKENS && super::amx::format(dtype);
+        return super::amx::format(dtype) && t >= super::amx::MIN_TOKENS;
     }
     let _ = (backend, dtype, t);
     false
@@ -639,15 +690,15 @@ fn prefill_task_amx(dtype: DType, w: &[u8], rb: usize, acts: &super::amx::AmxAct
     const ROWS: usize = super::amx::ROWS;
     let (nrows, t) = (w.len() / rb, out.shared.tokens);
     assert!(nrows == out.rows);
-    let mut panel = super::amx::AmxPanel::default();
     for r in (0..nrows).step_by(ROWS) {
         let n = (nrows - r).min(ROWS);
         let rows: [&[u8]; ROWS] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
-        panel.fill(dtype, &rows[..n]);
         // SAFETY: rows r..r + n of the block (checked: nrows rows), for every token of the product:
         // the task's own elements.
         let start = out.shared.at(0, out.r0 + r);
-        unsafe { panel.run_to(acts, 0..t, start, out.shared.stride) };
+        unsafe {
+            super::amx::multiply_rows(dtype, &rows[..n], acts, 0..t, start, out.shared.stride)
+        };
     }
 }
 
@@ -784,17 +835,16 @@ pub fn matmul_rows(
     }
     #[cfg(target_arch = "x86_64")]
     if uses_amx(backend, w.dtype, t) {
-        let aacts = super::amx::AmxActs::new(&acts);
-        let mut panel = super::amx::AmxPanel::default();
+        let aacts = super::amx::AmxActs::new(x, t, cols);
         for (c, ids16) in ids.chunks(super::amx::ROWS).enumerate() {
             let rows: Vec<&[u8]> = ids16.iter().map(|&r| &w.bytes[r * rb..][..rb]).collect();
-            panel.fill(w.dtype, &rows);
             let first = &mut out[super::amx::ROWS * c..];
-            // What `run_to` asks: the slice holds the last token's rows of this chunk.
+            // What `multiply_rows` asks: the slice holds the last token's rows of this chunk.
             assert!(first.len() >= (t - 1) * ids.len() + ids16.len());
             // SAFETY: `first` is borrowed mutably and holds every token's rows of this chunk (stride
             // ids.len() ≥ the chunk's rows), checked above.
-            unsafe { panel.run_to(&aacts, 0..t, first.as_mut_ptr(), ids.len()) };
+            let first = first.as_mut_ptr();
+            unsafe { super::amx::multiply_rows(w.dtype, &rows, &aacts, 0..t, first, ids.len()) };
         }
         return;
     }
@@ -1106,6 +1156,27 @@ mod tests {
         }
     }
 
+    /// What a backend's product is checked against: the exact sums of the 8-bit activations, to 2e-5
+    /// of the largest value; or, for a product on AMX tiles (bf16 weights and activations), the exact
+    /// product, to 1e-2 as `close_to_the_exact_product` allows the 8-bit activations (`amx.rs` checks
+    /// the tiles' sums to 1e-5).
+    #[allow(clippy::too_many_arguments)]
+    fn assert_matches_reference(
+        backend: Backend,
+        w: QuantSlice,
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        t: usize,
+        got: &[f32],
+        what: &str,
+    ) {
+        let tiles = uses_amx(backend, w.dtype, t);
+        let mut want = vec![0f32; t * rows];
+        matmul_reference(w, rows, cols, x, t, !tiles, &mut want);
+        assert_close(got, &want, if tiles { 1e-2 } else { 2e-5 }, what);
+    }
+
     #[test]
     fn activation_quantization_round_trips_within_half_a_step() {
         let x = data(5 * 96, 7);
@@ -1285,14 +1356,12 @@ mod tests {
                 ] {
                     let w = QuantSlice { dtype, bytes: &w };
                     let x = data(t * cols, 11 + t as u32);
-                    let mut want = vec![0f32; t * rows];
-                    matmul_reference(w, rows, cols, &x, t, true, &mut want);
                     for backend in Backend::available() {
                         let mut got = vec![f32::NAN; t * rows];
                         matmul_with(backend, w, rows, cols, &x, t, &mut got);
                         let what =
                             format!("{dtype:?} {kind} {backend:?} rows={rows} cols={cols} t={t}");
-                        assert_close(&got, &want, 2e-5, &what);
+                        assert_matches_reference(backend, w, rows, cols, &x, t, &got, &what);
                     }
                 }
             }
@@ -1308,14 +1377,13 @@ mod tests {
             let rows = (PARALLEL_MIN_BYTES / (cols / vals * bytes)) * 2 + 3;
             let wq = random_blocks(dtype, rows * cols / vals, 77);
             let w = QuantSlice { dtype, bytes: &wq };
-            for t in [1, 5] {
+            for t in [1, 5, 21] {
                 let x = data(t * cols, 12);
-                let mut want = vec![0f32; t * rows];
-                matmul_reference(w, rows, cols, &x, t, true, &mut want);
                 for backend in Backend::available() {
                     let mut got = vec![f32::NAN; t * rows];
                     matmul_with(backend, w, rows, cols, &x, t, &mut got);
-                    assert_close(&got, &want, 2e-5, &format!("{dtype:?} {backend:?} t={t}"));
+                    let what = format!("{dtype:?} {backend:?} t={t}");
+                    assert_matches_reference(backend, w, rows, cols, &x, t, &got, &what);
                 }
             }
         }
@@ -1379,6 +1447,39 @@ mod tests {
                     assert_close(got, &want, 2e-5, &what);
                     let mut alone = vec![0f32; t * rows];
                     matmul_acts(backend, w, *rows, cols, &acts, &mut alone);
+                    assert!(got == &alone, "{what}: differs from the product alone");
+                }
+            }
+        }
+        // From f32 activations: with enough tokens, the formats AMX takes go on its tiles, the others
+        // (none, today) to the 8-bit products, in one call.
+        for t in [1, 7, 13] {
+            let x = data(t * cols, 32);
+            for backend in Backend::available() {
+                let mut outs: Vec<Vec<f32>> =
+                    weights.iter().map(|w| vec![f32::NAN; t * w.1]).collect();
+                let mut products: Vec<Product> = weights
+                    .iter()
+                    .zip(&mut outs)
+                    .map(|((dtype, rows, bytes), out)| Product {
+                        w: QuantSlice {
+                            dtype: *dtype,
+                            bytes,
+                        },
+                        rows: *rows,
+                        out,
+                    })
+                    .collect();
+                matmul_many(backend, &mut products, cols, &x, t);
+                for ((dtype, rows, bytes), got) in weights.iter().zip(&outs) {
+                    let w = QuantSlice {
+                        dtype: *dtype,
+                        bytes,
+                    };
+                    let what = format!("{dtype:?} {backend:?} t={t}, from f32");
+                    assert_matches_reference(backend, w, *rows, cols, &x, t, got, &what);
+                    let mut alone = vec![0f32; t * rows];
+                    matmul_with(backend, w, *rows, cols, &x, t, &mut alone);
                     assert!(got == &alone, "{what}: differs from the product alone");
                 }
             }
