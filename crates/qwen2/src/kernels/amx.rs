@@ -4,9 +4,9 @@
 //! Why: prefill is compute-bound, and the AVX-512 VNNI panel kernel (`quantized_x86::Panel`) does 32
 //! byte products per instruction. One AMX `tdpbf16ps` multiplies a 16 × 32 tile of bf16 weights with a
 //! 32 × 16 tile of bf16 activations and adds the 16 × 16 results to f32 sums: 8192 products. The weights
-//! are dequantized (each block's values times its scales, minus its min) and rounded to bf16 once per
-//! panel of 16 rows, the activations rounded to bf16 once per product, and the sums stay in the tiles
-//! across every block of a row: nothing leaves them until the row's end. (A first version multiplied the
+//! are dequantized (each block's values times its scales, minus its min) and rounded to bf16 as the
+//! tiles take them, 16 rows at a time, the activations rounded to bf16 once per product, and the sums
+//! stay in the tiles across every block of a row: nothing leaves them until the row's end. (A first version multiplied the
 //! blocks' i8 values with the 8-bit activations in i32, as the VNNI kernels do: every block's sums then
 //! had to leave the tiles to be scaled, and that scaling, 48 vector instructions per block, bounded it.
 //! See benches/RESULTS.md.)
@@ -39,19 +39,20 @@ const TILE_BYTES: usize = 1024;
 /// chunked prefill never runs fewer, so its tokens take the same kernels as in one pass.
 pub const MIN_TOKENS: usize = 12;
 
-/// Whether this CPU has AMX tiles with i8 products and the kernel lets this process use them.
+/// Whether this CPU has AMX tiles with bf16 products (and AVX-512 BF16 to round to bf16) and the kernel
+/// lets this process use them.
 /// Linux keeps the (8 KiB) tile state off until a process asks for it (`arch_prctl`
 /// `ARCH_REQ_XCOMP_PERM`); a kernel too old for that refuses, and the VNNI kernels serve instead.
 pub fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
-        if !super::quantized_x86::has_avx512vnni() {
+        if !(super::quantized_x86::has_avx512vnni() && is_x86_feature_detected!("avx512bf16")) {
             return false;
         }
-        // Leaf 7, sub-leaf 0: the structured feature flags.
+        // Leaf 7, sub-leaf 0: the structured feature flags; AMX-BF16 is bit 22 of edx, AMX-TILE 24.
         let leaf7 = __cpuid_count(7, 0);
-        let (tile, int8) = ((leaf7.edx >> 24) & 1 == 1, (leaf7.edx >> 25) & 1 == 1);
-        if !(tile && int8) {
+        let (bf16, tile) = ((leaf7.edx >> 22) & 1 == 1, (leaf7.edx >> 24) & 1 == 1);
+        if !(tile && bf16) {
             return false;
         }
         const SYS_ARCH_PRCTL: isize = 158;

@@ -9,7 +9,8 @@
 //! the AVX2 tiles and packed GEMM of `float_x86.rs` where the CPU has them, else portable `wide` code.
 //! Block-quantized GGUF weights (the fast, approximate form) go to `quantized.rs`: activations quantized
 //! to 8 bits once per product, integer dot products on AVX2 / AVX-512 VNNI (`quantized_x86.rs`, chosen
-//! at run time) or in portable Rust.
+//! at run time) or in portable Rust; where the CPU has AMX tiles, products of 12 or more tokens run on
+//! them instead, in bf16 with f32 sums (`amx.rs`).
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]

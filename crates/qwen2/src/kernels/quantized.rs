@@ -281,8 +281,9 @@ pub enum Backend {
     Avx2,
     /// AVX-512 VNNI `vpdpbusd` (x86-64 with AVX-512 F/BW/VL/VNNI, F16C).
     Avx512Vnni,
-    /// AVX-512 VNNI, with the prefill of the formats `amx::format` takes on AMX tiles (Xeons since
-    /// Sapphire Rapids, on a Linux that grants the tile state).
+    /// AVX-512 VNNI, with products of `amx::MIN_TOKENS` or more tokens on AMX tiles in bf16 (Xeons
+    /// since Sapphire Rapids, on a Linux that grants the tile state). The tiles take the activations in
+    /// f32: only [`matmul_many`] (and what calls it) uses them; from 8-bit activations this is VNNI.
     Amx,
 }
 
@@ -447,9 +448,7 @@ pub fn matmul_many(backend: Backend, products: &mut [Product], cols: usize, x: &
         .iter()
         .map(|p| uses_amx(backend, p.w.dtype, t))
         .collect();
-    let mut rest: Vec<Product> = Vec::new();
-    #[allow(unused_mut)]
-    let mut on_tiles: Vec<Product> = Vec::new();
+    let (mut rest, mut on_tiles): (Vec<Product>, Vec<Product>) = (Vec::new(), Vec::new());
     for (p, &tiles) in products.iter_mut().zip(&tiles) {
         let p = Product {
             w: p.w,
@@ -683,8 +682,8 @@ fn uses_amx(backend: Backend, dtype: DType, t: usize) -> bool {
     false
 }
 
-/// The prefill task of the AMX formats: the block `out` for the rows in `w`, for every token; each
-/// panel of 16 rows (fewer at the end) is decoded once and multiplied with all tokens.
+/// The prefill task on AMX tiles: the block `out` for the rows in `w`, for every token, 16 rows at a
+/// time (fewer at the end; see `amx::multiply_rows`).
 #[cfg(target_arch = "x86_64")]
 fn prefill_task_amx(dtype: DType, w: &[u8], rb: usize, acts: &super::amx::AmxActs, out: OutBlock) {
     const ROWS: usize = super::amx::ROWS;
