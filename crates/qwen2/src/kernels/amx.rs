@@ -174,6 +174,9 @@ unsafe fn put_pairs(block: &[f32; 32], out: *mut u32) {
 /// dequantizing's stores then missed (most of its time). With more tokens the panel is dequantized once
 /// for all groups.
 ///
+/// `panel` holds that dequantized panel between calls, so a caller going through many rows allocates it
+/// once.
+///
 /// # Safety
 /// For every token `t` of `tokens`, `out + t · os` up to `rows.len()` is writable and written by no one
 /// else during the call; `os` ≥ `rows.len()`.
@@ -184,6 +187,7 @@ pub unsafe fn multiply_rows(
     tokens: std::ops::Range<usize>,
     out: *mut f32,
     os: usize,
+    panel: &mut Panel,
 ) {
     assert!(format(dtype) && (1..=ROWS).contains(&rows.len()));
     let row_bytes = rows[0].len();
@@ -201,10 +205,10 @@ pub unsafe fn multiply_rows(
     // F16C are present (`available`); `out` by the caller's promise.
     unsafe {
         match dtype {
-            DType::Q8_0 => run::<Q8_0>(&ptrs, n, row_bytes, acts, tokens, out, os),
-            DType::Q5_0 => run::<Q5_0>(&ptrs, n, row_bytes, acts, tokens, out, os),
-            DType::Q4K => run::<Q4K>(&ptrs, n, row_bytes, acts, tokens, out, os),
-            DType::Q6K => run::<Q6K>(&ptrs, n, row_bytes, acts, tokens, out, os),
+            DType::Q8_0 => run::<Q8_0>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
+            DType::Q5_0 => run::<Q5_0>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
+            DType::Q4K => run::<Q4K>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
+            DType::Q6K => run::<Q6K>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
             _ => unreachable!("checked: a block-quantized format"),
         }
     }
@@ -308,6 +312,7 @@ impl Block for Q6K {
 /// # Safety
 /// As `multiply_rows` checks and promises: 16 rows of `acts.nb` blocks of `F` (the last `16 - n`
 /// repeating a real one), the activations, the tile unit and the CPU features, the output.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn run<F: Block>(
     rows: &[*const u8; ROWS],
@@ -317,6 +322,7 @@ unsafe fn run<F: Block>(
     tokens: std::ops::Range<usize>,
     out: *mut f32,
     os: usize,
+    panel: &mut Panel,
 ) {
     let nb = acts.nb;
     let config = TileConfig::new();
@@ -328,10 +334,13 @@ unsafe fn run<F: Block>(
     let lines = ROWS * row_bytes.div_ceil(64);
     let per_block = lines.div_ceil(nb);
     let mut next_line = 0;
-    let tiles: Vec<usize> = (tokens.start / TOKENS..tokens.end.div_ceil(TOKENS)).collect();
-    let whole = tiles.len() > GROUP;
-    let mut panel = Lines::zeroed(if whole { nb * TILE_BYTES } else { 0 });
+    let (first, end) = (tokens.start / TOKENS, tokens.end.div_ceil(TOKENS));
+    let whole = end - first > GROUP;
+    let panel = &mut panel.0;
     if whole {
+        if panel.len() < nb * TILE_BYTES {
+            *panel = Lines::zeroed(nb * TILE_BYTES);
+        }
         for b in 0..nb {
             for (r, &row) in rows.iter().enumerate() {
                 // SAFETY: block b < nb of the row; row r of block b of the panel.
@@ -342,7 +351,8 @@ unsafe fn run<F: Block>(
     let mut slots = Slots([[0; TILE_BYTES]; 2]);
     let mut sums = Sums([[0.0; ROWS * TOKENS]; GROUP * CHAINS]);
     let mut loads = 0;
-    for group in tiles.chunks(GROUP) {
+    for g0 in (first..end).step_by(GROUP) {
+        let group = g0..(g0 + GROUP).min(end);
         // SAFETY: no operands but the tiles.
         unsafe {
             asm!(
@@ -370,7 +380,7 @@ unsafe fn run<F: Block>(
             let w_tile = 4 + b % 2;
             // SAFETY: 1 KiB of dequantized weights.
             unsafe { load(w_tile, weights) };
-            for (j, &tile) in group.iter().enumerate() {
+            for (j, tile) in group.clone().enumerate() {
                 let a_tile = 6 + loads % 2;
                 loads += 1;
                 // SAFETY: block b < nb of token tile `tile` of the activations (checked by
@@ -404,7 +414,7 @@ unsafe fn run<F: Block>(
             )
         };
         // Row r's 16 tokens are row r of a tile's sums; each token's rows go out side by side.
-        for (j, &tile) in group.iter().enumerate() {
+        for (j, tile) in group.clone().enumerate() {
             let (even, odd) = (&sums.0[CHAINS * j], &sums.0[CHAINS * j + 1]);
             let t0 = tile * TOKENS;
             for t in t0.max(tokens.start)..(t0 + TOKENS).min(tokens.end) {
@@ -420,6 +430,10 @@ unsafe fn run<F: Block>(
     // SAFETY: no operands; the tiles are not used again before the next `ldtilecfg`.
     unsafe { asm!("tilerelease", options(nostack, nomem)) };
 }
+
+/// Room for a dequantized panel (see [`multiply_rows`]).
+#[derive(Default)]
+pub struct Panel(Lines);
 
 #[repr(C, align(64))]
 struct Slots([[i8; TILE_BYTES]; 2]);
@@ -558,18 +572,6 @@ unsafe fn q5_0_values(blk: *const u8) -> __m256i {
     _mm256_sub_epi8(_mm256_or_si256(values, fifth), _mm256_set1_epi8(16))
 }
 
-/// The scalar reference for [`q5_0_values`].
-#[cfg(test)]
-fn q5_0_values_scalar(blk: &[u8; 22], out: &mut [i8; 32]) {
-    let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-    for i in 0..16 {
-        let lo = (blk[6 + i] & 0x0F) | ((((qh >> i) & 1) as u8) << 4);
-        let hi = (blk[6 + i] >> 4) | ((((qh >> (i + 16)) & 1) as u8) << 4);
-        out[i] = lo as i8 - 16;
-        out[i + 16] = hi as i8 - 16;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::quantized::reference_quantizer;
@@ -584,17 +586,19 @@ mod tests {
     }
 
     #[test]
-    fn q5_0_values_match_the_scalar_reference() {
+    fn q5_0_values_match_the_loaders_dequantizer() {
         if skip() {
             return;
         }
+        // The loader's dequantizer is the reference: value times the block's scale.
         let blocks = reference_quantizer::random_blocks(DType::Q5_0, 64, 5);
-        for blk in blocks.chunks_exact(22) {
-            let blk: &[u8; 22] = blk.try_into().unwrap();
-            let (mut got, mut want) = ([0i8; 32], [0i8; 32]);
+        let want = crate::weights::quant::dequantize(DType::Q5_0, &blocks, 64 * 32).unwrap();
+        for (blk, want) in blocks.chunks_exact(22).zip(want.chunks_exact(32)) {
+            let mut got = [0i8; 32];
             // SAFETY: a whole block; `available` implies AVX-512 BW/VL.
             unsafe { _mm256_storeu_si256(got.as_mut_ptr().cast(), q5_0_values(blk.as_ptr())) };
-            q5_0_values_scalar(blk, &mut want);
+            let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            let got: Vec<f32> = got.iter().map(|&q| q as f32 * d).collect();
             assert_eq!(got, want);
         }
     }
@@ -616,7 +620,8 @@ mod tests {
             let acts = AmxActs::new(&x[..t * cols], t, cols);
             let mut out = vec![0f32; t * rows];
             // SAFETY: `out` holds t tokens of `rows` values; stride rows.
-            unsafe { multiply_rows(dtype, &rows_b, &acts, 0..t, out.as_mut_ptr(), rows) };
+            let o = out.as_mut_ptr();
+            unsafe { multiply_rows(dtype, &rows_b, &acts, 0..t, o, rows, &mut Panel::default()) };
             out
         };
         let alone = run(12);
@@ -661,7 +666,8 @@ mod tests {
                 let acts = AmxActs::new(&x, t, cols);
                 let mut got = vec![f32::NAN; t * rows];
                 // SAFETY: `got` holds t tokens of `rows` values; stride rows.
-                unsafe { multiply_rows(dtype, &rows_b, &acts, from..t, got.as_mut_ptr(), rows) };
+                let (o, mut panel) = (got.as_mut_ptr(), Panel::default());
+                unsafe { multiply_rows(dtype, &rows_b, &acts, from..t, o, rows, &mut panel) };
                 for (r, row) in rows_b.iter().enumerate() {
                     let wr = crate::weights::quant::dequantize(dtype, row, cols).unwrap();
                     for ti in 0..t {

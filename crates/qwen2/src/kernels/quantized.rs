@@ -689,15 +689,14 @@ fn prefill_task_amx(dtype: DType, w: &[u8], rb: usize, acts: &super::amx::AmxAct
     const ROWS: usize = super::amx::ROWS;
     let (nrows, t) = (w.len() / rb, out.shared.tokens);
     assert!(nrows == out.rows);
+    let mut panel = super::amx::Panel::default();
     for r in (0..nrows).step_by(ROWS) {
         let n = (nrows - r).min(ROWS);
         let rows: [&[u8]; ROWS] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
         // SAFETY: rows r..r + n of the block (checked: nrows rows), for every token of the product:
         // the task's own elements.
-        let start = out.shared.at(0, out.r0 + r);
-        unsafe {
-            super::amx::multiply_rows(dtype, &rows[..n], acts, 0..t, start, out.shared.stride)
-        };
+        let (start, os) = (out.shared.at(0, out.r0 + r), out.shared.stride);
+        unsafe { super::amx::multiply_rows(dtype, &rows[..n], acts, 0..t, start, os, &mut panel) };
     }
 }
 
@@ -835,6 +834,7 @@ pub fn matmul_rows(
     #[cfg(target_arch = "x86_64")]
     if uses_amx(backend, w.dtype, t) {
         let aacts = super::amx::AmxActs::new(x, t, cols);
+        let mut panel = super::amx::Panel::default();
         for (c, ids16) in ids.chunks(super::amx::ROWS).enumerate() {
             let rows: Vec<&[u8]> = ids16.iter().map(|&r| &w.bytes[r * rb..][..rb]).collect();
             let first = &mut out[super::amx::ROWS * c..];
@@ -842,8 +842,10 @@ pub fn matmul_rows(
             assert!(first.len() >= (t - 1) * ids.len() + ids16.len());
             // SAFETY: `first` is borrowed mutably and holds every token's rows of this chunk (stride
             // ids.len() ≥ the chunk's rows), checked above.
-            let first = first.as_mut_ptr();
-            unsafe { super::amx::multiply_rows(w.dtype, &rows, &aacts, 0..t, first, ids.len()) };
+            let (first, os) = (first.as_mut_ptr(), ids.len());
+            unsafe {
+                super::amx::multiply_rows(w.dtype, &rows, &aacts, 0..t, first, os, &mut panel)
+            };
         }
         return;
     }
@@ -1388,6 +1390,25 @@ mod tests {
         }
     }
 
+    /// A product of each of `weights` (type, rows, blocks) into the matching buffer of `outs`.
+    fn products_into<'a, 'o>(
+        weights: &'a [(DType, usize, Vec<u8>)],
+        outs: &'o mut [Vec<f32>],
+    ) -> Vec<Product<'a, 'o>> {
+        weights
+            .iter()
+            .zip(outs)
+            .map(|((dtype, rows, bytes), out)| Product {
+                w: QuantSlice {
+                    dtype: *dtype,
+                    bytes,
+                },
+                rows: *rows,
+                out,
+            })
+            .collect()
+    }
+
     /// One step over several matrices of mixed types (as q, k and v are in the default file): each
     /// result matches the reference, and equals that matrix's product alone bit for bit. Decode (t = 1)
     /// covers small matrices that alone would stay on one thread; the large one makes the step parallel.
@@ -1422,18 +1443,7 @@ mod tests {
             for backend in Backend::available() {
                 let mut outs: Vec<Vec<f32>> =
                     weights.iter().map(|w| vec![f32::NAN; t * w.1]).collect();
-                let mut products: Vec<Product> = weights
-                    .iter()
-                    .zip(&mut outs)
-                    .map(|((dtype, rows, bytes), out)| Product {
-                        w: QuantSlice {
-                            dtype: *dtype,
-                            bytes,
-                        },
-                        rows: *rows,
-                        out,
-                    })
-                    .collect();
+                let mut products = products_into(&weights, &mut outs);
                 matmul_acts_many(backend, &mut products, cols, &acts);
                 for ((dtype, rows, bytes), got) in weights.iter().zip(&outs) {
                     let w = QuantSlice {
@@ -1457,18 +1467,7 @@ mod tests {
             for backend in Backend::available() {
                 let mut outs: Vec<Vec<f32>> =
                     weights.iter().map(|w| vec![f32::NAN; t * w.1]).collect();
-                let mut products: Vec<Product> = weights
-                    .iter()
-                    .zip(&mut outs)
-                    .map(|((dtype, rows, bytes), out)| Product {
-                        w: QuantSlice {
-                            dtype: *dtype,
-                            bytes,
-                        },
-                        rows: *rows,
-                        out,
-                    })
-                    .collect();
+                let mut products = products_into(&weights, &mut outs);
                 matmul_many(backend, &mut products, cols, &x, t);
                 for ((dtype, rows, bytes), got) in weights.iter().zip(&outs) {
                     let w = QuantSlice {
