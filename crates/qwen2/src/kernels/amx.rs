@@ -169,9 +169,9 @@ unsafe fn put_pairs(block: &[f32; 32], out: *mut u32) {
 /// length) and the tokens `tokens` (a range starting at a multiple of 16).
 ///
 /// Up to 32 tokens (one group of token tiles), each block of the rows is dequantized to bf16 just
-/// before the tiles take it, into one of two 1 KiB slots: dequantizing the whole panel first (28 KiB for
-/// 896 values a row, as much again for a tile of activations) spilled it out of L1, and the
-/// dequantizing's stores then missed (most of its time). With more tokens the panel is dequantized once
+/// before the tiles take it, into one of two 1 KiB slots. Dequantizing the whole panel first (28 KiB for
+/// 896 values a row, as much again for a tile of activations: not both in the 48 KiB L1) was slower, the
+/// profile putting the dequantizing's time on its stores. With more tokens the panel is dequantized once
 /// for all groups.
 ///
 /// `panel` holds that dequantized panel between calls, so a caller going through many rows allocates it
