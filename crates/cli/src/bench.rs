@@ -169,10 +169,12 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         peak_probes[0].max(peak_probes[1]),
     );
     let eff_bw = bytes_per_token * decode_tok_s / 1e9;
+    // The probe's FMAs are as wide as the float GEMM's (512 bits where it uses AVX-512).
+    let fma_bits = qwen2::kernels::matmul::float_gemm_lanes() * 32;
     let report = serde_json::json!({
         "machine": {"threads": qwen2::kernels::pool::threads(), "simd": qwen2::cpu::compiled_features(),
                      "quantized_kernels": qwen2::kernels::quantized::Backend::best().name(),
-                     "read_bandwidth_gbs": bw, "fma_peak_gflops": peak,
+                     "read_bandwidth_gbs": bw, "fma_peak_gflops": peak, "fma_probe_bits": fma_bits,
                      "probes_before_and_after": {"read_bandwidth_gbs": bw_probes, "fma_peak_gflops": peak_probes}},
         "model": {"path": g.model.as_ref().map(|p| p.display().to_string()), "weight_bytes_per_token": bytes_per_token,
                   "form": g.form().name(),
@@ -205,7 +207,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         bw_probes[0], bw_probes[1]
     );
     println!(
-        "  FMA peak            {peak:>8.1} GFLOP/s  (best of {:.1} before, {:.1} after)",
+        "  FMA peak            {peak:>8.1} GFLOP/s  ({fma_bits}-bit FMAs as the float GEMM's; best of {:.1} before, {:.1} after)",
         peak_probes[0], peak_probes[1]
     );
     println!(

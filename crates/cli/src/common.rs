@@ -69,6 +69,10 @@ pub fn load_model(g: &Global) -> Result<qwen2::LoadedModel> {
             "[trace] quantized::Backend::best → {} (the kernels of block-quantized products)",
             qwen2::kernels::quantized::Backend::best().name()
         );
+        eprintln!(
+            "[trace] float prefill GEMM in {}-bit vectors (f32/bf16/f16 weights, 12 or more tokens)",
+            qwen2::kernels::matmul::float_gemm_lanes() * 32
+        );
     }
     Ok(loaded)
 }

@@ -820,6 +820,12 @@ fn bench_json_has_every_figure() {
     }
     let kernels = v["machine"]["quantized_kernels"].as_str().unwrap();
     assert!(["portable", "avx2", "avx512-vnni", "amx"].contains(&kernels));
+    // The FMA probe is as wide as the float GEMM, which is 512-bit with the AVX-512 kernels.
+    let wide = ["avx512-vnni", "amx"].contains(&kernels);
+    assert_eq!(
+        v["machine"]["fma_probe_bits"].as_u64(),
+        Some(if wide { 512 } else { 256 })
+    );
     assert!(v["load_s"].as_f64().unwrap() >= 0.0);
     assert!(v["first_forward_64_tokens_s"].as_f64().unwrap() > 0.0);
     let p = v["prefill"].as_array().unwrap();

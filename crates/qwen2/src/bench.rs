@@ -9,7 +9,6 @@ use crate::weights::arena::{Arena, ArenaBuf};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-use wide::f32x8;
 
 /// Read bandwidth in GB/s: every pool thread sums its own buffer of `bytes_per_thread`; best of `reps`
 /// passes. Buffers hold varied data — identical pages can be merged by the host and then read from cache.
@@ -47,30 +46,23 @@ pub fn read_bandwidth_gbs(bytes_per_thread: usize, reps: usize) -> Result<f64> {
     Ok(best)
 }
 
-/// FMA peak in GFLOP/s (2 flops per lane per FMA), all pool threads, independent accumulators.
+/// FMA peak in GFLOP/s (2 flops per lane per FMA), all pool threads, independent accumulators, in the
+/// float GEMM's vector width (512 bits where it uses AVX-512: measuring 256-bit FMAs there would
+/// credit the GEMM with twice the share of the peak it reaches).
 pub fn fma_peak_gflops(reps: usize) -> f64 {
     const ITERS: usize = 20_000_000;
     let threads = rayon::current_num_threads();
+    let lanes = crate::kernels::matmul::float_gemm_lanes();
     let mut best = 0.0f64;
     for _ in 0..reps {
         let start = Instant::now();
         let r: Vec<f32> = (0..threads)
             .into_par_iter()
-            .map(|t| {
-                let m = f32x8::splat(0.999_999);
-                let a0 = f32x8::splat(1e-7);
-                let mut acc = [f32x8::splat(t as f32); 12];
-                for _ in 0..ITERS / 12 {
-                    for a in acc.iter_mut() {
-                        *a = a.mul_add(m, a0);
-                    }
-                }
-                acc.iter().fold(f32x8::ZERO, |x, y| x + *y).reduce_add()
-            })
+            .map(|t| crate::kernels::matmul::fma_probe_chains(ITERS, t as f32))
             .collect();
         let s = start.elapsed().as_secs_f64();
         std::hint::black_box(r);
-        let flops = (threads * (ITERS / 12) * 12 * 8 * 2) as f64;
+        let flops = (threads * (ITERS / 12) * 12 * lanes * 2) as f64;
         best = best.max(flops / s / 1e9);
     }
     best

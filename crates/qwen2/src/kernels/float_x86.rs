@@ -1,5 +1,6 @@
 //! AVX2 + FMA tiles for weights stored as f32, bf16 or f16: `R` weight rows × `T` tokens of dot
-//! products, all accumulated in f32.
+//! products, all accumulated in f32; and the packed GEMM of prefill, in AVX2 or, where the CPU has it,
+//! AVX-512 (twice the lanes and registers: the same sums in the same order, so the same bits).
 //!
 //! Weights are widened to f32 in registers, exactly: bf16 is the top half of an f32 (zero-extend each
 //! 16-bit value to 32 bits and shift left by 16), f16 goes through F16C's `vcvtph2ps`. Each weight vector
@@ -224,6 +225,8 @@ fn kc_for(cols: usize) -> usize {
 struct Panels {
     data: Vec<f32>,
     cols: usize,
+    /// Tokens per panel: [`NR`] for the AVX2 kernel, [`NR512`] for the AVX-512 one.
+    nr: usize,
     /// Each panel's first token and token count.
     spans: Vec<(usize, usize)>,
 }
@@ -233,10 +236,13 @@ struct Panels {
 /// the FMA latency, and runs at half speed (45-49 % of the FMA peak in a micro-benchmark against
 /// 76-87 % for 16 and 24 tokens); the last full panel and the remainder become 16 + 9..=16 tokens.
 /// Every token's sums run over `k` in the same order in any panel, so the cut changes no bits.
-fn panel_spans(t: usize) -> Vec<(usize, usize)> {
-    let (full, rest) = (t / NR, t % NR);
-    let mut sizes = vec![NR; full];
-    if (1..=8).contains(&rest) && full > 0 {
+///
+/// The AVX-512 kernel's panels (`nr` = [`NR512`]) are simply cut 32 at a time: a remainder of 16 or
+/// fewer tokens fills one 16-lane vector, whose eight accumulators (one per row) are enough.
+fn panel_spans(t: usize, nr: usize) -> Vec<(usize, usize)> {
+    let (full, rest) = (t / nr, t % nr);
+    let mut sizes = vec![nr; full];
+    if nr == NR && (1..=8).contains(&rest) && full > 0 {
         sizes.pop();
         sizes.extend([16, NR + rest - 16]);
     } else if rest > 0 {
@@ -261,27 +267,33 @@ thread_local! {
 }
 
 impl Panels {
-    fn pack(x: &[f32], t: usize, cols: usize) -> Panels {
-        let spans = panel_spans(t);
+    fn pack(x: &[f32], t: usize, cols: usize, nr: usize) -> Panels {
+        let spans = panel_spans(t, nr);
         // Every element is written below, so a kept buffer is not cleared first.
         let mut data = SPARE_PANELS.with(|spare| spare.take());
-        data.resize(spans.len() * cols * NR, 0.0);
-        super::pool::for_each_chunk_mut(&mut data, cols * NR, |p, panel| {
+        data.resize(spans.len() * cols * nr, 0.0);
+        super::pool::for_each_chunk_mut(&mut data, cols * nr, |p, panel| {
             let (start, nt) = spans[p];
-            // The span's tokens (rows of x) become the columns of [k][24]; the rest are padding.
-            transpose(&x[start * cols..], nt, cols, cols, panel, NR);
-            if nt < NR {
+            // The span's tokens (rows of x) become the columns of [k][nr]; the rest are padding.
+            transpose(&x[start * cols..], nt, cols, cols, panel, nr);
+            if nt < nr {
                 for k in 0..cols {
-                    panel[k * NR + nt..(k + 1) * NR].fill(0.0);
+                    panel[k * nr + nt..(k + 1) * nr].fill(0.0);
                 }
             }
         });
-        Panels { data, cols, spans }
+        Panels {
+            data,
+            cols,
+            nr,
+            spans,
+        }
     }
 
     /// Panel `p` from reduction index `k0` on.
     fn at(&self, p: usize, k0: usize) -> &[f32] {
-        &self.data[p * self.cols * NR + k0 * NR..(p + 1) * self.cols * NR]
+        let nr = self.nr;
+        &self.data[p * self.cols * nr + k0 * nr..(p + 1) * self.cols * nr]
     }
 }
 
@@ -457,6 +469,201 @@ unsafe fn micro<const R: usize, const V: usize, const IN_PLACE: bool>(
     }
 }
 
+/// The FMA peak probe's loop in 512-bit vectors: `iters` FMAs over twelve independent chains (more
+/// than latency × ports, so the ports, not the chains, bound it). Returns a checksum to keep.
+pub fn fma_chains_avx512(iters: usize, seed: f32) -> f32 {
+    assert!(is_x86_feature_detected!("avx512f"));
+    #[target_feature(enable = "avx512f")]
+    fn chains(iters: usize, seed: f32) -> f32 {
+        let (m, a) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+        let mut acc = [_mm512_set1_ps(seed); 12];
+        for _ in 0..iters / 12 {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, m, a);
+            }
+        }
+        _mm512_reduce_add_ps(
+            acc.iter()
+                .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v)),
+        )
+    }
+    // SAFETY: AVX-512 F was checked above.
+    unsafe { chains(iters, seed) }
+}
+
+/// Tokens per AVX-512 panel (two 16-lane vectors).
+const NR512: usize = 32;
+/// Weight rows per AVX-512 micro-kernel call (two packs of [`MR`]).
+const MR512: usize = 8;
+/// Weight rows per AVX-512 block.
+const MC512: usize = 64;
+
+/// [`micro`] in 512-bit vectors: 8 rows × 32 tokens, sixteen accumulators, two panel vectors and a
+/// broadcast weight of the thirty-two registers. Sixteen FMAs for two vector loads and eight
+/// broadcasts a step keep both FMA ports busy (4 × 24 in AVX2 needed twelve FMAs for three loads and
+/// four broadcasts, at half the width). `V = 1` serves a panel of 16 or fewer tokens. Packed weights
+/// are two `[k][4]` packs, one after the other (`pack4`'s layout), read as rows 0-3 and 4-7.
+///
+/// Measured on a 2-core Xeon VM (AVX-512, two FMA ports), whole F32 forward passes against the AVX2
+/// kernel, alternated: 64 and 128 tokens 1.43-1.48× as fast (three pairs of runs). Products at the
+/// model's shapes, alternated builds: 48-token panels (8 × 3 vectors) ran 0.88×, 12 rows × 2 vectors
+/// 0.95×, f32 rows packed like bf16 ones 0.96×; the k loop in whole 16-step chunks (without a bound
+/// check per step) 1.02×. A loop of only this kernel's loads, broadcasts and FMAs, its panel in L2,
+/// ran at 93-98 % of the FMA probe; the kernel runs nearer 75 % of it inside the GEMM.
+///
+/// Each token's sums run over `k` in order, as in [`micro`], so both kernels give the same bits.
+///
+/// # Safety
+/// `wp` holds `R` rows of `kc` f32 at stride `rs` (in place) or `kc · 4` f32 for each pack of four of
+/// the `R` rows (packed); `xp` holds `kc · 32` f32; `out` holds, for each token `tok < nt <= 16V`,
+/// `R` writable f32 at `out + tok · os`; `V <= 2`; the CPU has AVX-512 F, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
+    wp: *const f32,
+    rs: usize,
+    xp: *const f32,
+    kc: usize,
+    out: *mut f32,
+    os: usize,
+    nt: usize,
+    accumulate: bool,
+    pf: Prefetch,
+) {
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    // Each row's weight at k is `rows[r] + k · step`: a base register per row and one index, where
+    // `wp + r · rs + k` computed in the loop cost more integer steps than it had FMAs.
+    let (rows, step): ([*const f32; R], usize) = if IN_PLACE {
+        (std::array::from_fn(|r| wp.wrapping_add(r * rs)), 1)
+    } else {
+        (
+            std::array::from_fn(|r| wp.wrapping_add((r / MR) * MR * kc + r % MR)),
+            MR,
+        )
+    };
+    let mut fma_step = |k: usize| {
+        // SAFETY: k < kc: within the panel block and the weights (caller).
+        unsafe {
+            let mut xv = [_mm512_setzero_ps(); V];
+            for (j, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(xp.add(k * NR512 + 16 * j));
+            }
+            for (acc_r, row) in acc.iter_mut().zip(rows) {
+                let b = _mm512_set1_ps(*row.add(k * step));
+                for j in 0..V {
+                    acc_r[j] = _mm512_fmadd_ps(b, xv[j], acc_r[j]);
+                }
+            }
+        }
+    };
+    let (full, mut line) = (kc / 16 * 16, 0);
+    for k0 in (0..full).step_by(16) {
+        if line < pf.bytes {
+            for r in 0..pf.rows {
+                _mm_prefetch::<_MM_HINT_T0>(pf.p.wrapping_add(r * pf.stride + line) as *const i8);
+            }
+            line += 64;
+        }
+        for k in k0..k0 + 16 {
+            fma_step(k);
+        }
+    }
+    for k in full..kc {
+        fma_step(k);
+    }
+    let store = |row: usize, tok: usize, v: __m128| {
+        // SAFETY: tok < nt and row + 4 <= R: the token's four values are writable (caller).
+        unsafe {
+            let p = out.add(tok * os + row);
+            let v = if accumulate {
+                _mm_add_ps(_mm_loadu_ps(p), v)
+            } else {
+                v
+            };
+            _mm_storeu_ps(p, v);
+        }
+    };
+    if R == MR512 && nt == 16 * V {
+        // Four rows × eight tokens at a time, transposed as in `micro`: rows 0-3 then 4-7, each
+        // vector's low eight tokens then its high eight.
+        for (g, rows4) in acc.chunks_exact(4).enumerate() {
+            // `j` picks the same vector of each of the four rows.
+            #[allow(clippy::needless_range_loop)]
+            for j in 0..V {
+                for h in 0..2 {
+                    let half = |r: usize| {
+                        let v = rows4[r][j];
+                        if h == 0 {
+                            _mm512_castps512_ps256(v)
+                        } else {
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+                        }
+                    };
+                    let u = interleave4(half(0), half(1), half(2), half(3));
+                    let first = 16 * j + 8 * h;
+                    for (i, ui) in u.into_iter().enumerate() {
+                        store(4 * g, first + i, _mm256_castps256_ps128(ui));
+                        store(4 * g, first + i + 4, _mm256_extractf128_ps::<1>(ui));
+                    }
+                }
+            }
+        }
+        return;
+    }
+    // Fewer rows or tokens than the tile: through a buffer, one value at a time.
+    let mut vals = [[0f32; NR512]; R];
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (j, a) in acc_r.iter().enumerate() {
+            // SAFETY: 16j + 16 <= 16V <= NR512.
+            unsafe { _mm512_storeu_ps(vals[r][16 * j..].as_mut_ptr(), *a) };
+        }
+    }
+    for tok in 0..nt {
+        for (r, v) in vals.iter().enumerate() {
+            // SAFETY: tok < nt and r < R (caller).
+            unsafe {
+                let p = out.add(tok * os + r);
+                *p = if accumulate { *p + v[tok] } else { v[tok] };
+            }
+        }
+    }
+}
+
+/// [`micro512`] for `rows` weight rows (1 to 8) and a panel of `vecs` 16-lane vectors (1 or 2).
+///
+/// # Safety
+/// As [`micro512`] with `R = rows`.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_any512<const IN_PLACE: bool>(
+    rows: usize,
+    vecs: usize,
+    wp: *const f32,
+    rs: usize,
+    xp: *const f32,
+    kc: usize,
+    out: *mut f32,
+    os: usize,
+    nt: usize,
+    acc: bool,
+    pf: Prefetch,
+) {
+    macro_rules! by_rows {
+        ($($r:literal)*) => {
+            match (rows, vecs) {
+                $(
+                    ($r, 1) => micro512::<$r, 1, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
+                    ($r, _) => micro512::<$r, 2, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
+                )*
+                (_, 1) => micro512::<MR512, 1, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
+                _ => micro512::<MR512, 2, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
+            }
+        };
+    }
+    // SAFETY: forwarded from the caller, R = rows.
+    unsafe { by_rows!(1 2 3 4 5 6 7) }
+}
+
 /// Weight rows of the next block for a micro-kernel call to fetch into the cache while it works
 /// (`rows` rows of `bytes` bytes, `stride` apart, from `p`): one line of each per 16 steps of its loop.
 /// A prefetch is a hint and never faults. Asking for a whole row at the start of each call instead
@@ -532,34 +739,43 @@ fn pack4<W: super::matmul::WeightElem>(rows: [Option<&[W]>; MR], kc: usize, dst:
     }
 }
 
-/// One task's rows of the GEMM, `r0..r0 + nrows`, stored into their columns of the output.
+/// One task's rows of the GEMM, `r0..r0 + nrows`, stored into their columns of the output, by the
+/// AVX-512 micro-kernel if `wide` (the panels then hold [`NR512`] tokens each), else the AVX2 one.
+///
+/// # Safety
+/// If `wide`, the CPU has AVX-512 F (AVX2, FMA and F16C are enabled here).
 #[target_feature(enable = "avx2,fma,f16c")]
-fn gemm_rows<W: super::matmul::WeightElem>(
+unsafe fn gemm_rows<W: super::matmul::WeightElem>(
     w: &[W],
     cols: usize,
     r0: usize,
     nrows: usize,
     panels: &Panels,
     out: super::pool::SharedOut,
+    wide: bool,
 ) {
     let kc_max = kc_for(cols);
+    // Weight rows per micro-kernel call; bf16/f16 rows are packed four at a time either way, and the
+    // AVX-512 kernel reads two consecutive packs.
+    let mr = if wide { MR512 } else { MR };
     // f32 weights need no widening, so the micro-kernel broadcasts them from their rows in place:
     // copying each block into `[k][4]` order first cost a pass over it for nothing the kernel needs
     // (its four broadcasts per k are four loads either way). Whole F32 forward passes alternated in
     // one process, the order swapped every pair: 128 tokens 1.069× (29 of 30 faster), 64 tokens
     // 1.110× (29 of 30). bf16/f16 rows are still packed: widened once per block, not once per panel.
     let in_place = W::as_f32(w);
-    let mut buf = vec![0f32; if in_place.is_some() { 0 } else { MC * kc_max }];
+    let mcb = if wide { MC512 } else { MC };
+    let mut buf = vec![0f32; if in_place.is_some() { 0 } else { mcb * kc_max }];
     // Row blocks outside, reduction blocks inside: a row block's outputs (MC rows × t) stay in cache
     // while its sums build up. Reduction blocks outside read and wrote the whole output once per
     // block: 3-5 % slower at 128 tokens in two harness runs, within the host's noise in a later A/B.
     let blocks: Vec<(usize, usize)> = (0..nrows)
-        .step_by(MC)
+        .step_by(mcb)
         .flat_map(|m0| (0..cols).step_by(kc_max).map(move |k0| (k0, m0)))
         .collect();
     for (bi, &(k0, m0)) in blocks.iter().enumerate() {
         let kc = kc_max.min(cols - k0);
-        let mc = MC.min(nrows - m0);
+        let mc = mcb.min(nrows - m0);
         // A bf16/f16 weight block, widened and packed once, serves every token panel from L2.
         let row = |r: usize| (r < mc).then(|| &w[(r0 + m0 + r) * cols + k0..][..kc]);
         if in_place.is_none() {
@@ -572,18 +788,18 @@ fn gemm_rows<W: super::matmul::WeightElem>(
         // micro-kernel call (see `Prefetch`), so the loads in `pack4` (or the first panel's, in
         // place) hit the cache instead of stalling.
         let next = blocks.get(bi + 1).map(|&(k1, m1)| {
-            let (kn, mn) = (kc_max.min(cols - k1), MC.min(nrows - m1));
-            let calls = panels.spans.len() * mc.div_ceil(MR);
+            let (kn, mn) = (kc_max.min(cols - k1), mcb.min(nrows - m1));
+            let calls = panels.spans.len() * mc.div_ceil(mr);
             (k1, m1, kn, mn, mn.div_ceil(calls))
         });
         let mut call = 0;
         for (p, &(start, nt)) in panels.spans.iter().enumerate() {
             // The vectors holding this panel's tokens.
-            let vecs = nt.div_ceil(8);
+            let vecs = nt.div_ceil(if wide { 16 } else { 8 });
             let xp = panels.at(p, k0);
-            assert!(xp.len() >= kc * NR);
-            for q in 0..mc.div_ceil(MR) {
-                let r = q * MR;
+            assert!(xp.len() >= kc * panels.nr);
+            for q in 0..mc.div_ceil(mr) {
+                let r = q * mr;
                 // This call's share of the next block's rows, fetched while it multiplies.
                 let mut pf = Prefetch::NONE;
                 if let Some((k1, m1, kn, mn, per_call)) = next {
@@ -599,22 +815,30 @@ fn gemm_rows<W: super::matmul::WeightElem>(
                     call += 1;
                 }
                 let xp = xp.as_ptr();
-                let (acc, os, left) = (k0 > 0, out.stride, (mc - r).min(MR));
+                let (acc, os, left) = (k0 > 0, out.stride, (mc - r).min(mr));
                 // SAFETY: the weights hold `left` rows of kc values from wp at stride `cols` (in
-                // place), or kc · 4 packed values; xp holds kc · 24 values (asserted). The output
-                // holds tokens start + nt <= t at stride `os`, and its columns r0 + m0 + r +
-                // (0..left), below r0 + nrows <= os, are this task's alone. The features are
-                // enabled here.
+                // place), or kc · mr packed values (`buf` holds MC · kc_max, and r + mr <= MC);
+                // xp holds kc · nr values (asserted). The output holds tokens start + nt <= t at
+                // stride `os`, and its columns r0 + m0 + r + (0..left), below r0 + nrows <= os, are
+                // this task's alone. AVX2 is enabled here, AVX-512 F present if `wide` (caller).
                 unsafe {
                     let op = out.at(start, r0 + m0 + r);
-                    match in_place {
-                        Some(w) => {
-                            let wp = w[(r0 + m0 + r) * cols + k0..].as_ptr();
-                            micro_any::<true>(left, vecs, wp, cols, xp, kc, op, os, nt, acc, pf)
+                    let (wp, rs) = match in_place {
+                        Some(w) => (w[(r0 + m0 + r) * cols + k0..].as_ptr(), cols),
+                        None => (buf[r * kc..(r + mr) * kc].as_ptr(), 0),
+                    };
+                    match (wide, in_place.is_some()) {
+                        (true, true) => {
+                            micro_any512::<true>(left, vecs, wp, rs, xp, kc, op, os, nt, acc, pf)
                         }
-                        None => {
-                            let wp = buf[r * kc..(r + MR) * kc].as_ptr();
-                            micro_any::<false>(left, vecs, wp, 0, xp, kc, op, os, nt, acc, pf)
+                        (true, false) => {
+                            micro_any512::<false>(left, vecs, wp, rs, xp, kc, op, os, nt, acc, pf)
+                        }
+                        (false, true) => {
+                            micro_any::<true>(left, vecs, wp, rs, xp, kc, op, os, nt, acc, pf)
+                        }
+                        (false, false) => {
+                            micro_any::<false>(left, vecs, wp, rs, xp, kc, op, os, nt, acc, pf)
                         }
                     }
                 }
@@ -675,14 +899,38 @@ pub fn gemm_many<W: super::matmul::WeightElem>(
     assert!(products
         .iter()
         .all(|(w, rows, out)| w.len() >= rows * cols && out.len() == t * rows));
-    assert!(has_avx2());
-    let panels = Panels::pack(x, t, cols);
+    gemm_many_with(products, cols, x, t, use_avx512())
+}
+
+/// Whether the float GEMM (and the FMA probe of `duet bench`) use 512-bit vectors: where the CPU has
+/// AVX-512 F and the quantized kernels chosen ([`Backend::best`], which `DUET_BACKEND` can set) are
+/// AVX-512 ones too, so that `DUET_BACKEND=avx2` steps around every 512-bit kernel.
+///
+/// [`Backend::best`]: super::quantized::Backend::best
+pub fn use_avx512() -> bool {
+    use super::quantized::Backend;
+    is_x86_feature_detected!("avx512f")
+        && matches!(Backend::best(), Backend::Avx512Vnni | Backend::Amx)
+}
+
+/// [`gemm_many`] by the AVX-512 micro-kernel if `wide`, else the AVX2 one: the same bits either way
+/// (each token's sums run over `k` in the same order).
+fn gemm_many_with<W: super::matmul::WeightElem>(
+    products: &mut [(&[W], usize, &mut [f32])],
+    cols: usize,
+    x: &[f32],
+    t: usize,
+    wide: bool,
+) {
+    assert!(has_avx2() && (!wide || is_x86_feature_detected!("avx512f")));
+    let (nr, mr) = if wide { (NR512, MR512) } else { (NR, MR) };
+    let panels = Panels::pack(x, t, cols, nr);
     let threads = rayon::current_num_threads().max(1);
     // (matrix, its output, first row, rows) per task: four tasks per thread and matrix.
     let mut tasks = Vec::new();
     for (w, rows, out) in products.iter_mut() {
         let (w, rows) = (*w, *rows);
-        let per = rows.div_ceil(threads * 4).next_multiple_of(MR).max(MR);
+        let per = rows.div_ceil(threads * 4).next_multiple_of(mr).max(mr);
         let shared = super::pool::SharedOut::new(out, t);
         tasks.extend(
             (0..rows)
@@ -694,7 +942,7 @@ pub fn gemm_many<W: super::matmul::WeightElem>(
         let (w, out, r0, nrows) = tasks[i];
         // SAFETY: the CPU features were checked above; the task writes only columns r0..r0 + nrows
         // of its matrix's output, which `out` points into for the whole call.
-        unsafe { gemm_rows(w, cols, r0, nrows, &panels, out) }
+        unsafe { gemm_rows(w, cols, r0, nrows, &panels, out, wide) }
     });
 }
 
@@ -757,6 +1005,55 @@ mod tests {
         }
     }
 
+    /// The AVX-512 micro-kernel gives the AVX2 kernel's bits (each token summed over `k` in the same
+    /// order), for every weight type, edge rows, narrow panels and rows of two reduction blocks; and
+    /// both stay near the f64 product.
+    #[test]
+    fn avx512_gives_the_avx2_bits() {
+        if !has_avx2() || !is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 F here: the 512-bit GEMM was not exercised");
+            return;
+        }
+        fn check<W: crate::kernels::matmul::WeightElem>(from: fn(f32) -> W) {
+            let val = |i: usize| ((i * 7919 % 1000) as f32 - 500.0) / 700.0;
+            for (rows, cols, t) in [
+                (8, 16, 32),
+                (13, 40, 12),
+                (70, 1000, 53),
+                (5, 23, 17),
+                (64, 896, 128),
+                (9, 8, 48),
+            ] {
+                let w: Vec<W> = (0..rows * cols).map(|i| from(val(i))).collect();
+                let x: Vec<f32> = (0..t * cols).map(|i| val(i + 13)).collect();
+                let mut wide = vec![f32::NAN; t * rows];
+                let mut narrow = vec![f32::NAN; t * rows];
+                gemm_many_with(&mut [(&w[..], rows, &mut wide[..])], cols, &x, t, true);
+                gemm_many_with(&mut [(&w[..], rows, &mut narrow[..])], cols, &x, t, false);
+                for tok in 0..t {
+                    for r in 0..rows {
+                        let exact: f64 = (0..cols)
+                            .map(|k| w[r * cols + k].to_f32() as f64 * x[tok * cols + k] as f64)
+                            .sum();
+                        let (a, b) = (wide[tok * rows + r], narrow[tok * rows + r]);
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{rows}x{cols}, t {t}: token {tok} row {r}"
+                        );
+                        assert!(
+                            (a as f64 - exact).abs() < 1e-4 * cols as f64,
+                            "{a} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+        check::<f32>(|v| v);
+        check::<bf16>(bf16::from_f32);
+        check::<f16>(f16::from_f32);
+    }
+
     #[test]
     fn reduction_blocks_are_few_and_even() {
         assert_eq!(kc_for(896), 896);
@@ -774,7 +1071,7 @@ mod tests {
 
     #[test]
     fn panels_cover_the_tokens_without_a_lone_eight() {
-        let sizes = |t: usize| panel_spans(t).iter().map(|s| s.1).collect::<Vec<_>>();
+        let sizes = |t: usize| panel_spans(t, NR).iter().map(|s| s.1).collect::<Vec<_>>();
         assert_eq!(sizes(12), [12]);
         assert_eq!(sizes(24), [24]);
         assert_eq!(sizes(25), [16, 9]);
@@ -784,7 +1081,7 @@ mod tests {
         assert_eq!(sizes(128), [24, 24, 24, 24, 16, 16]);
         assert_eq!(sizes(130), [24, 24, 24, 24, 24, 10]);
         for t in 1..200 {
-            let spans = panel_spans(t);
+            let spans = panel_spans(t, NR);
             let mut next = 0;
             for &(start, n) in &spans {
                 assert!(start == next && (1..=NR).contains(&n), "{t}: {spans:?}");

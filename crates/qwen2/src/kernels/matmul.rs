@@ -385,6 +385,33 @@ fn matmul_float_many<W: WeightElem>(
     }
 }
 
+/// Lanes of the float GEMM's vectors: 16 where it runs in 512 bits (AVX-512), else 8.
+pub fn float_gemm_lanes() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if super::float_x86::use_avx512() {
+        return 16;
+    }
+    8
+}
+
+/// The FMA peak probe's loop (`bench::fma_peak_gflops`) in the float GEMM's vectors
+/// ([`float_gemm_lanes`]), so its prefill is measured against the peak of its own instructions:
+/// `iters` FMAs over twelve independent chains. Returns a checksum to keep.
+pub fn fma_probe_chains(iters: usize, seed: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if float_gemm_lanes() == 16 {
+        return super::float_x86::fma_chains_avx512(iters, seed);
+    }
+    let (m, a) = (f32x8::splat(0.999_999), f32x8::splat(1e-7));
+    let mut acc = [f32x8::splat(seed); 12];
+    for _ in 0..iters / 12 {
+        for v in acc.iter_mut() {
+            *v = v.mul_add(m, a);
+        }
+    }
+    acc.iter().fold(f32x8::ZERO, |s, v| s + *v).reduce_add()
+}
+
 /// Dispatches on the weight form.
 pub fn matmul(w: WeightSlice, rows: usize, cols: usize, x: &[f32], t: usize, out: &mut [f32]) {
     match w {

@@ -317,7 +317,8 @@ impl Backend {
     }
 
     /// The fastest available backend (detected once), or the one `DUET_BACKEND` names (`portable`,
-    /// `avx2`, `avx512-vnni`, `amx`) if this CPU has it: to compare them, or to step around one.
+    /// `avx2`, `avx512-vnni`, `amx`) if this CPU has it: to compare them, or to step around one. The
+    /// float GEMM follows it: 512-bit only with an AVX-512 backend (`float_x86::use_avx512`).
     pub fn best() -> Backend {
         static BEST: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
