@@ -397,12 +397,7 @@ unsafe fn micro<const R: usize, const V: usize, const IN_PLACE: bool>(
     // a tolerance, not bit for bit.
     let mut line = 0;
     for k0 in (0..kc).step_by(16) {
-        if line < pf.bytes {
-            for r in 0..pf.rows {
-                _mm_prefetch::<_MM_HINT_T0>(pf.p.wrapping_add(r * pf.stride + line) as *const i8);
-            }
-            line += 64;
-        }
+        pf.fetch_line(&mut line);
         for k in k0..(k0 + 16).min(kc) {
             // SAFETY: k < kc: within the panel block and the packed weights.
             unsafe {
@@ -426,18 +421,8 @@ unsafe fn micro<const R: usize, const V: usize, const IN_PLACE: bool>(
             }
         }
     }
-    let store = |tok: usize, v: __m128| {
-        // SAFETY: tok < nt, and the token's R = 4 values are writable (caller).
-        unsafe {
-            let p = out.add(tok * os);
-            let v = if accumulate {
-                _mm_add_ps(_mm_loadu_ps(p), v)
-            } else {
-                v
-            };
-            _mm_storeu_ps(p, v);
-        }
-    };
+    // SAFETY: tok < nt, and the token's R = 4 values are writable (caller).
+    let store = |tok: usize, v: __m128| unsafe { store4(out.add(tok * os), v, accumulate) };
     if R == MR && nt == 8 * V {
         let [a0, a1, a2, a3] = acc;
         for (j, (((a, b), c), d)) in a0.into_iter().zip(a1).zip(a2).zip(a3).enumerate() {
@@ -458,15 +443,8 @@ unsafe fn micro<const R: usize, const V: usize, const IN_PLACE: bool>(
             unsafe { _mm256_storeu_ps(vals[r][8 * j..].as_mut_ptr(), *a) };
         }
     }
-    for tok in 0..nt {
-        for (r, v) in vals.iter().enumerate().take(R) {
-            // SAFETY: tok < nt and r < R (caller).
-            unsafe {
-                let p = out.add(tok * os + r);
-                *p = if accumulate { *p + v[tok] } else { v[tok] };
-            }
-        }
-    }
+    // SAFETY: R rows of nt <= NR tokens are writable at out (caller).
+    unsafe { store_each(&vals[..R], nt, out, os, accumulate) }
 }
 
 /// The FMA peak probe's loop in 512-bit vectors: `iters` FMAs over twelve independent chains (more
@@ -558,12 +536,7 @@ unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
     };
     let (full, mut line) = (kc / 16 * 16, 0);
     for k0 in (0..full).step_by(16) {
-        if line < pf.bytes {
-            for r in 0..pf.rows {
-                _mm_prefetch::<_MM_HINT_T0>(pf.p.wrapping_add(r * pf.stride + line) as *const i8);
-            }
-            line += 64;
-        }
+        pf.fetch_line(&mut line);
         for k in k0..k0 + 16 {
             fma_step(k);
         }
@@ -571,17 +544,9 @@ unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
     for k in full..kc {
         fma_step(k);
     }
-    let store = |row: usize, tok: usize, v: __m128| {
-        // SAFETY: tok < nt and row + 4 <= R: the token's four values are writable (caller).
-        unsafe {
-            let p = out.add(tok * os + row);
-            let v = if accumulate {
-                _mm_add_ps(_mm_loadu_ps(p), v)
-            } else {
-                v
-            };
-            _mm_storeu_ps(p, v);
-        }
+    // SAFETY: tok < nt and row + 4 <= R: the token's four values are writable (caller).
+    let store = |row: usize, tok: usize, v: __m128| unsafe {
+        store4(out.add(tok * os + row), v, accumulate)
     };
     if R == MR512 && nt == 16 * V {
         // Four rows × eight tokens at a time, transposed as in `micro`: rows 0-3 then 4-7, each
@@ -618,15 +583,8 @@ unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
             unsafe { _mm512_storeu_ps(vals[r][16 * j..].as_mut_ptr(), *a) };
         }
     }
-    for tok in 0..nt {
-        for (r, v) in vals.iter().enumerate() {
-            // SAFETY: tok < nt and r < R (caller).
-            unsafe {
-                let p = out.add(tok * os + r);
-                *p = if accumulate { *p + v[tok] } else { v[tok] };
-            }
-        }
-    }
+    // SAFETY: R rows of nt <= NR512 tokens are writable at out (caller).
+    unsafe { store_each(&vals, nt, out, os, accumulate) }
 }
 
 /// [`micro512`] for `rows` weight rows (1 to 8) and a panel of `vecs` 16-lane vectors (1 or 2).
@@ -686,6 +644,59 @@ impl Prefetch {
         rows: 0,
         bytes: 0,
     };
+
+    /// Asks for line `line` (a byte offset) of each row, if the rows have one, and moves on to the next.
+    #[inline]
+    fn fetch_line(&self, line: &mut usize) {
+        if *line < self.bytes {
+            for r in 0..self.rows {
+                let at = self.p.wrapping_add(r * self.stride + *line) as *const i8;
+                // SAFETY: SSE is part of every x86-64 CPU; a prefetch never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(at) };
+            }
+            *line += 64;
+        }
+    }
+}
+
+/// Adds (or, unless `accumulate`, writes) four values at `p`: one token's run of four rows.
+///
+/// # Safety
+/// Four f32 are readable and writable at `p`.
+#[inline]
+unsafe fn store4(p: *mut f32, v: __m128, accumulate: bool) {
+    // SAFETY: four f32 at p (caller); loadu/storeu need no alignment.
+    unsafe {
+        let v = if accumulate {
+            _mm_add_ps(_mm_loadu_ps(p), v)
+        } else {
+            v
+        };
+        _mm_storeu_ps(p, v);
+    }
+}
+
+/// The micro-kernels' path for fewer rows or tokens than their tile: `vals[r][tok]` (a copy of the
+/// accumulators) added to, or written into, `out[tok · os + r]` one value at a time.
+///
+/// # Safety
+/// For each `tok < nt` and `r < vals.len()`, `out + tok · os + r` is writable; `nt <= N`.
+unsafe fn store_each<const N: usize>(
+    vals: &[[f32; N]],
+    nt: usize,
+    out: *mut f32,
+    os: usize,
+    accumulate: bool,
+) {
+    for tok in 0..nt {
+        for (r, v) in vals.iter().enumerate() {
+            // SAFETY: tok < nt and r < vals.len() (caller).
+            unsafe {
+                let p = out.add(tok * os + r);
+                *p = if accumulate { *p + v[tok] } else { v[tok] };
+            }
+        }
+    }
 }
 
 /// Four 8-lane vectors `a b c d` regrouped by lane: `u[i]` holds lane `i` of each (low half) and lane
