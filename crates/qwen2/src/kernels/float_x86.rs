@@ -59,6 +59,23 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
+/// Whether decode's prefetch of the next row is non-temporal (`NTA`) rather than into every cache
+/// level (`T0`): on AMD CPUs only. The hint keeps weights, read once per token, from displacing what
+/// is reused (the activations, the KV cache): on a 2-core Zen 3 VM the F32 directory decoded 1.062× and
+/// 1.054× as fast with it (11 of 16 and 16 of 24 pairs faster, alternated in one process). On a 2-core
+/// Xeon VM (AVX-512, AMX) it did the opposite: the dequantized default model's F32 decode ran 1.51× and
+/// 1.40× as fast with `T0` (medians of 12 rounds of 4 tokens, alternated in one process, host busy);
+/// `NTA` was the fastest of three variants (it, `T0`, `T0` with a second FMA chain) in 1 and 2 of the
+/// 12 rounds.
+fn decode_prefetch_nta() -> bool {
+    static NTA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NTA.get_or_init(|| {
+        // Leaf 0 names the vendor in ebx, edx, ecx: "AuthenticAMD" (ebx = "Auth").
+        let leaf0 = __cpuid(0);
+        leaf0.ebx.to_le_bytes() == *b"Auth" && leaf0.ecx.to_le_bytes() == *b"cAMD"
+    })
+}
+
 /// `out[r][t] = Σ_k w[r][k] · x[t][k]` over `n` values.
 ///
 /// # Safety
@@ -72,18 +89,21 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut i = 0;
     let line = 64 / std::mem::size_of::<W>();
+    let nta = T == 1 && decode_prefetch_nta();
     while i + 8 <= n {
         // Decode streams the weights from DRAM once, `R` consecutive rows per tile (one, in `matmul`):
         // ask for the same place in the next tile's rows. On a 2-core Zen 3 VM, with one row per tile,
         // a 151936-row bf16 product went from 8 to ~15 GB/s (f32 from 12 to ~14); fixed 1-4 KiB
-        // distances did worse. Non-temporal: the weights are read once per token, and the hint keeps
-        // them from displacing what is reused (the activations, the KV cache) in the outer caches.
-        // The F32 directory's decode ran 1.062× and 1.054× as fast with it as with `T0` (11 of 16 and
-        // 16 of 24 pairs faster, alternated in one process); one more row ahead ran 0.965×. A
-        // prefetch is a hint and never faults, so it may point past the matrix (`wrapping_add`).
+        // distances did worse; one more row ahead ran 0.965×. A prefetch is a hint and never faults,
+        // so it may point past the matrix (`wrapping_add`). Which hint: see [`decode_prefetch_nta`].
         if T == 1 && i % line == 0 {
             for row in w {
-                _mm_prefetch::<_MM_HINT_NTA>(row.wrapping_add(i + R * n) as *const i8);
+                let at = row.wrapping_add(i + R * n) as *const i8;
+                if nta {
+                    _mm_prefetch::<_MM_HINT_NTA>(at);
+                } else {
+                    _mm_prefetch::<_MM_HINT_T0>(at);
+                }
             }
         }
         let mut wv = [_mm256_setzero_ps(); R];
