@@ -66,8 +66,8 @@ fn hsum(v: __m256) -> f32 {
 /// Xeon VM (AVX-512, AMX) it did the opposite: the dequantized default model's F32 decode ran 1.51× and
 /// 1.40× as fast with `T0` (medians of 12 rounds of 4 tokens, alternated in one process, host busy);
 /// `NTA` was the fastest of three variants (it, `T0`, `T0` with a second FMA chain) in 1 and 2 of the
-/// 12 rounds.
-fn decode_prefetch_nta() -> bool {
+/// 12 rounds. The quantized eight-row decode kernel (`rows8`) follows the same rule, measured there too.
+pub(crate) fn decode_prefetch_nta() -> bool {
     static NTA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *NTA.get_or_init(|| {
         // Leaf 0 names the vendor in ebx, edx, ecx: "AuthenticAMD" (ebx = "Auth").

@@ -568,6 +568,7 @@ macro_rules! instruction_set {
                 const { assert!(F::SUBS == 1 && F::PANEL_G > 0 && !F::MINS && !F::HALVES) };
                 let g16 = F::PANEL_G;
                 let zero = _mm256_set1_ps(F::ZERO as f32);
+                let nta = crate::kernels::float_x86::decode_prefetch_nta();
                 for r0 in (0..nrows).step_by(8) {
                     let n = (nrows - r0).min(8);
                     // Lanes past the last row repeat it; only n are stored.
@@ -582,13 +583,21 @@ macro_rules! instruction_set {
                         // The next eight rows (contiguous), at the pace these are read: one
                         // sequential stream ahead of the kernel's eight. Without it, this read
                         // 4.4 GB/s from DRAM where one row at a time reads 11 (a hint; never faults).
-                        // Non-temporal, as the float decode's (`float_x86::tile_raw`): `native`
-                        // decoded 1.041× and 1.044× as fast as with `T0` (16 of 24, 9 of 16 pairs
-                        // faster); the same hint in the row-at-a-time kernel changed nothing
-                        // measurable for `--dtype q8_0` (0.997×, 1.029×), so that one keeps `T0`.
+                        // Non-temporal on AMD only, as the float decode's (`decode_prefetch_nta`):
+                        // on the Zen 3 host `native` decoded 1.041× and 1.044× as fast as with `T0`
+                        // (16 of 24, 9 of 16 pairs faster); on the Xeon host `T0` ran 1.087× and
+                        // 1.029× as fast (medians of 12 rounds of 8 tokens alternated in one
+                        // process, faster in 12 and 10). The same hint in the row-at-a-time kernel
+                        // changed nothing measurable for `--dtype q8_0` on Zen 3 (0.997×, 1.029×),
+                        // so that one keeps `T0`.
                         let next = base[0].wrapping_add(8 * row_bytes + 8 * b * F::SB_BYTES);
                         for off in (0..8 * F::SB_BYTES).step_by(64) {
-                            _mm_prefetch::<_MM_HINT_NTA>(next.wrapping_add(off) as *const i8);
+                            let at = next.wrapping_add(off) as *const i8;
+                            if nta {
+                                _mm_prefetch::<_MM_HINT_NTA>(at);
+                            } else {
+                                _mm_prefetch::<_MM_HINT_T0>(at);
+                            }
                         }
                         // SAFETY: as above.
                         let (g, s) = unsafe {
