@@ -76,6 +76,20 @@ pub(crate) fn decode_prefetch_nta() -> bool {
     })
 }
 
+/// Asks for the cache line at `at` ahead of decode's read of it, with the hint [`decode_prefetch_nta`]
+/// chose (passed in, so that it is looked up once per kernel call, not once per line).
+#[inline]
+pub(crate) fn decode_prefetch(at: *const i8, nta: bool) {
+    // SAFETY: SSE is part of every x86-64 CPU; a prefetch is a hint and never faults.
+    unsafe {
+        if nta {
+            _mm_prefetch::<_MM_HINT_NTA>(at);
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(at);
+        }
+    }
+}
+
 /// `out[r][t] = Σ_k w[r][k] · x[t][k]` over `n` values.
 ///
 /// # Safety
@@ -98,12 +112,7 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
         // so it may point past the matrix (`wrapping_add`). Which hint: see [`decode_prefetch_nta`].
         if T == 1 && i % line == 0 {
             for row in w {
-                let at = row.wrapping_add(i + R * n) as *const i8;
-                if nta {
-                    _mm_prefetch::<_MM_HINT_NTA>(at);
-                } else {
-                    _mm_prefetch::<_MM_HINT_T0>(at);
-                }
+                decode_prefetch(row.wrapping_add(i + R * n) as *const i8, nta);
             }
         }
         let mut wv = [_mm256_setzero_ps(); R];

@@ -593,11 +593,7 @@ macro_rules! instruction_set {
                         let next = base[0].wrapping_add(8 * row_bytes + 8 * b * F::SB_BYTES);
                         for off in (0..8 * F::SB_BYTES).step_by(64) {
                             let at = next.wrapping_add(off) as *const i8;
-                            if nta {
-                                _mm_prefetch::<_MM_HINT_NTA>(at);
-                            } else {
-                                _mm_prefetch::<_MM_HINT_T0>(at);
-                            }
+                            crate::kernels::float_x86::decode_prefetch(at, nta);
                         }
                         // SAFETY: as above.
                         let (g, s) = unsafe {
