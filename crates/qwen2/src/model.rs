@@ -5,7 +5,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::matmul::matmul_many;
-use crate::kernels::{attention, pool, rmsnorm_rows, rope, silu_mul, RopeTable};
+use crate::kernels::{attention, pool, rmsnorm_rows, rope, silu_mul_rows, RopeTable};
 use crate::kv_cache::KvCache;
 use crate::matrix::{LookupTable, Matrix, WeightForm};
 use crate::weights::arena::Arena;
@@ -426,7 +426,7 @@ impl Model {
                 xb,
                 n,
             );
-            silu_mul(gate, up);
+            silu_mul_rows(gate, up, inter);
             layer.mlp.down_proj.forward(gate, n, proj);
             x.iter_mut().zip(&*proj).for_each(|(xi, p)| *xi += p);
         }

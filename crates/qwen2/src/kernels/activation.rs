@@ -48,6 +48,21 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// [`silu_mul`] over a forward pass's `gate.len() / row` rows (tokens) at once, split across the compute
+/// threads. On one thread, 128 rows of 4864 values took 767 µs on a 2-core Xeon VM, with the other core
+/// spinning through it; split, 378 µs (medians of 400, alternated in one process): ~9 ms of a 128-token
+/// prefill of the 0.5B models. One row (a decode step) stays on the caller. Every piece is whole
+/// eight-value vectors, so each value takes the same path (vector or scalar tail) as in one pass.
+pub fn silu_mul_rows(gate: &mut [f32], up: &[f32], row: usize) {
+    assert!(gate.len() == up.len() && row > 0);
+    let rows = gate.len() / row;
+    if rows <= 1 {
+        return silu_mul(gate, up);
+    }
+    let per = (rows.div_ceil(super::pool::threads() * 4) * row).next_multiple_of(8);
+    super::pool::for_each_chunk_mut(gate, per, |i, g| silu_mul(g, &up[i * per..][..g.len()]));
+}
+
 fn silu_scalar(g: f32) -> f32 {
     g / (1.0 + (-g).exp())
 }
@@ -84,6 +99,22 @@ mod tests {
                 y.is_finite() && err <= 4e-7 * want.abs() + 1e-35,
                 "silu({x}) · {u} = {y}, want {want}"
             );
+        }
+    }
+
+    /// Split over the threads, every value is the one [`silu_mul`] gives, rows of any length (its vector
+    /// `exp` and libm's in the tail differ in the last bits).
+    #[test]
+    fn silu_rows_match_one_pass() {
+        for (rows, row) in [(1, 13), (2, 8), (7, 37), (33, 64)] {
+            let g: Vec<f32> = (0..rows * row)
+                .map(|i| (i % 29) as f32 * 0.3 - 4.0)
+                .collect();
+            let up: Vec<f32> = (0..rows * row).map(|i| 0.5 + (i % 5) as f32).collect();
+            let (mut a, mut b) = (g.clone(), g);
+            silu_mul(&mut a, &up);
+            silu_mul_rows(&mut b, &up, row);
+            assert_eq!(a, b, "{rows} rows of {row}");
         }
     }
 

@@ -26,7 +26,7 @@ pub mod quantized;
 mod quantized_x86;
 pub mod rope;
 
-pub use activation::{silu_mul, softmax};
+pub use activation::{silu_mul, silu_mul_rows, softmax};
 pub use attention::attention;
 pub use matmul::{matmul, WeightElem, WeightSlice};
 pub use norm::{rmsnorm, rmsnorm_rows};
