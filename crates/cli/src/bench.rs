@@ -171,11 +171,29 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     let eff_bw = bytes_per_token * decode_tok_s / 1e9;
     // The probe's FMAs are as wide as the float GEMM's (512 bits where it uses AVX-512).
     let fma_bits = qwen2::kernels::matmul::float_gemm_lanes() * 32;
+    // Whether the host held still enough for the fractions to mean anything (said, not hidden). Only
+    // shares of the FMA peak are impossible above 1: weights that fit the caches (a small model) can be
+    // read faster than the memory's bandwidth.
+    let unsteady = {
+        let fractions: Vec<(String, f64)> = prefill
+            .iter()
+            .map(|(n, (_, gf))| (format!("the {n}-token prefill's share of peak"), gf / peak))
+            .collect();
+        let fractions: Vec<(&str, f64)> = fractions.iter().map(|(w, f)| (w.as_str(), *f)).collect();
+        qb::unsteady(
+            &[
+                ("read bandwidth", "GB/s", bw_probes),
+                ("FMA peak", "GFLOP/s", peak_probes),
+            ],
+            &fractions,
+        )
+    };
     let report = serde_json::json!({
         "machine": {"threads": qwen2::kernels::pool::threads(), "simd": qwen2::cpu::compiled_features(),
                      "quantized_kernels": qwen2::kernels::quantized::Backend::best().name(),
                      "read_bandwidth_gbs": bw, "fma_peak_gflops": peak, "fma_probe_bits": fma_bits,
-                     "probes_before_and_after": {"read_bandwidth_gbs": bw_probes, "fma_peak_gflops": peak_probes}},
+                     "probes_before_and_after": {"read_bandwidth_gbs": bw_probes, "fma_peak_gflops": peak_probes},
+                     "steady": unsteady.is_none(), "unsteady_because": unsteady},
         "model": {"path": g.model.as_ref().map(|p| p.display().to_string()), "weight_bytes_per_token": bytes_per_token,
                   "form": g.form().name(),
                   "output_matrix": model.output_matrix().form()},
@@ -250,5 +268,11 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         "  peak RSS            {:>8.0} MiB",
         rss as f64 / (1 << 20) as f64
     );
+    if let Some(why) = unsteady {
+        println!(
+            "note: the machine did not hold still during this run ({why}): the shares of bandwidth and \
+             peak above are not the engine's; run again when the host is quieter"
+        );
+    }
     Ok(())
 }

@@ -818,6 +818,10 @@ fn bench_json_has_every_figure() {
         assert!(probes.iter().all(|&p| p > 0.0 && p <= best), "{key}");
         assert!(probes.contains(&best), "{key}");
     }
+    // Whether the run held still is said, with the reason when it did not (the shares depend on it).
+    let steady = v["machine"]["steady"].as_bool().unwrap();
+    let because = &v["machine"]["unsteady_because"];
+    assert_eq!(steady, because.is_null(), "{because}");
     let kernels = v["machine"]["quantized_kernels"].as_str().unwrap();
     assert!(["portable", "avx2", "avx512-vnni", "amx"].contains(&kernels));
     // The FMA probe is as wide as the float GEMM, which is 512-bit with the AVX-512 kernels.

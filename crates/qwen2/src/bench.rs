@@ -202,9 +202,56 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The lowest ratio (lower over higher) of a probe's two readings, before and after the engine's
+/// measurements, at which a run's fractions of that probe are still read as the engine's own. On a
+/// quiet host the two agree within a few per cent; on a shared 2-core Xeon VM whose neighbours were
+/// busy they read 5.8 and 7.7 GB/s, 9.6 and 6.4, 136 and 90 GFLOP/s within single runs, which put the
+/// decode at "116 % of bandwidth" and a prefill at "113 % of peak".
+pub const PROBE_AGREEMENT: f64 = 0.85;
+
+/// Why a run's fractions of the machine's limits cannot be read as the engine's, or `None` if they
+/// can: a probe whose two readings (`name`, unit, readings) disagree beyond [`PROBE_AGREEMENT`], or
+/// a fraction over 1 (`what`, fraction) of a limit nothing can pass (the FMA peak), which only a probe
+/// that caught the host busy can give.
+pub fn unsteady(probes: &[(&str, &str, [f64; 2])], fractions: &[(&str, f64)]) -> Option<String> {
+    let mut why = Vec::new();
+    for (name, unit, [a, b]) in probes {
+        let (lo, hi) = (a.min(*b), a.max(*b));
+        let agree = a.is_finite() && b.is_finite() && lo > 0.0 && lo >= PROBE_AGREEMENT * hi;
+        if !agree {
+            why.push(format!("the {name} probe read {a:.1} and {b:.1} {unit}"));
+        }
+    }
+    for (what, f) in fractions {
+        if *f > 1.0 {
+            why.push(format!("{what} came to {:.0} %", f * 100.0));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hand cases: readings within 15 % of each other and fractions up to 1 pass; each failure is named.
+    #[test]
+    fn unsteady_names_what_moved() {
+        let bw = ("read bandwidth", "GB/s", [20.0, 18.0]);
+        let fma = ("FMA peak", "GFLOP/s", [250.0, 240.0]);
+        assert_eq!(
+            unsteady(&[bw, fma], &[("prefill", 0.93), ("prefill", 1.0)]),
+            None
+        );
+        let moved = ("read bandwidth", "GB/s", [5.8, 7.7]);
+        assert_eq!(
+            unsteady(&[moved, fma], &[("prefill", 1.13)]).as_deref(),
+            Some("the read bandwidth probe read 5.8 and 7.7 GB/s; prefill came to 113 %")
+        );
+        // A probe that failed outright (0, or not a number) is unsteady too.
+        assert!(unsteady(&[("FMA peak", "GFLOP/s", [f64::NAN, 200.0])], &[]).is_some());
+        assert!(unsteady(&[("FMA peak", "GFLOP/s", [0.0, 0.0])], &[]).is_some());
+    }
 
     /// The weight stream reads every byte once: its sum is that of the words counted one by one, for
     /// matrices whose rows split unevenly into tasks and whose length is not a multiple of 8 or 128.
