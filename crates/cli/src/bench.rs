@@ -179,7 +179,6 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
             .iter()
             .map(|(n, (_, gf))| (format!("the {n}-token prefill's share of peak"), gf / peak))
             .collect();
-        let fractions: Vec<(&str, f64)> = fractions.iter().map(|(w, f)| (w.as_str(), *f)).collect();
         qb::unsteady(
             &[
                 ("read bandwidth", "GB/s", bw_probes),

@@ -213,7 +213,7 @@ pub const PROBE_AGREEMENT: f64 = 0.85;
 /// can: a probe whose two readings (`name`, unit, readings) disagree beyond [`PROBE_AGREEMENT`], or
 /// a fraction over 1 (`what`, fraction) of a limit nothing can pass (the FMA peak), which only a probe
 /// that caught the host busy can give.
-pub fn unsteady(probes: &[(&str, &str, [f64; 2])], fractions: &[(&str, f64)]) -> Option<String> {
+pub fn unsteady(probes: &[(&str, &str, [f64; 2])], fractions: &[(String, f64)]) -> Option<String> {
     let mut why = Vec::new();
     for (name, unit, [a, b]) in probes {
         let (lo, hi) = (a.min(*b), a.max(*b));
@@ -240,12 +240,15 @@ mod tests {
         let bw = ("read bandwidth", "GB/s", [20.0, 18.0]);
         let fma = ("FMA peak", "GFLOP/s", [250.0, 240.0]);
         assert_eq!(
-            unsteady(&[bw, fma], &[("prefill", 0.93), ("prefill", 1.0)]),
+            unsteady(
+                &[bw, fma],
+                &[("prefill".into(), 0.93), ("prefill".into(), 1.0)]
+            ),
             None
         );
         let moved = ("read bandwidth", "GB/s", [5.8, 7.7]);
         assert_eq!(
-            unsteady(&[moved, fma], &[("prefill", 1.13)]).as_deref(),
+            unsteady(&[moved, fma], &[("prefill".into(), 1.13)]).as_deref(),
             Some("the read bandwidth probe read 5.8 and 7.7 GB/s; prefill came to 113 %")
         );
         // A probe that failed outright (0, or not a number) is unsteady too.
