@@ -11,7 +11,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use qwen2::kernels::matmul::{bf16, f16, matmul, WeightSlice};
-use qwen2::kernels::quantized::{self, reference_quantizer, Backend, QuantSlice};
+use qwen2::kernels::quantized::{self, reference_quantizer, Backend, Layout, QuantSlice};
 use qwen2::weights::DType;
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ enum Weights {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
-    Quant(DType, Vec<u8>),
+    Quant(DType, Layout, Vec<u8>),
 }
 
 impl Weights {
@@ -52,6 +52,7 @@ impl Weights {
             cols.is_multiple_of(vals).then(|| {
                 Weights::Quant(
                     dtype,
+                    Layout::Rows,
                     reference_quantizer::random_blocks(dtype, n / vals, n as u64),
                 )
             })
@@ -65,6 +66,14 @@ impl Weights {
                 data(n, 3).into_iter().map(f16::from_f32).collect(),
             )),
             "q8_0" => q(DType::Q8_0),
+            // Q8_0 as `--dtype q8_0` holds it for the AVX2 and VNNI kernels: eight rows interleaved.
+            "q8_0x8" => {
+                let rows_bytes = reference_quantizer::random_blocks(DType::Q8_0, n / 32, n as u64);
+                let rb = quantized::row_bytes(DType::Q8_0, cols)?;
+                let mut b = vec![0u8; quantized::interleaved_q8_0_bytes(rows, cols)?];
+                quantized::interleave_q8_0(&rows_bytes, rb, &mut b);
+                Some(Weights::Quant(DType::Q8_0, Layout::Interleaved8, b))
+            }
             "q5_0" => q(DType::Q5_0),
             "q4_k" => q(DType::Q4K),
             "q6_k" => q(DType::Q6K),
@@ -77,7 +86,7 @@ impl Weights {
             Weights::F32(w) => w.len() * 4,
             Weights::Bf16(w) => w.len() * 2,
             Weights::F16(w) => w.len() * 2,
-            Weights::Quant(_, b) => b.len(),
+            Weights::Quant(_, _, b) => b.len(),
         }
     }
 
@@ -94,10 +103,11 @@ impl Weights {
             Weights::F32(w) => matmul(WeightSlice::F32(w), rows, cols, x, t, out),
             Weights::Bf16(w) => matmul(WeightSlice::BF16(w), rows, cols, x, t, out),
             Weights::F16(w) => matmul(WeightSlice::F16(w), rows, cols, x, t, out),
-            Weights::Quant(dtype, b) => {
+            Weights::Quant(dtype, layout, b) => {
                 let w = QuantSlice {
                     dtype: *dtype,
                     bytes: b,
+                    layout: *layout,
                 };
                 quantized::matmul_with(backend, w, rows, cols, x, t, out)
             }
@@ -105,7 +115,9 @@ impl Weights {
     }
 }
 
-const FORMS: [&str; 7] = ["f32", "bf16", "f16", "q8_0", "q5_0", "q4_k", "q6_k"];
+const FORMS: [&str; 8] = [
+    "f32", "bf16", "f16", "q8_0", "q8_0x8", "q5_0", "q4_k", "q6_k",
+];
 
 fn config() -> Criterion {
     let c = Criterion::default();
@@ -166,7 +178,7 @@ fn matmul_prefill(c: &mut Criterion) {
 fn backends(c: &mut Criterion) {
     let mut g = c.benchmark_group("backends");
     let (rows, cols) = (4864, 896);
-    for form in ["q8_0", "q5_0"] {
+    for form in ["q8_0", "q8_0x8", "q5_0"] {
         let w = Weights::make(form, rows, cols).unwrap();
         let x = data(cols, 9);
         let mut out = vec![0f32; rows];

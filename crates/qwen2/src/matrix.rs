@@ -3,7 +3,7 @@
 //! GGUF quantized blocks left in the mapping (the [`WeightForm::Native`] form).
 
 use crate::error::{Error, Result};
-use crate::kernels::quantized::{self, QuantSlice};
+use crate::kernels::quantized::{self, Layout, QuantSlice};
 use crate::kernels::{matmul, WeightSlice};
 use crate::weights::arena::{Arena, ArenaBuf};
 use crate::weights::quant::dequantize_into;
@@ -28,7 +28,8 @@ pub enum WeightForm {
     /// file, rounded otherwise — the same values a bf16 checkpoint of the model holds.
     Bf16,
     /// Every matrix held as Q8_0 (a scale per 32 weights, 8-bit integers), multiplied like `Native`:
-    /// quantized at load unless the file stores Q8_0 already.
+    /// quantized at load unless the file stores Q8_0 already. Where the decode runs on AVX2 or AVX-512
+    /// VNNI without AMX, the rows are laid out eight side by side for its kernel (`quantized::q8_0_layout`).
     Q8_0,
 }
 
@@ -69,8 +70,9 @@ enum Storage {
     MappedF32(Bytes),
     MappedBF16(Bytes),
     MappedF16(Bytes),
-    /// Block-quantized rows (`dtype` is Q8_0, Q5_0, Q4_K or Q6_K; each row a whole number of blocks).
-    Quant(DType, QuantBytes),
+    /// Block-quantized rows (`dtype` is Q8_0, Q5_0, Q4_K or Q6_K; each row a whole number of blocks),
+    /// as the file lays them out or (Q8_0, owned) interleaved.
+    Quant(DType, Layout, QuantBytes),
 }
 
 enum QuantBytes {
@@ -118,7 +120,9 @@ fn cast_mut<T: Plain>(bytes: &mut [u8]) -> Option<&mut [T]> {
 /// A stored tensor converted to another element form, a band of rows at a time on the pool: each task
 /// widens its rows to f32 in a small buffer, and `write` turns them into its `per_row` outputs per row.
 /// Converting whole tensors held a full f32 copy of the largest one (the 151936-row embedding, 544 MB)
-/// beside its result, on one core.
+/// beside its result, on one core. The output holds rows in whole groups of `group` (the last padded;
+/// `write` is given the real rows' values and the padded group's outputs).
+#[allow(clippy::too_many_arguments)]
 fn convert_rows<T: Plain + Send>(
     arena: &Arena,
     name: &str,
@@ -126,19 +130,22 @@ fn convert_rows<T: Plain + Send>(
     rows: usize,
     cols: usize,
     per_row: usize,
+    group: usize,
     write: impl Fn(&[f32], &mut [T]) + Sync,
 ) -> Result<ArenaBuf> {
     let bytes = t.bytes.as_slice();
-    let mut buf = arena.alloc(rows * per_row * std::mem::size_of::<T>())?;
+    let stored_rows = rows.next_multiple_of(group);
+    let mut buf = arena.alloc(stored_rows * per_row * std::mem::size_of::<T>())?;
     let out: &mut [T] = cast_mut(buf.bytes_mut()).expect("arena buffers are 64-byte aligned");
-    // Rows a task takes: ~64 KiB of f32.
-    let band = (16384 / cols.max(1)).max(1);
+    // Rows a task takes: ~64 KiB of f32, in whole groups.
+    let band = (16384 / cols.max(1)).max(1).next_multiple_of(group);
     match t.dtype.bytes_for(cols) {
         Some(rb) if rows * rb == bytes.len() && per_row > 0 => {
             out.par_chunks_mut(band * per_row)
                 .enumerate()
                 .try_for_each(|(i, o)| {
-                    let (r0, n) = (i * band, o.len() / per_row);
+                    let r0 = i * band;
+                    let n = (o.len() / per_row).min(rows - r0);
                     let mut values = vec![0f32; n * cols];
                     dequantize_into(t.dtype, &bytes[r0 * rb..(r0 + n) * rb], &mut values)
                         .map_err(|m| Error::tensor(name, m))?;
@@ -149,6 +156,24 @@ fn convert_rows<T: Plain + Send>(
         // Rows that are not whole blocks (or an empty matrix): the whole tensor at once.
         _ => write(&to_f32_vec(name, t)?, out),
     }
+    Ok(buf)
+}
+
+/// A Q8_0 tensor's rows (`bytes`, as the file stores them) interleaved for the decode kernel, a band of
+/// groups at a time on the pool: its blocks as they are, never requantized.
+fn interleave_rows(arena: &Arena, bytes: &[u8], rows: usize, cols: usize) -> Result<ArenaBuf> {
+    let rb = quantized::row_bytes(DType::Q8_0, cols).expect("whole Q8_0 blocks");
+    let len = quantized::interleaved_q8_0_bytes(rows, cols).expect("whole Q8_0 blocks");
+    let mut buf = arena.alloc(len)?;
+    let band = (65536 / rb).max(1).next_multiple_of(quantized::GROUP_ROWS);
+    buf.bytes_mut()
+        .par_chunks_mut(band * rb)
+        .enumerate()
+        .for_each(|(i, o)| {
+            let r0 = i * band;
+            let n = (o.len() / rb).min(rows - r0);
+            quantized::interleave_q8_0(&bytes[r0 * rb..(r0 + n) * rb], rb, o);
+        });
     Ok(buf)
 }
 
@@ -180,6 +205,21 @@ impl Matrix {
         cols: usize,
         form: WeightForm,
     ) -> Result<Self> {
+        let layout = quantized::q8_0_layout(quantized::Backend::best());
+        Self::from_raw_laid_out(arena, name, t, rows, cols, form, layout)
+    }
+
+    /// Like [`Matrix::from_raw_in`], with the layout of the Q8_0 form's rows given, not chosen for this
+    /// CPU (tests check both).
+    pub fn from_raw_laid_out(
+        arena: &Arena,
+        name: &str,
+        t: &RawTensor,
+        rows: usize,
+        cols: usize,
+        form: WeightForm,
+        q8_layout: Layout,
+    ) -> Result<Self> {
         if t.shape != [rows, cols] {
             return Err(Error::tensor(
                 name,
@@ -197,6 +237,7 @@ impl Matrix {
         }
         let b = t.bytes.as_slice();
         let whole_q8_blocks = quantized::row_bytes(DType::Q8_0, cols).is_some();
+        let interleave = q8_layout == Layout::Interleaved8;
         let storage = match (form, t.dtype) {
             (WeightForm::Exact | WeightForm::Native, DType::F32) if cast::<f32>(b).is_some() => {
                 Storage::MappedF32(t.bytes.clone())
@@ -210,42 +251,67 @@ impl Matrix {
                 Storage::MappedF16(t.bytes.clone())
             }
             (WeightForm::Native, q) | (WeightForm::Q8_0, q @ DType::Q8_0)
-                if quantized::row_bytes(q, cols).is_some() =>
+                if quantized::row_bytes(q, cols).is_some()
+                    && !(interleave && form == WeightForm::Q8_0) =>
             {
-                Storage::Quant(q, QuantBytes::Mapped(t.bytes.clone()))
+                Storage::Quant(q, Layout::Rows, QuantBytes::Mapped(t.bytes.clone()))
             }
-            (WeightForm::Bf16, _) => {
-                Storage::OwnedBF16(convert_rows(arena, name, t, rows, cols, cols, |v, o| {
+            (WeightForm::Q8_0, DType::Q8_0) if whole_q8_blocks => Storage::Quant(
+                DType::Q8_0,
+                Layout::Interleaved8,
+                QuantBytes::Owned(interleave_rows(arena, b, rows, cols)?),
+            ),
+            (WeightForm::Bf16, _) => Storage::OwnedBF16(convert_rows(
+                arena,
+                name,
+                t,
+                rows,
+                cols,
+                cols,
+                1,
+                |v, o| {
                     o.iter_mut()
                         .zip(v)
                         .for_each(|(o, &v)| *o = bf16::from_f32(v));
-                })?)
-            }
+                },
+            )?),
             (WeightForm::Q8_0, _) if whole_q8_blocks => {
                 let rb = quantized::row_bytes(DType::Q8_0, cols).unwrap_or(0);
+                let quantize = |v: &[f32], o: &mut [u8]| {
+                    if interleave {
+                        let mut plain = vec![0u8; v.len() / cols * rb];
+                        quantized::quantize_weights_q8_0(v, &mut plain);
+                        quantized::interleave_q8_0(&plain, rb, o);
+                    } else {
+                        quantized::quantize_weights_q8_0(v, o);
+                    }
+                };
+                let group = if interleave { quantized::GROUP_ROWS } else { 1 };
                 Storage::Quant(
                     DType::Q8_0,
+                    q8_layout,
                     QuantBytes::Owned(convert_rows(
-                        arena,
-                        name,
-                        t,
-                        rows,
-                        cols,
-                        rb,
-                        quantized::quantize_weights_q8_0,
+                        arena, name, t, rows, cols, rb, group, quantize,
                     )?),
                 )
             }
-            _ => Storage::Owned(convert_rows(arena, name, t, rows, cols, cols, |v, o| {
-                o.copy_from_slice(v)
-            })?),
+            _ => Storage::Owned(convert_rows(
+                arena,
+                name,
+                t,
+                rows,
+                cols,
+                cols,
+                1,
+                |v, o| o.copy_from_slice(v),
+            )?),
         };
         let mapped = matches!(
             storage,
             Storage::MappedF32(_)
                 | Storage::MappedBF16(_)
                 | Storage::MappedF16(_)
-                | Storage::Quant(_, QuantBytes::Mapped(_))
+                | Storage::Quant(_, _, QuantBytes::Mapped(_))
         );
         if !mapped {
             // The values now live in memory of our own; the file's copy need not stay resident too.
@@ -273,7 +339,11 @@ impl Matrix {
         Ok(Matrix {
             rows,
             cols,
-            storage: Storage::Quant(dtype, QuantBytes::Owned(Arena::new().copy_of(&bytes)?)),
+            storage: Storage::Quant(
+                dtype,
+                Layout::Rows,
+                QuantBytes::Owned(Arena::new().copy_of(&bytes)?),
+            ),
         })
     }
 
@@ -286,9 +356,10 @@ impl Matrix {
             Storage::MappedF32(b) => WeightSlice::F32(cast(b.as_slice()).expect(bad)),
             Storage::MappedBF16(b) => WeightSlice::BF16(cast(b.as_slice()).expect(bad)),
             Storage::MappedF16(b) => WeightSlice::F16(cast(b.as_slice()).expect(bad)),
-            Storage::Quant(dtype, b) => WeightSlice::Quant(QuantSlice {
+            Storage::Quant(dtype, layout, b) => WeightSlice::Quant(QuantSlice {
                 dtype: *dtype,
                 bytes: b.as_slice(),
+                layout: *layout,
             }),
         }
     }
@@ -301,7 +372,8 @@ impl Matrix {
             Storage::MappedF32(_) => "f32 (mapped)",
             Storage::MappedBF16(_) => "bf16 (mapped)",
             Storage::MappedF16(_) => "f16 (mapped)",
-            Storage::Quant(d, b) => match (d, b) {
+            Storage::Quant(_, Layout::Interleaved8, _) => "q8_0 (interleaved)",
+            Storage::Quant(d, Layout::Rows, b) => match (d, b) {
                 (DType::Q8_0, QuantBytes::Mapped(_)) => "q8_0 (mapped)",
                 (DType::Q5_0, QuantBytes::Mapped(_)) => "q5_0 (mapped)",
                 (DType::Q4K, QuantBytes::Mapped(_)) => "q4_k (mapped)",
@@ -323,7 +395,7 @@ impl Matrix {
         match &self.storage {
             Storage::Owned(v) | Storage::OwnedBF16(v) => v.bytes(),
             Storage::MappedF32(b) | Storage::MappedBF16(b) | Storage::MappedF16(b) => b.as_slice(),
-            Storage::Quant(_, b) => b.as_slice(),
+            Storage::Quant(_, _, b) => b.as_slice(),
         }
     }
 
@@ -341,8 +413,18 @@ impl Matrix {
                 .zip(&w[r * c..(r + 1) * c])
                 .for_each(|(o, v)| *o = v.to_f32()),
             WeightSlice::Quant(q) => {
-                let rb = q.bytes.len() / self.rows;
-                quant::dequantize_into(q.dtype, &q.bytes[r * rb..(r + 1) * rb], out)
+                let rb = quantized::row_bytes(q.dtype, c)
+                    .expect("whole blocks, checked at construction");
+                let mut row = Vec::new();
+                let row = match q.layout {
+                    Layout::Rows => &q.bytes[r * rb..(r + 1) * rb],
+                    Layout::Interleaved8 => {
+                        row.resize(rb, 0);
+                        quantized::deinterleave_q8_0(q.bytes, rb, r, &mut row);
+                        &row[..]
+                    }
+                };
+                quant::dequantize_into(q.dtype, row, out)
                     .expect("row length checked at construction");
             }
         }
@@ -592,6 +674,15 @@ mod tests {
                 (WeightForm::Q8_0, via_q8.clone()),
             ] {
                 let m = Matrix::from_raw_with("w", &t, rows, cols, form).unwrap();
+                // The Q8_0 form in the layout this CPU does not choose, too.
+                let other = (form == WeightForm::Q8_0).then(|| {
+                    let layout = match quantized::q8_0_layout(quantized::Backend::best()) {
+                        Layout::Rows => Layout::Interleaved8,
+                        Layout::Interleaved8 => Layout::Rows,
+                    };
+                    let arena = Arena::new();
+                    Matrix::from_raw_laid_out(&arena, "w", &t, rows, cols, form, layout).unwrap()
+                });
                 let table =
                     LookupTable::from_raw_in(&Arena::new(), "w", &t, rows, cols, form).unwrap();
                 if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
@@ -615,6 +706,15 @@ mod tests {
                         want[r * cols..(r + 1) * cols],
                         "{dtype:?} {form:?} row {r}, looked up"
                     );
+                    if let Some(other) = &other {
+                        other.row_into(r, &mut row);
+                        assert_eq!(
+                            row,
+                            want[r * cols..(r + 1) * cols],
+                            "{dtype:?} {form:?} row {r}, {}",
+                            other.form()
+                        );
+                    }
                 }
                 assert_eq!(t.bytes.as_slice(), &bytes[..], "{dtype:?} {form:?}");
             }

@@ -123,12 +123,17 @@ fn config_shapes_are_read_as_transformers_reads_them() {
 /// every matrix multiplied.
 #[test]
 fn an_untied_embedding_table_stays_as_stored_in_every_form() {
+    use qwen2::kernels::quantized::{q8_0_layout, Backend, Layout};
     use qwen2::matrix::WeightForm;
+    let q8_0 = match q8_0_layout(Backend::best()) {
+        Layout::Rows => "quantized (owned)",
+        Layout::Interleaved8 => "q8_0 (interleaved)",
+    };
     for (form, output) in [
         (WeightForm::Exact, "f32 (mapped)"),
         (WeightForm::Native, "f32 (mapped)"),
         (WeightForm::Bf16, "bf16 (owned)"),
-        (WeightForm::Q8_0, "quantized (owned)"),
+        (WeightForm::Q8_0, q8_0),
     ] {
         let m = qwen2::load::load_with(&dir("qwen25-gqa-untied-f32"), form)
             .unwrap()

@@ -22,11 +22,34 @@ use crate::weights::{quant, DType};
 /// Values per activation block (and per weight piece that gets one f32 scale).
 pub const BLOCK: usize = 32;
 
-/// A block-quantized weight matrix as stored: `rows` rows of `cols / values_per_block` blocks each.
+/// A block-quantized weight matrix: `rows` rows of `cols / values_per_block` blocks each, laid out as
+/// `layout` says.
 #[derive(Clone, Copy)]
 pub struct QuantSlice<'a> {
     pub dtype: DType,
     pub bytes: &'a [u8],
+    pub layout: Layout,
+}
+
+impl<'a> QuantSlice<'a> {
+    /// Rows as a GGUF file stores them, one after another.
+    pub fn rows(dtype: DType, bytes: &'a [u8]) -> Self {
+        QuantSlice {
+            dtype,
+            bytes,
+            layout: Layout::Rows,
+        }
+    }
+}
+
+/// How a quantized matrix's rows lie in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Row after row, each a run of its blocks: as the file stores them.
+    Rows,
+    /// Q8_0 laid out again at load, eight rows at a time, for the decode kernel: see
+    /// [`interleave_q8_0`].
+    Interleaved8,
 }
 
 /// `(values, bytes)` of one (super-)block for the types this module multiplies; `None` for the others.
@@ -378,15 +401,35 @@ fn tile<const R: usize, const T: usize>(
     }
 }
 
-/// `out[r] = row r · a` for `out.len()` consecutive rows of `row_bytes` bytes in `w`.
+/// `out[r] = row r · a` for `out.len()` consecutive rows of `row_bytes` bytes in `w` (for an
+/// interleaved `w`: whole groups of eight rows, from a group's start, the last group's extra rows not
+/// written).
 fn rows_dot(
     backend: Backend,
     dtype: DType,
+    layout: Layout,
     w: &[u8],
     row_bytes: usize,
     a: ActRow,
     out: &mut [f32],
 ) {
+    if layout == Layout::Interleaved8 {
+        return match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 | Backend::Avx512Vnni | Backend::Amx => {
+                super::quantized_x86::rows_interleaved(backend, w, row_bytes, a, out)
+            }
+            _ => {
+                let mut rows = vec![0u8; GROUP_ROWS * row_bytes];
+                for (g, o) in out.chunks_mut(GROUP_ROWS).enumerate() {
+                    deinterleave_q8_0(w, row_bytes, g * GROUP_ROWS, &mut rows);
+                    for (o, wr) in o.iter_mut().zip(rows.chunks_exact(row_bytes)) {
+                        *o = dot_portable(dtype, wr, a);
+                    }
+                }
+            }
+        };
+    }
     match backend {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 | Backend::Avx512Vnni | Backend::Amx => {
@@ -413,12 +456,57 @@ pub(crate) fn rows_per_task(rows: usize, row_bytes: usize, t: usize) -> usize {
     (per + 1) & !1
 }
 
-/// Checks shapes and returns the row stride in bytes.
+/// Checks shapes and returns the bytes of one row (in an interleaved layout: a group's bytes / 8).
 fn check(w: &QuantSlice, rows: usize, cols: usize) -> usize {
     let rb =
         row_bytes(w.dtype, cols).unwrap_or_else(|| panic!("{:?} rows of {cols} values", w.dtype));
-    assert_eq!(w.bytes.len(), rows * rb, "weight bytes vs shape");
+    let stored = match w.layout {
+        Layout::Rows => rows,
+        Layout::Interleaved8 => {
+            assert_eq!(w.dtype, DType::Q8_0, "only Q8_0 is interleaved");
+            rows.next_multiple_of(GROUP_ROWS)
+        }
+    };
+    assert_eq!(w.bytes.len(), stored * rb, "weight bytes vs shape");
     rb
+}
+
+/// Rows `r0..r0 + n` of `w` as the file lays them out: the stored bytes themselves, or for an
+/// interleaved matrix a copy in `buf` (what the prefill kernels, which read rows, take).
+fn plain_rows<'x>(
+    w: QuantSlice<'x>,
+    rb: usize,
+    r0: usize,
+    n: usize,
+    buf: &'x mut Vec<u8>,
+) -> &'x [u8] {
+    match w.layout {
+        Layout::Rows => &w.bytes[r0 * rb..(r0 + n) * rb],
+        Layout::Interleaved8 => {
+            buf.resize(n * rb, 0);
+            deinterleave_q8_0(w.bytes, rb, r0, buf);
+            buf
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's room for [`plain_rows`]' copies: a prefill task's rows (~300 KB), reused.
+    static PLAIN_ROWS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` on rows `r0..r0 + n` of `w` in the file's layout (see [`plain_rows`]).
+fn with_plain_rows<R>(
+    w: QuantSlice,
+    rb: usize,
+    r0: usize,
+    n: usize,
+    f: impl FnOnce(&[u8]) -> R,
+) -> R {
+    if w.layout == Layout::Rows {
+        return f(&w.bytes[r0 * rb..(r0 + n) * rb]);
+    }
+    PLAIN_ROWS.with_borrow_mut(|buf| f(plain_rows(w, rb, r0, n, buf)))
 }
 
 /// `out (t × rows) = x (t × cols) · wᵀ` with the best backend.
@@ -505,8 +593,9 @@ fn amx_many(products: &mut [Product], cols: usize, x: &[f32], t: usize) {
     super::pool::for_each(tasks.len(), |k| {
         let (i, block) = tasks[k];
         let (w, rb, _) = ws[i];
-        let wrows = &w.bytes[block.r0 * rb..(block.r0 + block.rows) * rb];
-        prefill_task_amx(w.dtype, wrows, rb, &acts, block);
+        with_plain_rows(w, rb, block.r0, block.rows, |wrows| {
+            prefill_task_amx(w.dtype, wrows, rb, &acts, block)
+        });
     });
 }
 
@@ -548,15 +637,25 @@ pub fn matmul_acts_many(
         .map(|p| {
             let rb = check(&p.w, p.rows, cols);
             assert!(p.out.len() == t * p.rows);
-            (p.w, rb, rows_per_task(p.rows, rb, t))
+            let per = rows_per_task(p.rows, rb, t);
+            // Interleaved rows go in whole groups of eight.
+            let per = match p.w.layout {
+                Layout::Rows => per,
+                Layout::Interleaved8 => per.next_multiple_of(GROUP_ROWS),
+            };
+            (p.w, rb, per)
         })
         .collect();
     if t == 1 {
         // Decode: each task multiplies a run of consecutive rows, one sequential stream.
         let a = acts.row(0);
         let run = |(w, rb, _): (QuantSlice, usize, usize), r0: usize, o: &mut [f32]| {
-            let bytes = &w.bytes[r0 * rb..(r0 + o.len()) * rb];
-            rows_dot(backend, w.dtype, bytes, rb, a, o);
+            let stored = match w.layout {
+                Layout::Rows => o.len(),
+                Layout::Interleaved8 => o.len().next_multiple_of(GROUP_ROWS),
+            };
+            let bytes = &w.bytes[r0 * rb..(r0 + stored) * rb];
+            rows_dot(backend, w.dtype, w.layout, bytes, rb, a, o);
         };
         let total: usize = ws.iter().map(|(w, ..)| w.bytes.len()).sum();
         if total < PARALLEL_MIN_BYTES {
@@ -621,14 +720,15 @@ pub fn matmul_acts_many(
         let (i, block) = tasks[k];
         let (w, rb, _) = ws[i];
         let dtype = w.dtype;
-        let wrows = &w.bytes[block.r0 * rb..(block.r0 + block.rows) * rb];
-        #[cfg(target_arch = "x86_64")]
-        if let Some((_, pacts)) = panel_acts.iter().find(|(d, _)| *d == dtype) {
-            return prefill_task_panel(backend, dtype, wrows, rb, pacts, tok_group, block);
-        }
-        // 2 × 3 tiles measured best for Q8_0 on AVX2 (A/B in one process, 13-64 tokens): its pieces
-        // are plain bytes, and 2 × 4 spilled an accumulator (2 × 3 was 1-12 % faster).
-        prefill_task::<2, 3>((backend, dtype, wrows, rb, acts, tok_group, block))
+        with_plain_rows(w, rb, block.r0, block.rows, |wrows| {
+            #[cfg(target_arch = "x86_64")]
+            if let Some((_, pacts)) = panel_acts.iter().find(|(d, _)| *d == dtype) {
+                return prefill_task_panel(backend, dtype, wrows, rb, pacts, tok_group, block);
+            }
+            // 2 × 3 tiles measured best for Q8_0 on AVX2 (A/B in one process, 13-64 tokens): its
+            // pieces are plain bytes, and 2 × 4 spilled an accumulator (2 × 3 was 1-12 % faster).
+            prefill_task::<2, 3>((backend, dtype, wrows, rb, acts, tok_group, block))
+        })
     });
 }
 
@@ -820,10 +920,28 @@ pub fn matmul_rows(
     // The same kernels as `matmul_acts` for the same `t`, so the values are bit-identical to its.
     if t == 1 {
         for (o, &r) in out.iter_mut().zip(ids) {
+            if w.layout == Layout::Interleaved8 {
+                // The row's whole group, as a decode task computes it.
+                let g = r / GROUP_ROWS * GROUP_ROWS;
+                let bytes = &w.bytes[g * rb..(g + GROUP_ROWS) * rb];
+                let mut eight = [0f32; GROUP_ROWS];
+                rows_dot(
+                    backend,
+                    w.dtype,
+                    w.layout,
+                    bytes,
+                    rb,
+                    acts.row(0),
+                    &mut eight,
+                );
+                *o = eight[r - g];
+                continue;
+            }
             let wr = &w.bytes[r * rb..(r + 1) * rb];
             rows_dot(
                 backend,
                 w.dtype,
+                w.layout,
                 wr,
                 rb,
                 acts.row(0),
@@ -831,6 +949,16 @@ pub fn matmul_rows(
             );
         }
         return;
+    }
+    if w.layout == Layout::Interleaved8 {
+        // The listed rows in the file's layout, multiplied as a prefill multiplies them.
+        let mut plain = vec![0u8; ids.len() * rb];
+        for (row, &r) in plain.chunks_exact_mut(rb).zip(ids) {
+            deinterleave_q8_0(w.bytes, rb, r, row);
+        }
+        let listed: Vec<usize> = (0..ids.len()).collect();
+        let w = QuantSlice::rows(w.dtype, &plain);
+        return matmul_rows(w, ids.len(), cols, &listed, x, t, out);
     }
     #[cfg(target_arch = "x86_64")]
     if uses_amx(backend, w.dtype, t) {
@@ -882,6 +1010,8 @@ pub fn matmul_reference(
     out: &mut [f32],
 ) {
     let rb = check(&w, rows, cols);
+    let mut plain = Vec::new();
+    let w = QuantSlice::rows(w.dtype, plain_rows(w, rb, 0, rows, &mut plain));
     let xs = if quantized_x {
         quantize_acts(x, t, cols).dequantize()
     } else {
@@ -942,6 +1072,98 @@ pub fn quantize_weights_q8_0(values: &[f32], out: &mut [u8]) {
             continue;
         }
         quantize_weight_block_scalar(x, o);
+    }
+}
+
+/// The layout the Q8_0 weight form (`--dtype q8_0`) holds its rows in where `backend` multiplies them:
+/// interleaved for the AVX2 and AVX-512 VNNI decode kernels, whose arithmetic it cuts by about two
+/// thirds; as stored elsewhere. With AMX, prefill's tiles read rows: laying an interleaved matrix's
+/// rows out again for them made a 64-token prefill 0.86–0.90× as fast, while the decode, memory-bound
+/// on that host, gained nothing (benches/RESULTS.md). The portable kernel reads rows too.
+pub fn q8_0_layout(backend: Backend) -> Layout {
+    match backend {
+        Backend::Avx2 | Backend::Avx512Vnni => Layout::Interleaved8,
+        Backend::Portable | Backend::Amx => Layout::Rows,
+    }
+}
+
+/// Rows per group of the [`Layout::Interleaved8`] layout.
+pub const GROUP_ROWS: usize = 8;
+
+/// Bytes an interleaved Q8_0 matrix of `rows × cols` occupies (rows padded to whole groups of eight),
+/// if its rows are whole Q8_0 blocks.
+pub fn interleaved_q8_0_bytes(rows: usize, cols: usize) -> Option<usize> {
+    Some(rows.next_multiple_of(GROUP_ROWS) * row_bytes(DType::Q8_0, cols)?)
+}
+
+/// Q8_0 rows (`rb` bytes each, as stored) laid out for the decode kernel, into `out`
+/// ([`interleaved_q8_0_bytes`] long).
+///
+/// Why: a Q8_0 row taken one at a time costs the decode kernel about twelve vector instructions per
+/// 32 weights (load and convert the scale, the sign trick for signed bytes, one multiply-add, a
+/// conversion, two scalings, a horizontal sum per row). Eight rows side by side in each register need
+/// about three per 32 weights of each row: the token's four activations broadcast, one `vpdpbusd` on
+/// eight rows' four values, and per block one conversion and scaling for all eight.
+///
+/// The layout, per group of eight rows (the last group repeats its last row to fill it), `nb` blocks a
+/// row: first `nb × 256` bytes of values — block `b`, four-value group `g`, row `r` at
+/// `256·b + 32·g + 4·r`, each stored value plus 128 as an unsigned byte (what `vpdpbusd` takes; the
+/// 128 comes off per block from the activations' sums) — then `nb × 16` bytes of scales, row `r` of
+/// block `b` at `256·nb + 16·b + 2·r`, as the file's f16. Exactly the bytes of the eight rows' blocks,
+/// and the values stay 32-byte aligned.
+pub fn interleave_q8_0(rows: &[u8], rb: usize, out: &mut [u8]) {
+    assert!(rb > 0 && rb.is_multiple_of(Q8_0_BLOCK_BYTES) && rows.len().is_multiple_of(rb));
+    let (n, nb) = (rows.len() / rb, rb / Q8_0_BLOCK_BYTES);
+    assert!(n > 0 && out.len() == n.next_multiple_of(GROUP_ROWS) * rb);
+    for (g, group) in out.chunks_exact_mut(GROUP_ROWS * rb).enumerate() {
+        let (values, scales) = group.split_at_mut(256 * nb);
+        for r in 0..GROUP_ROWS {
+            let row = &rows[(g * GROUP_ROWS + r).min(n - 1) * rb..][..rb];
+            for (b, blk) in row.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
+                scales[16 * b + 2 * r..][..2].copy_from_slice(&blk[..2]);
+                for (i, &q) in blk[2..].iter().enumerate() {
+                    values[256 * b + 32 * (i / 4) + 4 * r + i % 4] = q ^ 0x80;
+                }
+            }
+        }
+    }
+}
+
+/// Rows `first..first + out.len() / rb` of an interleaved Q8_0 matrix (`w`, rows of `rb` bytes as
+/// stored) back in the file's layout, into `out`: for prefill, label scoring and lookups, whose kernels
+/// read rows.
+pub fn deinterleave_q8_0(w: &[u8], rb: usize, first: usize, out: &mut [u8]) {
+    assert!(rb > 0 && rb.is_multiple_of(Q8_0_BLOCK_BYTES) && out.len().is_multiple_of(rb));
+    let nb = rb / Q8_0_BLOCK_BYTES;
+    // Whole groups from a group's start with SIMD where there is some: a prefill lays out again every
+    // weight it multiplies, and with only the loop below a 64-token prefill on AMX tiles ran 0.54× as
+    // fast as on the file's layout (0.86–0.90× with the transpose).
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if first.is_multiple_of(GROUP_ROWS) {
+        let whole = out.len() / rb / GROUP_ROWS * GROUP_ROWS;
+        let (from, to) = (&w[first * rb..(first + whole) * rb], &mut out[..whole * rb]);
+        if whole > 0 && super::quantized_x86::deinterleave_groups(from, rb, to) {
+            done = whole;
+        }
+    }
+    for (i, row) in out.chunks_exact_mut(rb).enumerate().skip(done) {
+        let (g, r) = ((first + i) / GROUP_ROWS, (first + i) % GROUP_ROWS);
+        let group = &w[g * GROUP_ROWS * rb..][..GROUP_ROWS * rb];
+        let (values, scales) = group.split_at(256 * nb);
+        for (b, blk) in row.chunks_exact_mut(Q8_0_BLOCK_BYTES).enumerate() {
+            blk[..2].copy_from_slice(&scales[16 * b + 2 * r..][..2]);
+            for (j, four) in blk[2..].chunks_exact_mut(4).enumerate() {
+                let at = 256 * b + 32 * j + 4 * r;
+                let v = u32::from_le_bytes([
+                    values[at],
+                    values[at + 1],
+                    values[at + 2],
+                    values[at + 3],
+                ]);
+                four.copy_from_slice(&(v ^ 0x8080_8080).to_le_bytes());
+            }
+        }
     }
 }
 
@@ -1179,6 +1401,82 @@ mod tests {
         assert_close(got, &want, if tiles { 1e-2 } else { 2e-5 }, what);
     }
 
+    /// Where `interleave_q8_0` puts a value and a scale, worked out by hand from its documented layout,
+    /// and the way back for every row, from a group's start or not; the padded rows repeat the last.
+    #[test]
+    fn interleaved_q8_0_places_each_value_and_comes_back() {
+        let (rows, cols) = (13, 96);
+        let (rb, nb) = (row_bytes(DType::Q8_0, cols).unwrap(), 3);
+        let q = random_blocks(DType::Q8_0, rows * nb, 9);
+        let mut il = vec![0u8; interleaved_q8_0_bytes(rows, cols).unwrap()];
+        assert_eq!(il.len(), 16 * rb);
+        interleave_q8_0(&q, rb, &mut il);
+        // Row 10 is lane 2 of the second group; value 13 of its block 2 is byte 1 of four-value group 3.
+        let group = 8 * rb;
+        assert_eq!(
+            il[group + 256 * 2 + 32 * 3 + 4 * 2 + 1],
+            q[10 * rb + 34 * 2 + 2 + 13] ^ 0x80
+        );
+        assert_eq!(
+            il[group + 256 * nb + 16 * 2 + 2 * 2..][..2],
+            q[10 * rb + 34 * 2..][..2]
+        );
+        let mut back = vec![0u8; 16 * rb];
+        deinterleave_q8_0(&il, rb, 0, &mut back);
+        assert_eq!(back[..rows * rb], q[..]);
+        for r in rows..16 {
+            assert_eq!(back[r * rb..][..rb], q[(rows - 1) * rb..]);
+        }
+        let mut some = vec![0u8; 3 * rb];
+        deinterleave_q8_0(&il, rb, 6, &mut some);
+        assert_eq!(some, q[6 * rb..9 * rb]);
+    }
+
+    /// Interleaved Q8_0 on every backend: decode (one token, on the interleaved kernels) to the exact
+    /// sums of the 8-bit activations; prefill (rows laid out again, the row kernels) bit for bit what
+    /// the file's layout gives; label scoring bit for bit what the whole product gives. Rows not a
+    /// multiple of eight, and a product large enough to be split across threads.
+    #[test]
+    fn interleaved_q8_0_products_match_the_reference() {
+        for (rows, cols) in [(13, 96), (64, 256), (515, 512)] {
+            let rb = row_bytes(DType::Q8_0, cols).unwrap();
+            let q = random_blocks(DType::Q8_0, rows * cols / 32, rows as u64);
+            let mut il = vec![0u8; interleaved_q8_0_bytes(rows, cols).unwrap()];
+            interleave_q8_0(&q, rb, &mut il);
+            let plain = QuantSlice::rows(DType::Q8_0, &q);
+            let inter = QuantSlice {
+                dtype: DType::Q8_0,
+                bytes: &il,
+                layout: Layout::Interleaved8,
+            };
+            for t in [1, 2, 5, 13] {
+                let x = data(t * cols, 5 + t as u32);
+                for backend in Backend::available() {
+                    let what = format!("{rows}x{cols} {backend:?} t={t}");
+                    let mut got = vec![f32::NAN; t * rows];
+                    matmul_with(backend, inter, rows, cols, &x, t, &mut got);
+                    assert_matches_reference(backend, inter, rows, cols, &x, t, &got, &what);
+                    if t > 1 {
+                        let mut want = vec![0f32; t * rows];
+                        matmul_with(backend, plain, rows, cols, &x, t, &mut want);
+                        assert!(got == want, "{what}: differs from the file's layout");
+                    }
+                    if backend == Backend::best() {
+                        let ids = [rows - 1, 0, 9];
+                        let mut sel = vec![0f32; t * ids.len()];
+                        matmul_rows(inter, rows, cols, &ids, &x, t, &mut sel);
+                        for ti in 0..t {
+                            for (i, &r) in ids.iter().enumerate() {
+                                let (a, b) = (sel[ti * ids.len() + i], got[ti * rows + r]);
+                                assert!(a.to_bits() == b.to_bits(), "{what}: row {r}: {a} vs {b}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn activation_quantization_round_trips_within_half_a_step() {
         let x = data(5 * 96, 7);
@@ -1356,7 +1654,7 @@ mod tests {
                         quantize(dtype, &data(rows * cols, rows as u32)),
                     ),
                 ] {
-                    let w = QuantSlice { dtype, bytes: &w };
+                    let w = QuantSlice::rows(dtype, &w);
                     let x = data(t * cols, 11 + t as u32);
                     for backend in Backend::available() {
                         let mut got = vec![f32::NAN; t * rows];
@@ -1378,7 +1676,7 @@ mod tests {
             let cols = 4 * vals.max(256);
             let rows = (PARALLEL_MIN_BYTES / (cols / vals * bytes)) * 2 + 3;
             let wq = random_blocks(dtype, rows * cols / vals, 77);
-            let w = QuantSlice { dtype, bytes: &wq };
+            let w = QuantSlice::rows(dtype, &wq);
             for t in [1, 5, 21] {
                 let x = data(t * cols, 12);
                 for backend in Backend::available() {
@@ -1400,10 +1698,7 @@ mod tests {
             .iter()
             .zip(outs)
             .map(|((dtype, rows, bytes), out)| Product {
-                w: QuantSlice {
-                    dtype: *dtype,
-                    bytes,
-                },
+                w: QuantSlice::rows(*dtype, bytes),
                 rows: *rows,
                 out,
             })
@@ -1447,10 +1742,7 @@ mod tests {
                 let mut products = products_into(&weights, &mut outs);
                 matmul_acts_many(backend, &mut products, cols, &acts);
                 for ((dtype, rows, bytes), got) in weights.iter().zip(&outs) {
-                    let w = QuantSlice {
-                        dtype: *dtype,
-                        bytes,
-                    };
+                    let w = QuantSlice::rows(*dtype, bytes);
                     let what = format!("{dtype:?} {backend:?} t={t}");
                     let mut want = vec![0f32; t * rows];
                     matmul_reference(w, *rows, cols, &x, t, true, &mut want);
@@ -1471,10 +1763,7 @@ mod tests {
                 let mut products = products_into(&weights, &mut outs);
                 matmul_many(backend, &mut products, cols, &x, t);
                 for ((dtype, rows, bytes), got) in weights.iter().zip(&outs) {
-                    let w = QuantSlice {
-                        dtype: *dtype,
-                        bytes,
-                    };
+                    let w = QuantSlice::rows(*dtype, bytes);
                     let what = format!("{dtype:?} {backend:?} t={t}, from f32");
                     assert_matches_reference(backend, w, *rows, cols, &x, t, got, &what);
                     let mut alone = vec![0f32; t * rows];
@@ -1491,7 +1780,7 @@ mod tests {
         for dtype in TYPES {
             let (rows, cols, t) = (24, 512, 3);
             let wq = quantize(dtype, &data(rows * cols, 5));
-            let w = QuantSlice { dtype, bytes: &wq };
+            let w = QuantSlice::rows(dtype, &wq);
             let x = data(t * cols, 6);
             let mut exact = vec![0f32; t * rows];
             let mut fast = vec![0f32; t * rows];
@@ -1540,7 +1829,7 @@ mod tests {
             for block in wq.chunks_mut(bytes) {
                 block[range.clone()].fill(fill);
             }
-            let w = QuantSlice { dtype, bytes: &wq };
+            let w = QuantSlice::rows(dtype, &wq);
             let cols = nblk * vals;
             for x in [
                 vec![1.0f32; t * cols],
@@ -1572,7 +1861,7 @@ mod tests {
         for dtype in TYPES {
             let (rows, cols) = (40, 256);
             let wq = random_blocks(dtype, rows * cols / dtype.block().0, 4);
-            let w = QuantSlice { dtype, bytes: &wq };
+            let w = QuantSlice::rows(dtype, &wq);
             for t in [1, 2, 7, 13] {
                 let x = data(t * cols, 8);
                 let mut full = vec![0f32; t * rows];

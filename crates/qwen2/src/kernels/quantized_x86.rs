@@ -432,7 +432,9 @@ macro_rules! instruction_set {
         $features:literal,
         dot: |$u:ident, $s:ident| $dot:expr,
         step: |$a16:ident, $w:ident, $x:ident| $step:expr,
-        flush: |$a32:ident, $s16:ident| $flush:expr $(,)?
+        flush: |$a32:ident, $s16:ident| $flush:expr,
+        q8: |$qa:ident, $qw:ident, $qx:ident| $q8:expr,
+        q8_zero: $q8_zero:expr $(,)?
     ) => {
         mod $m {
             use super::*;
@@ -636,6 +638,98 @@ macro_rules! instruction_set {
                 }
             }
 
+            /// Decode of interleaved Q8_0 (see `quantized::interleave_q8_0`): `out[r] = row r · a` for
+            /// `ngroups` groups of eight rows at `w`, `nb` blocks a row; only the first `nrows` rows
+            /// are written. Per block of a group: the token's four activations broadcast per
+            /// four-value group and `$q8` on the eight rows' values (`Σ (q + 128) · x` with VNNI, or
+            /// `Σ q · x` with the sign trick on AVX2, where the pair sums of `q + 128` would overflow),
+            /// then one conversion and scaling for eight rows and, with VNNI, `128 · d · Σ x` off.
+            ///
+            /// # Safety
+            /// `w` holds `ngroups` groups of `nb` blocks, `out` room for `nrows ≤ 8 · ngroups`
+            /// values, the activations `nb` blocks; the CPU has `$features`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn rows_interleaved(
+                w: *const u8,
+                ngroups: usize,
+                nb: usize,
+                a: ActPtr,
+                nrows: usize,
+                out: *mut f32,
+            ) {
+                let zero = _mm256_set1_ps($q8_zero);
+                let nta = crate::kernels::float_x86::decode_prefetch_nta();
+                for g8 in 0..ngroups {
+                    // SAFETY (for the offsets below): group g8 < ngroups of nb blocks.
+                    let values = unsafe { w.add(g8 * nb * 272) };
+                    let scales = values.wrapping_add(nb * 256);
+                    // Two sums, so a block's scaling need not wait for the previous one's.
+                    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    for b in 0..nb {
+                        let v = values.wrapping_add(256 * b);
+                        // Ahead in the one stream the groups make (a hint; never faults).
+                        for off in (0..256).step_by(64) {
+                            let at = v.wrapping_add(PREFETCH + off) as *const i8;
+                            crate::kernels::float_x86::decode_prefetch(at, nta);
+                        }
+                        if b % 4 == 0 {
+                            let at = scales.wrapping_add(16 * b + 512) as *const i8;
+                            crate::kernels::float_x86::decode_prefetch(at, nta);
+                        }
+                        // Two chains of four multiply-adds, not one of eight.
+                        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        for g in (0..8).step_by(2) {
+                            // SAFETY: groups g, g + 1 of block b, and values 4g .. 4g + 8 of block
+                            // b of the activations.
+                            let (w0, w1, x0, x1) = unsafe {
+                                let x = a.qs.add(32 * b + 4 * g) as *const i32;
+                                (
+                                    _mm256_loadu_si256(v.add(32 * g) as *const __m256i),
+                                    _mm256_loadu_si256(v.add(32 * g + 32) as *const __m256i),
+                                    _mm256_set1_epi32(x.read_unaligned()),
+                                    _mm256_set1_epi32(x.add(1).read_unaligned()),
+                                )
+                            };
+                            s0 = {
+                                let ($qa, $qw, $qx) = (s0, w0, x0);
+                                $q8
+                            };
+                            s1 = {
+                                let ($qa, $qw, $qx) = (s1, w1, x1);
+                                $q8
+                            };
+                        }
+                        // SAFETY: block b's eight scales; its activation scale and sum.
+                        let (sc, d, sum) = unsafe {
+                            (
+                                _mm256_cvtph_ps(_mm_loadu_si128(
+                                    scales.add(16 * b) as *const __m128i
+                                )),
+                                _mm256_broadcast_ss(&*a.d.add(b)),
+                                _mm256_broadcast_ss(&*a.sums.add(b)),
+                            )
+                        };
+                        let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                        acc0 = _mm256_fmadd_ps(isum, _mm256_mul_ps(sc, d), acc0);
+                        if $q8_zero != 0.0 {
+                            acc1 = _mm256_fnmadd_ps(_mm256_mul_ps(sc, zero), sum, acc1);
+                        }
+                    }
+                    let acc = _mm256_add_ps(acc0, acc1);
+                    let n = (nrows - 8 * g8).min(8);
+                    // SAFETY: rows 8 · g8 .. + n < nrows of `out`.
+                    unsafe {
+                        if n == 8 {
+                            _mm256_storeu_ps(out.add(8 * g8), acc);
+                        } else {
+                            let mut v = [0f32; 8];
+                            _mm256_storeu_ps(v.as_mut_ptr(), acc);
+                            std::ptr::copy_nonoverlapping(v.as_ptr(), out.add(8 * g8), n);
+                        }
+                    }
+                }
+            }
+
             /// Prefill: `out[r][t] = w[r] · a[t]` for `R` rows × `T` tokens; each decoded piece of a
             /// weight row serves all `T` tokens.
             ///
@@ -829,6 +923,12 @@ instruction_set!(
     dot: |u, s| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
     step: |acc, w, x| _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x)),
     flush: |acc, s16| _mm256_add_epi32(acc, _mm256_madd_epi16(s16, _mm256_set1_epi16(1))),
+    q8: |acc, w, x| {
+        let q = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    },
+    q8_zero: 0.0,
 );
 // VNNI accumulates in i32 as it goes: its `step` cannot overflow, and `flush` only adds.
 instruction_set!(
@@ -837,6 +937,8 @@ instruction_set!(
     dot: |u, s| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s),
     step: |acc, w, x| _mm256_dpbusd_epi32(acc, w, x),
     flush: |acc, s| _mm256_add_epi32(acc, s),
+    q8: |acc, w, x| _mm256_dpbusd_epi32(acc, w, x),
+    q8_zero: 128.0,
 );
 
 /// Checks that `backend` runs here (AVX2 when not VNNI): the condition for calling its kernels.
@@ -948,6 +1050,26 @@ pub fn rows(
         DType::Q4K => run_rows::<Q4K>(backend, w, row_bytes, a, out),
         DType::Q6K => run_rows::<Q6K>(backend, w, row_bytes, a, out),
         _ => panic!("{dtype:?} is not block-quantized"),
+    }
+}
+
+/// `out[r] = row r · a` for the rows of interleaved Q8_0 groups in `w` (`row_bytes` a row as stored;
+/// whole groups, `out` as many rows as they hold or up to seven fewer).
+pub fn rows_interleaved(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, out: &mut [f32]) {
+    let nb = row_bytes / 34;
+    let ngroups = out.len().div_ceil(8);
+    // These checks make the kernel's raw-pointer reads and writes sound.
+    assert!(row_bytes == nb * 34 && w.len() == ngroups * 8 * row_bytes);
+    let ap = act_ptr(&a, 32 * nb);
+    check_features(backend);
+    let (wp, n, op) = (w.as_ptr(), out.len(), out.as_mut_ptr());
+    match backend {
+        // SAFETY: checked above: the groups, the activations, the output, the CPU features.
+        Backend::Avx512Vnni | Backend::Amx => unsafe {
+            vnni::rows_interleaved(wp, ngroups, nb, ap, n, op)
+        },
+        // SAFETY: as above.
+        _ => unsafe { avx2::rows_interleaved(wp, ngroups, nb, ap, n, op) },
     }
 }
 
@@ -1326,6 +1448,48 @@ macro_rules! panel_span {
 }
 panel_span!(avx2_span, avx2);
 panel_span!(vnni_span, vnni);
+
+/// Whole groups of interleaved Q8_0 rows (`w`, `row_bytes` a row as stored) back in the file's layout,
+/// into `out`: the SIMD form of `quantized::deinterleave_q8_0` (an 8 × 8 transpose of each block's
+/// four-value groups). Returns false, doing nothing, where the CPU lacks AVX2.
+pub fn deinterleave_groups(w: &[u8], row_bytes: usize, out: &mut [u8]) -> bool {
+    if !has_avx2() {
+        return false;
+    }
+    let nb = row_bytes / 34;
+    let groups = w.len() / (8 * row_bytes);
+    // These checks make the raw-pointer reads and writes below sound.
+    assert!(row_bytes == 34 * nb && w.len() == groups * 8 * row_bytes && out.len() == w.len());
+    // SAFETY: checked: `groups` whole groups in and out; the CPU has AVX2.
+    unsafe { deinterleave_avx2(w.as_ptr(), groups, nb, out.as_mut_ptr()) };
+    true
+}
+
+/// # Safety
+/// `w` and `out` hold `groups` groups of eight rows of `nb` Q8_0 blocks; the CPU has AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn deinterleave_avx2(w: *const u8, groups: usize, nb: usize, out: *mut u8) {
+    let rb = 34 * nb;
+    let flip = _mm256_set1_epi8(-128);
+    for g in 0..groups {
+        // SAFETY (for every offset below): within group g of `w` and rows 8g..8g + 8 of `out`.
+        unsafe {
+            let values = w.add(8 * rb * g);
+            let scales = values.add(256 * nb) as *const u16;
+            let rows = out.add(8 * rb * g);
+            for b in 0..nb {
+                let v: [__m256i; 8] = std::array::from_fn(|i| {
+                    _mm256_loadu_si256(values.add(256 * b + 32 * i) as *const __m256i)
+                });
+                for (r, row) in transpose8x8(v).into_iter().enumerate() {
+                    let blk = rows.add(r * rb + 34 * b);
+                    (blk as *mut u16).write_unaligned(scales.add(8 * b + r).read_unaligned());
+                    _mm256_storeu_si256(blk.add(2) as *mut __m256i, _mm256_xor_si256(row, flip));
+                }
+            }
+        }
+    }
+}
 
 /// `out[g]` lane `r` = i32 lane `g` of `v[r]`: an 8 × 8 transpose of 32-bit values.
 #[target_feature(enable = "avx2,fma,f16c")]
