@@ -1102,7 +1102,7 @@ pub fn interleaved_q8_0_bytes(rows: usize, cols: usize) -> Option<usize> {
 /// Why: a Q8_0 row taken one at a time costs the decode kernel about twelve vector instructions per
 /// 32 weights (load and convert the scale, the sign trick for signed bytes, one multiply-add, a
 /// conversion, two scalings, a horizontal sum per row). Eight rows side by side in each register need
-/// about three per 32 weights of each row: the token's four activations broadcast, one `vpdpbusd` on
+/// about four per 32 weights of each row: the token's four activations broadcast, one `vpdpbusd` on
 /// eight rows' four values, and per block one conversion and scaling for all eight.
 ///
 /// The layout, per group of eight rows (the last group repeats its last row to fill it), `nb` blocks a
