@@ -790,15 +790,24 @@ fn prefill_task_amx(dtype: DType, w: &[u8], rb: usize, acts: &super::amx::AmxAct
     const ROWS: usize = super::amx::ROWS;
     let (nrows, t) = (w.len() / rb, out.shared.tokens);
     assert!(nrows == out.rows);
-    let mut panel = super::amx::Panel::default();
-    for r in (0..nrows).step_by(ROWS) {
-        let n = (nrows - r).min(ROWS);
-        let rows: [&[u8]; ROWS] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
-        // SAFETY: rows r..r + n of the block (checked: nrows rows), for every token of the product:
-        // the task's own elements.
-        let (start, os) = (out.shared.at(0, out.r0 + r), out.shared.stride);
-        unsafe { super::amx::multiply_rows(dtype, &rows[..n], acts, 0..t, start, os, &mut panel) };
-    }
+    AMX_PANEL.with_borrow_mut(|panel| {
+        for r in (0..nrows).step_by(ROWS) {
+            let n = (nrows - r).min(ROWS);
+            let rows: [&[u8]; ROWS] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
+            // SAFETY: rows r..r + n of the block (checked: nrows rows), for every token of the
+            // product: the task's own elements.
+            let (start, os) = (out.shared.at(0, out.r0 + r), out.shared.stride);
+            unsafe { super::amx::multiply_rows(dtype, &rows[..n], acts, 0..t, start, os, panel) };
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each thread's AMX panel, kept from task to task: a fresh one per task was allocated and zeroed
+    /// (28–152 KiB), and `multiply_rows` overwrites every byte it reads.
+    static AMX_PANEL: std::cell::RefCell<super::amx::Panel> =
+        std::cell::RefCell::new(super::amx::Panel::default());
 }
 
 /// The prefill task of the panel formats: the block `out` for the rows in `w`, for every token; each span
