@@ -52,6 +52,16 @@ pub enum Layout {
     Interleaved8,
 }
 
+impl Layout {
+    /// Rows stored for `rows` rows: interleaved ones in whole groups of eight (the last padded).
+    pub fn stored_rows(self, rows: usize) -> usize {
+        match self {
+            Layout::Rows => rows,
+            Layout::Interleaved8 => rows.next_multiple_of(GROUP_ROWS),
+        }
+    }
+}
+
 /// `(values, bytes)` of one (super-)block for the types this module multiplies; `None` for the others.
 pub fn block_shape(dtype: DType) -> Option<(usize, usize)> {
     match dtype {
@@ -460,13 +470,10 @@ pub(crate) fn rows_per_task(rows: usize, row_bytes: usize, t: usize) -> usize {
 fn check(w: &QuantSlice, rows: usize, cols: usize) -> usize {
     let rb =
         row_bytes(w.dtype, cols).unwrap_or_else(|| panic!("{:?} rows of {cols} values", w.dtype));
-    let stored = match w.layout {
-        Layout::Rows => rows,
-        Layout::Interleaved8 => {
-            assert_eq!(w.dtype, DType::Q8_0, "only Q8_0 is interleaved");
-            rows.next_multiple_of(GROUP_ROWS)
-        }
-    };
+    if w.layout == Layout::Interleaved8 {
+        assert_eq!(w.dtype, DType::Q8_0, "only Q8_0 is interleaved");
+    }
+    let stored = w.layout.stored_rows(rows);
     assert_eq!(w.bytes.len(), stored * rb, "weight bytes vs shape");
     rb
 }
@@ -637,12 +644,8 @@ pub fn matmul_acts_many(
         .map(|p| {
             let rb = check(&p.w, p.rows, cols);
             assert!(p.out.len() == t * p.rows);
-            let per = rows_per_task(p.rows, rb, t);
             // Interleaved rows go in whole groups of eight.
-            let per = match p.w.layout {
-                Layout::Rows => per,
-                Layout::Interleaved8 => per.next_multiple_of(GROUP_ROWS),
-            };
+            let per = p.w.layout.stored_rows(rows_per_task(p.rows, rb, t));
             (p.w, rb, per)
         })
         .collect();
@@ -650,10 +653,7 @@ pub fn matmul_acts_many(
         // Decode: each task multiplies a run of consecutive rows, one sequential stream.
         let a = acts.row(0);
         let run = |(w, rb, _): (QuantSlice, usize, usize), r0: usize, o: &mut [f32]| {
-            let stored = match w.layout {
-                Layout::Rows => o.len(),
-                Layout::Interleaved8 => o.len().next_multiple_of(GROUP_ROWS),
-            };
+            let stored = w.layout.stored_rows(o.len());
             let bytes = &w.bytes[r0 * rb..(r0 + stored) * rb];
             rows_dot(backend, w.dtype, w.layout, bytes, rb, a, o);
         };
@@ -1102,7 +1102,7 @@ pub const GROUP_ROWS: usize = 8;
 /// Bytes an interleaved Q8_0 matrix of `rows × cols` occupies (rows padded to whole groups of eight),
 /// if its rows are whole Q8_0 blocks.
 pub fn interleaved_q8_0_bytes(rows: usize, cols: usize) -> Option<usize> {
-    Some(rows.next_multiple_of(GROUP_ROWS) * row_bytes(DType::Q8_0, cols)?)
+    Some(Layout::Interleaved8.stored_rows(rows) * row_bytes(DType::Q8_0, cols)?)
 }
 
 /// Q8_0 rows (`rb` bytes each, as stored) laid out for the decode kernel, into `out`
