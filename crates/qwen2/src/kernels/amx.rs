@@ -125,44 +125,43 @@ impl AmxActs {
         assert!(available(), "AMX is not available");
         let nb = cols / 32;
         let mut lines = Lines::zeroed(t.div_ceil(TOKENS) * nb * TILE_BYTES);
-        let q = lines.as_mut_ptr().cast::<u32>();
-        for (i, row) in x.chunks_exact(cols).enumerate() {
-            let (tile, n) = (i / TOKENS, i % TOKENS);
-            for (b, block) in row.chunks_exact(32).enumerate() {
-                let at = (tile * nb + b) * TILE_BYTES / 4 + n;
-                let block: &[f32; 32] = block
-                    .try_into()
-                    .unwrap_or_else(|_| unreachable!("32 values"));
-                // SAFETY: tile, b and n are within the lines' tiles × nb blocks × 16 tokens; AVX-512
-                // BF16 is present (`available`).
-                unsafe { put_pairs(block, q.add(at)) };
+        for (tile, tokens) in x.chunks(TOKENS * cols).enumerate() {
+            for b in 0..nb {
+                let out = &mut lines.0[(tile * nb + b) * TILE_BYTES / 64..][..TILE_BYTES / 64];
+                // SAFETY: AVX-512 F/BF16 are present (`available`).
+                unsafe { put_block(tokens, cols, b, out) };
             }
         }
         AmxActs { t, nb, q: lines }
     }
 }
 
-/// 32 values as bf16 pairs, pair `p` at `out + 16p` (`u32`s).
+/// Block `b` of up to 16 tokens (`tokens`, rows of `cols` values) as bf16 pairs, pair `p` of every token
+/// in line `p` of `out`: each token's 32 values rounded to 16 pairs, one vector a token, then the 16 × 16
+/// pairs transposed. Tokens past the last are zeros.
 ///
 /// # Safety
-/// `out` points at 16 · 15 + 1 writable `u32`s; the CPU has AVX-512 F/BF16.
+/// The CPU has AVX-512 F/BF16.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn put_pairs(block: &[f32; 32], out: *mut u32) {
-    // SAFETY: 32 floats.
-    let (lo, hi) = unsafe {
-        (
-            _mm512_loadu_ps(block.as_ptr()),
-            _mm512_loadu_ps(block.as_ptr().add(16)),
-        )
-    };
-    // SAFETY: both are 64 bytes of plain data.
-    let pairs: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
-    let index = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(16),
-    );
-    // SAFETY: the 16 u32s at out + 16p, p < 16, by the caller's promise.
-    unsafe { _mm512_i32scatter_epi32::<4>(out.cast(), index, pairs) };
+unsafe fn put_block(tokens: &[f32], cols: usize, b: usize, out: &mut [Line]) {
+    let by_token: [__m512; TOKENS] = std::array::from_fn(|i| match tokens.get(i * cols..) {
+        Some(row) if !row.is_empty() => {
+            let block = &row[32 * b..][..32];
+            // SAFETY: 32 floats; the bf16 pairs are 64 bytes of plain data.
+            unsafe {
+                let (lo, hi) = (
+                    _mm512_loadu_ps(block.as_ptr()),
+                    _mm512_loadu_ps(block.as_ptr().add(16)),
+                );
+                std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(hi, lo))
+            }
+        }
+        _ => _mm512_setzero_ps(),
+    });
+    for (line, pairs) in out.iter_mut().zip(transpose16(by_token)) {
+        // SAFETY: a line is 64 bytes.
+        unsafe { _mm512_storeu_ps(line.0.as_mut_ptr().cast(), pairs) };
+    }
 }
 
 /// `out + t · os + r = row r · token t` for `rows` (one to 16 rows of `dtype`, a [`format`], of one
