@@ -235,7 +235,7 @@ impl Block for Q8_0 {
         unsafe {
             let blk = row.add(34 * b);
             let d = f16_to_f32(blk);
-            put_bf16(_mm256_loadu_si256(blk.add(2).cast()), (d, d), 0.0, out);
+            put_bf16(_mm256_loadu_si256(blk.add(2).cast()), (d, d), out);
         }
     }
 }
@@ -309,7 +309,7 @@ impl Block for Q6K {
                 _mm256_set1_epi8(32),
             );
             let sc = |i: usize| d * *blk.add(192 + 8 * h + 2 * k + i) as i8 as f32;
-            put_bf16(values, (sc(0), sc(1)), 0.0, out);
+            put_bf16(values, (sc(0), sc(1)), out);
         }
     }
 }
@@ -504,21 +504,27 @@ fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
             _mm512_unpackhi_pd(a, b)
         })
     });
+    // halves[2e + h]: lanes 2h and 2h + 1 of column-vectors e of rows 0-3 and 4-7, then of rows 8-11
+    // and 12-15.
+    let halves: [[__m512; 2]; 8] = std::array::from_fn(|i| {
+        let (e, h) = (i / 2, i % 2);
+        let [a, b, c, d] = [quads[e], quads[4 + e], quads[8 + e], quads[12 + e]];
+        if h == 0 {
+            [
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0x44>(c, d),
+            ]
+        } else {
+            [
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(c, d),
+            ]
+        }
+    });
+    // Column 4L + e: lane L of each quarter of the rows.
     std::array::from_fn(|c| {
         let (lane, e) = (c / 4, c % 4);
-        let (a, b, cc, d) = (quads[e], quads[4 + e], quads[8 + e], quads[12 + e]);
-        // Lanes 0, 1 or 2, 3 of rows 0-3 and 4-7, and of rows 8-11 and 12-15, then one lane of each.
-        let (ab, cd) = if lane < 2 {
-            (
-                _mm512_shuffle_f32x4::<0x44>(a, b),
-                _mm512_shuffle_f32x4::<0x44>(cc, d),
-            )
-        } else {
-            (
-                _mm512_shuffle_f32x4::<0xEE>(a, b),
-                _mm512_shuffle_f32x4::<0xEE>(cc, d),
-            )
-        };
+        let [ab, cd] = halves[2 * e + lane / 2];
         if lane % 2 == 0 {
             _mm512_shuffle_f32x4::<0x88>(ab, cd)
         } else {
@@ -614,19 +620,19 @@ unsafe fn f16_to_f32(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-/// 32 signed byte values times `scale` (low 16 and high 16 each times their own), minus `min`, as 32
-/// bf16 at `out`.
+/// 32 signed byte values times `scale` (low 16 and high 16 each times their own), as 32 bf16 at `out`:
+/// the fill of the formats with too many distinct values for a table (Q8_0, and Q6_K with its two scales
+/// a block).
 ///
 /// # Safety
 /// `out` points at 64 writable bytes; the CPU has AVX-512 F/BW/VL/BF16.
 #[inline]
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn put_bf16(values: __m256i, scale: (f32, f32), min: f32, out: *mut i8) {
+unsafe fn put_bf16(values: __m256i, scale: (f32, f32), out: *mut i8) {
     let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(values)));
     let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(values)));
-    let m = _mm512_set1_ps(min);
-    let lo = _mm512_fmsub_ps(lo, _mm512_set1_ps(scale.0), m);
-    let hi = _mm512_fmsub_ps(hi, _mm512_set1_ps(scale.1), m);
+    let lo = _mm512_mul_ps(lo, _mm512_set1_ps(scale.0));
+    let hi = _mm512_mul_ps(hi, _mm512_set1_ps(scale.1));
     // SAFETY: 64 bytes of plain data, stored at `out` (64 bytes by the caller's promise).
     unsafe {
         let bf16: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
@@ -717,6 +723,27 @@ mod tests {
                 .map(|&v| half::bf16::from_f32(v).to_bits())
                 .collect();
             assert_eq!(got.to_vec(), want);
+        }
+    }
+
+    #[test]
+    fn transpose16_turns_rows_into_columns() {
+        if skip() {
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        // SAFETY: 16 rows of 16 floats; `available` implies AVX-512 F.
+        let cols = unsafe {
+            transpose16(std::array::from_fn(|r| {
+                _mm512_loadu_ps(m[16 * r..].as_ptr())
+            }))
+        };
+        for (c, col) in cols.iter().enumerate() {
+            let mut got = [0f32; 16];
+            // SAFETY: 16 floats.
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), *col) };
+            let want: Vec<f32> = (0..16).map(|r| m[16 * r + c]).collect();
+            assert_eq!(got.to_vec(), want, "column {c}");
         }
     }
 
