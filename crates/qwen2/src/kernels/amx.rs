@@ -174,11 +174,12 @@ unsafe fn put_block(tokens: &[f32], cols: usize, b: usize, out: &mut [Line]) {
 /// for all groups.
 ///
 /// `panel` holds that dequantized panel between calls, so a caller going through many rows allocates it
-/// once.
+/// once; `tiles` is this thread's tile unit, configured by the caller once for all its calls.
 ///
 /// # Safety
 /// For every token `t` of `tokens`, `out + t · os` up to `rows.len()` is writable and written by no one
 /// else during the call; `os` ≥ `rows.len()`.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn multiply_rows(
     dtype: DType,
     rows: &[&[u8]],
@@ -187,6 +188,7 @@ pub unsafe fn multiply_rows(
     out: *mut f32,
     os: usize,
     panel: &mut Panel,
+    _tiles: &Tiles,
 ) {
     assert!(format(dtype) && (1..=ROWS).contains(&rows.len()));
     let row_bytes = rows[0].len();
@@ -195,13 +197,13 @@ pub unsafe fn multiply_rows(
     assert!(row_bytes.is_multiple_of(bytes) && row_bytes / bytes * vals == 32 * acts.nb);
     assert!(tokens.start.is_multiple_of(TOKENS) && tokens.end <= acts.t && os >= rows.len());
     assert!(acts.q.len() >= acts.t.div_ceil(TOKENS) * acts.nb * TILE_BYTES);
-    assert!(available(), "AMX is not available");
     // Rows past the last repeat it: their results are computed and never stored.
     let ptrs: [*const u8; ROWS] = std::array::from_fn(|r| rows[r.min(rows.len() - 1)].as_ptr());
     let n = rows.len();
     // SAFETY: every row holds `acts.nb` blocks of `dtype` and the activations every tile `tokens`
-    // covers (checked above); the tile unit is enabled for this process and AVX-512 F/BW/VL/BF16 and
-    // F16C are present (`available`); `out` by the caller's promise.
+    // covers (checked above); the tile unit is configured on this thread (`_tiles`, which cannot leave
+    // it) and AVX-512 F/BW/VL/BF16 and F16C are present (`available`, checked by `Tiles::configure`);
+    // `out` by the caller's promise.
     unsafe {
         match dtype {
             DType::Q8_0 => run::<Q8_0>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
@@ -332,9 +334,6 @@ unsafe fn run<F: Block>(
     panel: &mut Panel,
 ) {
     let nb = acts.nb;
-    let config = TileConfig::new();
-    // SAFETY: a valid palette-1 configuration (see `TileConfig`).
-    unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
     // This is where a prefill first reads the weights, from DRAM: the next 16 rows (a hint only, never
     // read) are asked for over the first group's blocks, so they arrive while these rows' tokens run.
     let next = rows[0].wrapping_add(ROWS * row_bytes);
@@ -444,9 +443,49 @@ unsafe fn run<F: Block>(
             }
         }
     }
-    // Leaves the tile state empty: a thread switch then need not save 8 KiB of it.
-    // SAFETY: no operands; the tiles are not used again before the next `ldtilecfg`.
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+}
+
+/// This thread's tile unit, configured for [`multiply_rows`] (the shapes [`TileConfig`] gives) from
+/// [`Tiles::configure`] until dropped. Why a guard: configuring and releasing the tiles cost about half
+/// a microsecond, and done around each call of 16 rows that was 14 % of a call's time at 896 values a row
+/// and 13 tokens (9 % at 32 tokens; benches/RESULTS.md), so a caller configures them once for all the rows
+/// of its task. Released at the end, so a thread switch between tasks need not save the tiles' 8 KiB. Not
+/// `Send`: the configuration belongs to the thread that made it.
+pub struct Tiles {
+    _this_thread: std::marker::PhantomData<*const ()>,
+}
+
+thread_local! {
+    /// Whether a [`Tiles`] is alive on this thread: a second one would release the tiles under the first.
+    static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Tiles {
+    /// Configures the tiles. Panics if AMX is not [`available`], or if this thread's tiles are
+    /// configured already (by a `Tiles` still alive).
+    pub fn configure() -> Tiles {
+        assert!(available(), "AMX is not available");
+        assert!(
+            !CONFIGURED.replace(true),
+            "the tiles are configured already"
+        );
+        let config = TileConfig::new();
+        // SAFETY: a valid palette-1 configuration (see `TileConfig`); the tile unit is enabled for this
+        // process (`available`).
+        unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+        Tiles {
+            _this_thread: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: no operands; no `Tiles` is left on this thread, so no tile is used again before the
+        // next `ldtilecfg`.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        CONFIGURED.set(false);
+    }
 }
 
 /// A thread's room for [`multiply_rows`]: the dequantized panel, the two blocks of weights on their way
@@ -747,6 +786,45 @@ mod tests {
         }
     }
 
+    /// One `Tiles` a thread at a time: a second would release the tiles under the first when dropped.
+    /// Once the first is dropped, the tiles can be configured again, and multiply.
+    #[test]
+    fn tiles_are_configured_once_a_thread() {
+        if skip() {
+            return;
+        }
+        let first = Tiles::configure();
+        assert!(std::panic::catch_unwind(Tiles::configure).is_err());
+        drop(first);
+        let (dtype, cols) = (DType::Q8_0, 64);
+        let w = reference_quantizer::random_blocks(dtype, cols / 32, 3);
+        let x = vec![1.0f32; 12 * cols];
+        let acts = AmxActs::new(&x, 12, cols);
+        let mut out = vec![f32::NAN; 12];
+        let tiles = Tiles::configure();
+        // SAFETY: `out` holds 12 tokens of one row; stride 1.
+        unsafe {
+            multiply_rows(
+                dtype,
+                &[&w],
+                &acts,
+                0..12,
+                out.as_mut_ptr(),
+                1,
+                &mut Panel::default(),
+                &tiles,
+            )
+        };
+        let want: f64 = crate::weights::quant::dequantize(dtype, &w, cols)
+            .unwrap()
+            .iter()
+            .map(|&v| bf16(v))
+            .sum();
+        assert!(out
+            .iter()
+            .all(|&o| (o as f64 - want).abs() <= 1e-4 * want.abs().max(1.0)));
+    }
+
     /// A token's results have the same bits whatever else is in its product: alone in a tile, in a
     /// group of two, or in a product long enough to dequantize the panel once for several groups.
     #[test]
@@ -765,7 +843,8 @@ mod tests {
             let mut out = vec![0f32; t * rows];
             // SAFETY: `out` holds t tokens of `rows` values; stride rows.
             let o = out.as_mut_ptr();
-            unsafe { multiply_rows(dtype, &rows_b, &acts, 0..t, o, rows, &mut Panel::default()) };
+            let (mut panel, tiles) = (Panel::default(), Tiles::configure());
+            unsafe { multiply_rows(dtype, &rows_b, &acts, 0..t, o, rows, &mut panel, &tiles) };
             out
         };
         let alone = run(12);
@@ -811,7 +890,10 @@ mod tests {
                 let mut got = vec![f32::NAN; t * rows];
                 // SAFETY: `got` holds t tokens of `rows` values; stride rows.
                 let (o, mut panel) = (got.as_mut_ptr(), Panel::default());
-                unsafe { multiply_rows(dtype, &rows_b, &acts, from..t, o, rows, &mut panel) };
+                let tiles = Tiles::configure();
+                unsafe {
+                    multiply_rows(dtype, &rows_b, &acts, from..t, o, rows, &mut panel, &tiles)
+                };
                 for (r, row) in rows_b.iter().enumerate() {
                     let wr = crate::weights::quant::dequantize(dtype, row, cols).unwrap();
                     for ti in 0..t {

@@ -791,13 +791,16 @@ fn prefill_task_amx(dtype: DType, w: &[u8], rb: usize, acts: &super::amx::AmxAct
     let (nrows, t) = (w.len() / rb, out.shared.tokens);
     assert!(nrows == out.rows);
     AMX_PANEL.with_borrow_mut(|panel| {
+        let tiles = super::amx::Tiles::configure();
         for r in (0..nrows).step_by(ROWS) {
             let n = (nrows - r).min(ROWS);
             let rows: [&[u8]; ROWS] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
             // SAFETY: rows r..r + n of the block (checked: nrows rows), for every token of the
             // product: the task's own elements.
             let (start, os) = (out.shared.at(0, out.r0 + r), out.shared.stride);
-            unsafe { super::amx::multiply_rows(dtype, &rows[..n], acts, 0..t, start, os, panel) };
+            unsafe {
+                super::amx::multiply_rows(dtype, &rows[..n], acts, 0..t, start, os, panel, &tiles)
+            };
         }
     })
 }
@@ -972,7 +975,7 @@ pub fn matmul_rows(
     #[cfg(target_arch = "x86_64")]
     if uses_amx(backend, w.dtype, t) {
         let aacts = super::amx::AmxActs::new(x, t, cols);
-        let mut panel = super::amx::Panel::default();
+        let (mut panel, tiles) = (super::amx::Panel::default(), super::amx::Tiles::configure());
         for (c, ids16) in ids.chunks(super::amx::ROWS).enumerate() {
             let rows: Vec<&[u8]> = ids16.iter().map(|&r| &w.bytes[r * rb..][..rb]).collect();
             let first = &mut out[super::amx::ROWS * c..];
@@ -982,7 +985,8 @@ pub fn matmul_rows(
             // ids.len() ≥ the chunk's rows), checked above.
             let (first, os) = (first.as_mut_ptr(), ids.len());
             unsafe {
-                super::amx::multiply_rows(w.dtype, &rows, &aacts, 0..t, first, os, &mut panel)
+                let panel = &mut panel;
+                super::amx::multiply_rows(w.dtype, &rows, &aacts, 0..t, first, os, panel, &tiles)
             };
         }
         return;
