@@ -222,7 +222,7 @@ trait Block {
     /// # Safety
     /// `row` holds block `b`; `out` points at 64 writable bytes; the CPU has AVX-512 F/BW/VL/BF16 and
     /// F16C.
-    unsafe fn put(row: *const u8, b: usize, out: *mut i8);
+    unsafe fn put(row: *const u8, b: usize, out: *mut i8, f16: &F16Table);
 }
 
 struct Q8_0;
@@ -232,11 +232,11 @@ struct Q6K;
 
 impl Block for Q8_0 {
     #[inline(always)]
-    unsafe fn put(row: *const u8, b: usize, out: *mut i8) {
+    unsafe fn put(row: *const u8, b: usize, out: *mut i8, f16: &F16Table) {
         // SAFETY: block b (34 bytes) and `out`, by the caller's promise.
         unsafe {
             let blk = row.add(34 * b);
-            let d = f16_to_f32(blk);
+            let d = f16.widen(blk);
             put_bf16(_mm256_loadu_si256(blk.add(2).cast()), (d, d), out);
         }
     }
@@ -244,20 +244,20 @@ impl Block for Q8_0 {
 
 impl Block for Q5_0 {
     #[inline(always)]
-    unsafe fn put(row: *const u8, b: usize, out: *mut i8) {
+    unsafe fn put(row: *const u8, b: usize, out: *mut i8, f16: &F16Table) {
         // SAFETY: block b (22 bytes) and `out`, by the caller's promise.
-        unsafe { put_q5_0(row.add(22 * b), out) }
+        unsafe { put_q5_0(row.add(22 * b), out, f16) }
     }
 }
 
 impl Block for Q4K {
     #[inline(always)]
-    unsafe fn put(row: *const u8, b: usize, out: *mut i8) {
+    unsafe fn put(row: *const u8, b: usize, out: *mut i8, f16: &F16Table) {
         let (sb, j) = (b / 8, b % 8);
         // SAFETY: super-block sb (144 bytes) holds block b; `out`, by the caller's promise.
         unsafe {
             let blk = row.add(144 * sb);
-            let (d, dmin) = (f16_to_f32(blk), f16_to_f32(blk.add(2)));
+            let (d, dmin) = (f16.widen(blk), f16.widen(blk.add(2)));
             let packed: &[u8; 12] = &*blk.add(4).cast();
             let (sc, m) = super::quantized::q4k_scale_min(packed, j);
             let nibbles = _mm256_loadu_si256(blk.add(16 + 32 * (j / 2)).cast());
@@ -287,13 +287,13 @@ impl Block for Q4K {
 
 impl Block for Q6K {
     #[inline(always)]
-    unsafe fn put(row: *const u8, b: usize, out: *mut i8) {
+    unsafe fn put(row: *const u8, b: usize, out: *mut i8, f16: &F16Table) {
         let (sb, j) = (b / 8, b % 8);
         let (h, k) = (j / 4, j % 4);
         // SAFETY: super-block sb (210 bytes) holds block b; `out`, by the caller's promise.
         unsafe {
             let blk = row.add(210 * sb);
-            let d = f16_to_f32(blk.add(208));
+            let d = f16.widen(blk.add(208));
             let ql = _mm256_loadu_si256(blk.add(64 * h + 32 * (k & 1)).cast());
             let qh = _mm256_loadu_si256(blk.add(128 + 32 * h).cast());
             let ql = if k < 2 {
@@ -334,6 +334,7 @@ unsafe fn run<F: Block>(
     panel: &mut Panel,
 ) {
     let nb = acts.nb;
+    let f16: &F16Table = &F16_AS_F32;
     // This is where a prefill first reads the weights, from DRAM: the next 16 rows (a hint only, never
     // read) are asked for over the first group's blocks, so they arrive while these rows' tokens run.
     let next = rows[0].wrapping_add(ROWS * row_bytes);
@@ -354,7 +355,7 @@ unsafe fn run<F: Block>(
         for b in 0..nb {
             for (r, &row) in rows.iter().enumerate() {
                 // SAFETY: block b < nb of the row; row r of block b of the panel.
-                unsafe { F::put(row, b, panel.as_mut_ptr().add(b * TILE_BYTES + 64 * r)) };
+                unsafe { F::put(row, b, panel.as_mut_ptr().add(b * TILE_BYTES + 64 * r), f16) };
             }
         }
     }
@@ -379,7 +380,7 @@ unsafe fn run<F: Block>(
                 let slot = slots.0[b % 2].as_mut_ptr();
                 for (r, &row) in rows.iter().enumerate() {
                     // SAFETY: block b < nb of the row; row r of the slot (16 × 64 bytes).
-                    unsafe { F::put(row, b, slot.add(64 * r)) };
+                    unsafe { F::put(row, b, slot.add(64 * r), f16) };
                 }
                 slot.cast_const()
             };
@@ -647,16 +648,31 @@ impl TileConfig {
     }
 }
 
-/// A little-endian f16 at `p`, widened.
+/// Every f16's value as f32, indexed by its bits: how the fill widens the blocks' scales.
 ///
-/// # Safety
-/// `p` points at two readable bytes; the CPU has F16C.
-#[inline]
-#[target_feature(enable = "f16c")]
-unsafe fn f16_to_f32(p: *const u8) -> f32 {
-    // SAFETY: two bytes at p, by the caller's promise.
-    let bits = unsafe { p.cast::<u16>().read_unaligned() };
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+/// Why: with F16C a scale took a broadcast and a two-part conversion on the vector ports, which the fill
+/// keeps busy (and which the tile products share); from this table it is a load, and the multiply that
+/// uses it broadcasts it from memory. 256 KiB, made on first use; a model's scales fall in a few
+/// binades, so the entries in use stay in cache.
+static F16_AS_F32: std::sync::LazyLock<F16Table> = std::sync::LazyLock::new(|| {
+    let all: Vec<f32> = (0..=u16::MAX)
+        .map(|b| half::f16::from_bits(b).to_f32())
+        .collect();
+    F16Table(all.into_boxed_slice().try_into().expect("65536 entries"))
+});
+
+struct F16Table(Box<[f32; 1 << 16]>);
+
+impl F16Table {
+    /// The little-endian f16 at `p`, widened.
+    ///
+    /// # Safety
+    /// `p` points at two readable bytes.
+    #[inline(always)]
+    unsafe fn widen(&self, p: *const u8) -> f32 {
+        // SAFETY: two bytes at p, by the caller's promise.
+        self.0[unsafe { p.cast::<u16>().read_unaligned() } as usize]
+    }
 }
 
 /// 32 signed byte values times `scale` (low 16 and high 16 each times their own), as 32 bf16 at `out`:
@@ -692,16 +708,16 @@ unsafe fn put_bf16(values: __m256i, scale: (f32, f32), out: *mut i8) {
 /// F/BW/VL/BF16 and F16C.
 #[inline]
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn put_q5_0(blk: *const u8, out: *mut i8) {
+unsafe fn put_q5_0(blk: *const u8, out: *mut i8, f16: &F16Table) {
     // SAFETY: bytes 0..2, 2..6 and 6..22 of the block, by the caller's promise.
     let (d, qh, nibbles) = unsafe {
         (
-            blk.cast::<u16>().read_unaligned(),
+            f16.widen(blk),
             blk.add(2).cast::<u32>().read_unaligned(),
             _mm_loadu_si128(blk.add(6).cast()),
         )
     };
-    let d = _mm512_cvtph_ps(_mm256_set1_epi16(d as i16));
+    let d = _mm512_set1_ps(d);
     let below = _mm512_setr_ps(
         -16.0, -15.0, -14.0, -13.0, -12.0, -11.0, -10.0, -9.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0,
         -2.0, -1.0,
@@ -756,7 +772,7 @@ mod tests {
         for (blk, want) in blocks.chunks_exact(22).zip(want.chunks_exact(32)) {
             let mut got = [0u16; 32];
             // SAFETY: a whole block and 64 bytes; `available` implies AVX-512 F/BW/VL/BF16 and F16C.
-            unsafe { put_q5_0(blk.as_ptr(), got.as_mut_ptr().cast()) };
+            unsafe { put_q5_0(blk.as_ptr(), got.as_mut_ptr().cast(), &F16_AS_F32) };
             let want: Vec<u16> = want
                 .iter()
                 .map(|&v| half::bf16::from_f32(v).to_bits())
