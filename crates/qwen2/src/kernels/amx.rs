@@ -714,7 +714,7 @@ unsafe fn put_q5_0(blk: *const u8, out: *mut i8, f16: &F16Table) {
         (
             f16.widen(blk),
             blk.add(2).cast::<u32>().read_unaligned(),
-            _mm_loadu_si128(blk.add(6).cast()),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.add(6).cast())),
         )
     };
     let d = _mm512_set1_ps(d);
@@ -732,11 +732,12 @@ unsafe fn put_q5_0(blk: *const u8, out: *mut i8, f16: &F16Table) {
             _mm512_mul_ps(below, d),
         ))
     };
-    // Values 0..16 are the nibbles' low halves, 16..32 their high halves; `qh` adds the fifth bit.
-    let nibbles = _mm512_cvtepu8_epi16(_mm256_set_m128i(nibbles, nibbles));
-    let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
-    let low = _mm512_and_si512(_mm512_srlv_epi16(nibbles, shift), _mm512_set1_epi16(0x0F));
-    let index = _mm512_mask_add_epi16(low, qh, low, _mm512_set1_epi16(16));
+    // Values 0..16 are the nibbles' low halves, 16..32 their high halves; `qh` adds the fifth bit. The
+    // indices are made as bytes, in 256-bit registers (a third port takes those), then widened.
+    let values = _mm256_srlv_epi64(nibbles, _mm256_setr_epi64x(0, 0, 4, 4));
+    let values = _mm256_and_si256(values, _mm256_set1_epi8(0x0F));
+    let values = _mm256_mask_add_epi8(values, qh, values, _mm256_set1_epi8(16));
+    let index = _mm512_cvtepu8_epi16(values);
     // SAFETY: 64 bytes at `out`, by the caller's promise.
     unsafe { _mm512_storeu_si512(out.cast(), _mm512_permutexvar_epi16(index, table)) };
 }
