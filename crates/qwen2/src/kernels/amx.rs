@@ -32,6 +32,9 @@ const TOKENS: usize = 16;
 /// product has, so a token's result has the same bits in any batch (what a chunked prefill relies on).
 const GROUP: usize = 2;
 const CHAINS: usize = 2;
+/// Tokens of one group of token tiles: a product of up to this many dequantizes each block just before
+/// the tiles take it (see [`multiply_rows`]).
+pub const GROUP_TOKENS: usize = GROUP * TOKENS;
 /// Bytes of one block's tile: 16 rows (or 16 pairs of values) × 64 bytes.
 const TILE_BYTES: usize = 1024;
 /// Fewest tokens a product runs on the tiles with: below, dequantizing the rows costs more than the

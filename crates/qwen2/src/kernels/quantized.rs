@@ -577,7 +577,16 @@ fn amx_many(products: &mut [Product], cols: usize, x: &[f32], t: usize) {
         .map(|p| {
             let rb = check(&p.w, p.rows, cols);
             assert!(p.out.len() == t * p.rows);
-            let per = rows_per_task(p.rows, rb, t).next_multiple_of(super::amx::ROWS);
+            // A short product (one group of token tiles: the dual task's requests) goes in four tasks
+            // a thread rather than `rows_per_task`'s eight: measured faster at 13 and 32 tokens, not
+            // at 64 (benches/RESULTS.md); likely each task's start (configuring the tiles, its first
+            // rows read before the prefetch runs ahead) paid fewer times.
+            let per = if t <= super::amx::GROUP_TOKENS {
+                p.rows.div_ceil(rayon::current_num_threads().max(1) * 4)
+            } else {
+                rows_per_task(p.rows, rb, t)
+            };
+            let per = per.next_multiple_of(super::amx::ROWS);
             (p.w, rb, per)
         })
         .collect();
