@@ -451,9 +451,9 @@ unsafe fn run<F: Block>(
 
 /// This thread's tile unit, configured for [`multiply_rows`] (the shapes [`TileConfig`] gives) from
 /// [`Tiles::configure`] until dropped. Why a guard: configuring and releasing the tiles cost about half
-/// a microsecond, and done around each call of 16 rows that was 14 % of a call's time at 896 values a row
-/// and 13 tokens (9 % at 32 tokens; benches/RESULTS.md), so a caller configures them once for all the rows
-/// of its task. Released at the end, so a thread switch between tasks need not save the tiles' 8 KiB. Not
+/// a microsecond; done around each call of 16 rows, a call at 896 values a row took 1.14× as long at 13
+/// tokens and 1.09× at 32 (benches/RESULTS.md), so a caller configures them once for all the rows of its
+/// task. Released at the end, so a thread switch between tasks need not save the tiles' 8 KiB. Not
 /// `Send`: the configuration belongs to the thread that made it.
 pub struct Tiles {
     _this_thread: std::marker::PhantomData<*const ()>,
