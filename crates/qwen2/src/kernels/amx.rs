@@ -205,7 +205,7 @@ pub unsafe fn multiply_rows(
     let n = rows.len();
     // SAFETY: every row holds `acts.nb` blocks of `dtype` and the activations every tile `tokens`
     // covers (checked above); the tile unit is configured on this thread (`_tiles`, which cannot leave
-    // it) and AVX-512 F/BW/VL/BF16 and F16C are present (`available`, checked by `Tiles::configure`);
+    // it) and AVX-512 F/BW/VL/BF16 are present (`available`, checked by `Tiles::configure`);
     // `out` by the caller's promise.
     unsafe {
         match dtype {
@@ -223,8 +223,7 @@ trait Block {
     /// Block `b` of the row at `row`, as 32 bf16 at `out`.
     ///
     /// # Safety
-    /// `row` holds block `b`; `out` points at 64 writable bytes; the CPU has AVX-512 F/BW/VL/BF16 and
-    /// F16C.
+    /// `row` holds block `b`; `out` points at 64 writable bytes; the CPU has AVX-512 F/BW/VL/BF16.
     unsafe fn put(row: *const u8, b: usize, out: *mut i8, f16: &F16Table);
 }
 
@@ -325,7 +324,7 @@ impl Block for Q6K {
 /// As `multiply_rows` checks and promises: 16 rows of `acts.nb` blocks of `F` (the last `16 - n`
 /// repeating a real one), the activations, the tile unit and the CPU features, the output.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn run<F: Block>(
     rows: &[*const u8; ROWS],
     n: usize,
@@ -708,9 +707,9 @@ unsafe fn put_bf16(values: __m256i, scale: (f32, f32), out: *mut i8) {
 ///
 /// # Safety
 /// `blk` points at a whole 22-byte block and `out` at 64 writable bytes; the CPU has AVX-512
-/// F/BW/VL/BF16 and F16C.
+/// F/BW/VL/BF16.
 #[inline]
-#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512bf16")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn put_q5_0(blk: *const u8, out: *mut i8, f16: &F16Table) {
     // SAFETY: bytes 0..2, 2..6 and 6..22 of the block, by the caller's promise.
     let (d, qh, nibbles) = unsafe {
@@ -775,7 +774,7 @@ mod tests {
         let want = crate::weights::quant::dequantize(DType::Q5_0, &blocks, 64 * 32).unwrap();
         for (blk, want) in blocks.chunks_exact(22).zip(want.chunks_exact(32)) {
             let mut got = [0u16; 32];
-            // SAFETY: a whole block and 64 bytes; `available` implies AVX-512 F/BW/VL/BF16 and F16C.
+            // SAFETY: a whole block and 64 bytes; `available` implies AVX-512 F/BW/VL/BF16.
             unsafe { put_q5_0(blk.as_ptr(), got.as_mut_ptr().cast(), &F16_AS_F32) };
             let want: Vec<u16> = want
                 .iter()
