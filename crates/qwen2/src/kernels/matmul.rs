@@ -337,6 +337,7 @@ fn matmul_tiled<W: WeightElem>(
 /// process.
 #[cfg(target_arch = "x86_64")]
 fn matvec_many<W: WeightElem>(products: &mut [(&[W], usize, &mut [f32])], cols: usize, x: &[f32]) {
+    use super::quantized;
     assert!(x.len() == cols);
     let row_bytes = cols * std::mem::size_of::<W>();
     let mut tasks = Vec::new();
@@ -344,7 +345,7 @@ fn matvec_many<W: WeightElem>(products: &mut [(&[W], usize, &mut [f32])], cols: 
         let (w, rows) = (*w, *rows);
         assert!(w.len() >= rows * cols && out.len() == rows);
         // The quantized decode's split, which the weight stream (`bench::weight_stream_gbs`) measures.
-        let per = super::quantized::rows_per_task(rows, row_bytes, 1);
+        let per = quantized::rows_per_task(rows, row_bytes, 1, quantized::TASKS_PER_THREAD);
         tasks.extend(
             out.chunks_mut(per)
                 .enumerate()

@@ -458,13 +458,18 @@ fn rows_dot(
 const PARALLEL_MIN_BYTES: usize = 192 << 10;
 
 /// Rows per parallel task such that tasks are big enough to amortise scheduling (≥ ~16 KiB of weights)
-/// and there are several per thread, so the threads finish together. Always even.
-pub(crate) fn rows_per_task(rows: usize, row_bytes: usize, t: usize) -> usize {
+/// and there are several per thread (`per_thread`: [`TASKS_PER_THREAD`] unless a caller measured
+/// another count better for its products), so the threads finish together. Always even.
+pub(crate) fn rows_per_task(rows: usize, row_bytes: usize, t: usize, per_thread: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let min_rows = (16384 / (row_bytes * t.max(1)).max(1)).max(2);
-    let per = rows.div_ceil(threads * 8).max(min_rows);
+    let per = rows.div_ceil(threads * per_thread.max(1)).max(min_rows);
     (per + 1) & !1
 }
+
+/// Tasks per thread for a product's rows: enough that a thread slowed by the host is made up for by
+/// the other taking more of them.
+pub(crate) const TASKS_PER_THREAD: usize = 8;
 
 /// Checks shapes and returns the bytes of one row (in an interleaved layout: a group's bytes / 8).
 fn check(w: &QuantSlice, rows: usize, cols: usize) -> usize {
@@ -578,15 +583,15 @@ fn amx_many(products: &mut [Product], cols: usize, x: &[f32], t: usize) {
             let rb = check(&p.w, p.rows, cols);
             assert!(p.out.len() == t * p.rows);
             // A short product (one group of token tiles: the dual task's requests) goes in four tasks
-            // a thread rather than `rows_per_task`'s eight: measured faster at 13 and 32 tokens, not
-            // at 64 (benches/RESULTS.md); likely each task's start (configuring the tiles, its first
-            // rows read before the prefetch runs ahead) paid fewer times.
-            let per = if t <= super::amx::GROUP_TOKENS {
-                p.rows.div_ceil(rayon::current_num_threads().max(1) * 4)
+            // a thread rather than eight: measured faster at 13 and 32 tokens, not at 64
+            // (benches/RESULTS.md); likely each task's start (configuring the tiles, its first rows
+            // read before the prefetch runs ahead) paid fewer times.
+            let per_thread = if t <= super::amx::GROUP_TOKENS {
+                4
             } else {
-                rows_per_task(p.rows, rb, t)
+                TASKS_PER_THREAD
             };
-            let per = per.next_multiple_of(super::amx::ROWS);
+            let per = rows_per_task(p.rows, rb, t, per_thread).next_multiple_of(super::amx::ROWS);
             (p.w, rb, per)
         })
         .collect();
@@ -654,7 +659,9 @@ pub fn matmul_acts_many(
             let rb = check(&p.w, p.rows, cols);
             assert!(p.out.len() == t * p.rows);
             // Interleaved rows go in whole groups of eight.
-            let per = p.w.layout.stored_rows(rows_per_task(p.rows, rb, t));
+            let per =
+                p.w.layout
+                    .stored_rows(rows_per_task(p.rows, rb, t, TASKS_PER_THREAD));
             (p.w, rb, per)
         })
         .collect();
