@@ -965,12 +965,13 @@ fn gemm_many_with<W: super::matmul::WeightElem>(
     assert!(has_avx2() && (!wide || is_x86_feature_detected!("avx512f")));
     let (nr, mr) = if wide { (NR512, MR512) } else { (NR, MR) };
     let panels = Panels::pack(x, t, cols, nr);
-    let threads = rayon::current_num_threads().max(1);
-    // (matrix, its output, first row, rows) per task: four tasks per thread and matrix.
+    // (matrix, its output, first row, rows) per task: four tasks per thread and matrix, in whole
+    // micro-kernel calls.
     let mut tasks = Vec::new();
     for (w, rows, out) in products.iter_mut() {
         let (w, rows) = (*w, *rows);
-        let per = rows.div_ceil(threads * 4).next_multiple_of(mr).max(mr);
+        let row_bytes = cols * std::mem::size_of::<W>();
+        let per = super::quantized::rows_per_task(rows, row_bytes, t, 4).next_multiple_of(mr);
         let shared = super::pool::SharedOut::new(out, t);
         tasks.extend(
             (0..rows)
