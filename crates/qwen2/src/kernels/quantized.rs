@@ -1105,14 +1105,18 @@ pub fn quantize_weights_q8_0(values: &[f32], out: &mut [u8]) {
 }
 
 /// The layout the Q8_0 weight form (`--dtype q8_0`) holds its rows in where `backend` multiplies them:
-/// interleaved for the AVX2 and AVX-512 VNNI decode kernels, whose arithmetic it cuts by about two
-/// thirds; as stored elsewhere. With AMX, prefill's tiles read rows: laying an interleaved matrix's
-/// rows out again for them made a 64-token prefill 0.86–0.90× as fast, while the decode, memory-bound
-/// on that host, gained nothing (benches/RESULTS.md). The portable kernel reads rows too.
+/// interleaved wherever the decode runs on x86 (AVX2, AVX-512 VNNI, and AMX hosts, whose decode is
+/// VNNI's), as the file stores them for the portable kernel, which reads rows. Interleaving cuts the
+/// decode's arithmetic by about two thirds. With AMX, prefill's tiles read rows, so each task lays its
+/// rows out again: `duet bench --dtype q8_0` on a 2-core Xeon VM (AMX), two alternations, decoded
+/// 52.3 and 52.1 tok/s against 42.0 and 41.5 with rows (76 % of the read probe against 62 %), and
+/// prefilled 64 tokens 0.77× and 0.83× as fast. A reply decodes many tokens after one prefill, so the
+/// decode decides. (An earlier measure found no decode gain on AMX: its bandwidth probe under-read
+/// there, so the decode looked memory-bound; see `bench::sum_aligned_words`.)
 pub fn q8_0_layout(backend: Backend) -> Layout {
     match backend {
-        Backend::Avx2 | Backend::Avx512Vnni => Layout::Interleaved8,
-        Backend::Portable | Backend::Amx => Layout::Rows,
+        Backend::Avx2 | Backend::Avx512Vnni | Backend::Amx => Layout::Interleaved8,
+        Backend::Portable => Layout::Rows,
     }
 }
 
