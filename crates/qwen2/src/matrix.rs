@@ -19,10 +19,11 @@ pub enum WeightForm {
     /// dequantized to f32 at load (4 bytes a weight in memory). What the golden tests check.
     #[default]
     Exact,
-    /// Each tensor as the file stores it: quantized blocks stay in the mapping (no copy) and each product
-    /// quantizes the activations to 8 bits per 32 values for integer multiply-adds — approximate: the
-    /// activations are rounded. F32/BF16/F16 tensors are used as in `Exact`. A quantized matrix whose rows
-    /// do not hold whole blocks falls back to `Exact`.
+    /// Each tensor as the file stores it: quantized blocks stay in the mapping (no copy; Q8_0 matrices
+    /// excepted where the decode reads them interleaved, see [`quantized::q8_0_layout`]: those are laid
+    /// out again at load) and each product quantizes the activations to 8 bits per 32 values for
+    /// integer multiply-adds — approximate: the activations are rounded. F32/BF16/F16 tensors are used
+    /// as in `Exact`. A quantized matrix whose rows do not hold whole blocks falls back to `Exact`.
     Native,
     /// Every tensor rounded to bf16 (matrices held as bf16, widened to f32 in registers): exact for a bf16
     /// file, rounded otherwise — the same values a bf16 checkpoint of the model holds.
@@ -250,17 +251,24 @@ impl Matrix {
             (WeightForm::Exact | WeightForm::Native, DType::F16) if cast::<f16>(b).is_some() => {
                 Storage::MappedF16(t.bytes.clone())
             }
+            // Q8_0 rows go interleaved where the decode reads them so (see `q8_0_layout`), in `Native` too:
+            // a copy made at load, after which the mapped bytes are never read, so resident memory does
+            // not grow. The default model's output matrix (145 MB of the 392 MB a decode step reads):
+            // `duet bench` (native), two alternations on a 2-core Xeon VM, decoded 49.2 and 51.7 tok/s
+            // against 43.5 and 42.6 mapped; load 0.18–0.19 s against 0.14–0.16, peak RSS 471–472 MiB
+            // against 474–484.
             (WeightForm::Native, q) | (WeightForm::Q8_0, q @ DType::Q8_0)
-                if quantized::row_bytes(q, cols).is_some()
-                    && !(interleave && form == WeightForm::Q8_0) =>
+                if quantized::row_bytes(q, cols).is_some() && !(interleave && q == DType::Q8_0) =>
             {
                 Storage::Quant(q, Layout::Rows, QuantBytes::Mapped(t.bytes.clone()))
             }
-            (WeightForm::Q8_0, DType::Q8_0) if whole_q8_blocks => Storage::Quant(
-                DType::Q8_0,
-                Layout::Interleaved8,
-                QuantBytes::Owned(interleave_rows(arena, b, rows, cols)?),
-            ),
+            (WeightForm::Q8_0 | WeightForm::Native, DType::Q8_0) if whole_q8_blocks => {
+                Storage::Quant(
+                    DType::Q8_0,
+                    Layout::Interleaved8,
+                    QuantBytes::Owned(interleave_rows(arena, b, rows, cols)?),
+                )
+            }
             (WeightForm::Bf16, _) => Storage::OwnedBF16(convert_rows(
                 arena,
                 name,
