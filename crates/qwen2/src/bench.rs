@@ -63,11 +63,11 @@ pub fn fma_peak_gflops(reps: usize) -> f64 {
 /// Runs `work(0..threads)` on as many threads of its own, started together, and returns the seconds
 /// from the first one's start to the last one's end, with the results.
 ///
-/// Why not the pool: a parallel iterator over one item a thread may run two items on one worker while
-/// the other still wakes up. The FMA probe's few milliseconds a thread are short enough for that to
-/// happen in whole runs: on a 2-core Xeon VM its best of three read anywhere from 244 to 496 GFLOP/s,
-/// the low end one core's peak credited to two, and every prefill fraction beside it doubled. The
-/// threads time themselves: the caller may not run again until they are done.
+/// Why not the pool: a parallel iterator over one item a thread may run both items on one worker while
+/// the other still wakes up, and the FMA probe's few milliseconds a thread leave room for that; a probe
+/// reading one core's peak for two doubles every prefill share beside it. On a 2-core Xeon VM, 58 of 60
+/// best-of-three FMA probes this way read 451–496 GFLOP/s and two about half (the host; nothing here
+/// can rule that out). The threads time themselves: the caller may not run again until they are done.
 fn on_every_core<R: Send>(threads: usize, work: impl Fn(usize) -> R + Sync) -> (f64, Vec<R>) {
     let barrier = std::sync::Barrier::new(threads);
     let runs: Vec<(Instant, Instant, R)> = std::thread::scope(|scope| {
