@@ -507,10 +507,18 @@ impl LookupTable {
             }
             _ => Rounding::None,
         };
-        Ok(LookupTable {
-            matrix: Matrix::from_raw_in(arena, name, t, rows, cols, WeightForm::Native)?,
-            rounding,
-        })
+        // `Native` in the rows layout: every block type stays in the mapping, Q8_0 too (the decode's
+        // interleaved layout is for matrices that are multiplied; a lookup reads one row).
+        let matrix = Matrix::from_raw_laid_out(
+            arena,
+            name,
+            t,
+            rows,
+            cols,
+            WeightForm::Native,
+            Layout::Rows,
+        )?;
+        Ok(LookupTable { matrix, rounding })
     }
 
     /// A table that is also multiplied (tied embeddings), so held in the weight form like every matrix.
@@ -598,8 +606,20 @@ mod tests {
             let exact = Matrix::from_raw("w", &t, rows, cols).unwrap();
             let fast = Matrix::from_raw_with("w", &t, rows, cols, WeightForm::Native).unwrap();
             assert_eq!(exact.form(), "f32 (owned)");
-            assert!(fast.form().ends_with("(mapped)"), "{}", fast.form());
-            assert_eq!(fast.bytes(), q.len());
+            // Q8_0 is laid out again where the decode reads it interleaved; every other type stays
+            // mapped.
+            let interleaved = dtype == DType::Q8_0
+                && quantized::q8_0_layout(quantized::Backend::best()) == Layout::Interleaved8;
+            if interleaved {
+                assert_eq!(fast.form(), "q8_0 (interleaved)");
+                assert_eq!(
+                    Some(fast.bytes()),
+                    quantized::interleaved_q8_0_bytes(rows, cols)
+                );
+            } else {
+                assert!(fast.form().ends_with("(mapped)"), "{}", fast.form());
+                assert_eq!(fast.bytes(), q.len());
+            }
             assert_eq!(exact.bytes(), rows * cols * 4);
 
             for tokens in [1, 6] {
