@@ -251,12 +251,12 @@ impl Matrix {
             (WeightForm::Exact | WeightForm::Native, DType::F16) if cast::<f16>(b).is_some() => {
                 Storage::MappedF16(t.bytes.clone())
             }
-            // Q8_0 rows go interleaved where the decode reads them so (see `q8_0_layout`), in `Native` too:
-            // a copy made at load, after which the mapped bytes are never read, so resident memory does
-            // not grow. The default model's output matrix (145 MB of the 392 MB a decode step reads):
-            // `duet bench` (native), two alternations on a 2-core Xeon VM, decoded 49.2 and 51.7 tok/s
-            // against 43.5 and 42.6 mapped; load 0.18–0.19 s against 0.14–0.16, peak RSS 471–472 MiB
-            // against 474–484.
+            // Q8_0 rows go interleaved where the decode reads them so (see `q8_0_layout`), in `Native`
+            // too: a copy made at load, after which the mapped bytes are never read, so resident memory
+            // does not grow. The default model's output matrix (145 MB of the 392 MB a decode step
+            // reads; its other Q8_0 matrices are 12 small `attn_v`): `duet bench` (native), two
+            // alternations on a 2-core Xeon VM, decoded 49.2 and 51.7 tok/s against 43.5 and 42.6
+            // mapped; load 0.18–0.19 s against 0.14–0.16, peak RSS 471–472 MiB against 474–484.
             (WeightForm::Native, q) | (WeightForm::Q8_0, q @ DType::Q8_0)
                 if quantized::row_bytes(q, cols).is_some() && !(interleave && q == DType::Q8_0) =>
             {
