@@ -1111,8 +1111,9 @@ pub fn quantize_weights_q8_0(values: &[f32], out: &mut [u8]) {
 /// rows out again: `duet bench --dtype q8_0` on a 2-core Xeon VM (AMX), two alternations, decoded
 /// 52.3 and 52.1 tok/s against 42.0 and 41.5 with rows (76 % of the read probe against 62 %), and
 /// prefilled 64 tokens 0.77× and 0.83× as fast. A reply decodes many tokens after one prefill, so the
-/// decode decides. (An earlier measure found no decode gain on AMX: its bandwidth probe under-read
-/// there, so the decode looked memory-bound; see `bench::sum_aligned_words`.)
+/// decode decides. (An earlier A/B, on a busier Xeon VM, gave 0.96–1.04×, and the decode was judged
+/// memory-bound against a bandwidth probe that under-read there, see `bench::sum_aligned_words`; which
+/// of the two kept the gain away that day is not known.)
 pub fn q8_0_layout(backend: Backend) -> Layout {
     match backend {
         Backend::Avx2 | Backend::Avx512Vnni | Backend::Amx => Layout::Interleaved8,
