@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::kernels::quantized::{rows_per_task, TASKS_PER_THREAD};
+use crate::kernels::quantized::{rows_per_task, DECODE_TASKS_PER_THREAD};
 use crate::model::Model;
 use crate::weights::arena::{Arena, ArenaBuf};
 use rayon::prelude::*;
@@ -141,7 +141,8 @@ fn weight_stream_sum(steps: &[Vec<Stream>]) -> u64 {
             let mut tasks = Vec::new();
             for m in step {
                 let row_bytes = (m.bytes.len() / m.rows.max(1)).max(1);
-                let task_bytes = rows_per_task(m.rows, row_bytes, 1, TASKS_PER_THREAD) * row_bytes;
+                let task_bytes =
+                    rows_per_task(m.rows, row_bytes, 1, DECODE_TASKS_PER_THREAD) * row_bytes;
                 tasks.extend(
                     m.bytes
                         .chunks(task_bytes)

@@ -345,7 +345,7 @@ fn matvec_many<W: WeightElem>(products: &mut [(&[W], usize, &mut [f32])], cols: 
         let (w, rows) = (*w, *rows);
         assert!(w.len() >= rows * cols && out.len() == rows);
         // The quantized decode's split, which the weight stream (`bench::weight_stream_gbs`) measures.
-        let per = quantized::rows_per_task(rows, row_bytes, 1, quantized::TASKS_PER_THREAD);
+        let per = quantized::rows_per_task(rows, row_bytes, 1, quantized::DECODE_TASKS_PER_THREAD);
         tasks.extend(
             out.chunks_mut(per)
                 .enumerate()
