@@ -66,13 +66,19 @@ impl Weights {
                 data(n, 3).into_iter().map(f16::from_f32).collect(),
             )),
             "q8_0" => q(DType::Q8_0),
-            // Q8_0 as `--dtype q8_0` holds it for the AVX2 and VNNI kernels: eight rows interleaved.
-            "q8_0x8" => {
-                let rows_bytes = reference_quantizer::random_blocks(DType::Q8_0, n / 32, n as u64);
-                let rb = quantized::row_bytes(DType::Q8_0, cols)?;
-                let mut b = vec![0u8; quantized::interleaved_q8_0_bytes(rows, cols)?];
-                quantized::interleave_q8_0(&rows_bytes, rb, &mut b);
-                Some(Weights::Quant(DType::Q8_0, Layout::Interleaved8, b))
+            // Q8_0 and Q5_0 as the x86 decode holds them (`quantized::decode_layout`): eight rows
+            // interleaved.
+            "q8_0x8" | "q5_0x8" => {
+                let dtype = if form == "q8_0x8" {
+                    DType::Q8_0
+                } else {
+                    DType::Q5_0
+                };
+                let rows_bytes = reference_quantizer::random_blocks(dtype, n / 32, n as u64);
+                let rb = quantized::row_bytes(dtype, cols)?;
+                let mut b = vec![0u8; quantized::interleaved_bytes(dtype, rows, cols)?];
+                quantized::interleave(dtype, &rows_bytes, rb, &mut b);
+                Some(Weights::Quant(dtype, Layout::Interleaved8, b))
             }
             "q5_0" => q(DType::Q5_0),
             "q4_k" => q(DType::Q4K),
@@ -115,8 +121,8 @@ impl Weights {
     }
 }
 
-const FORMS: [&str; 8] = [
-    "f32", "bf16", "f16", "q8_0", "q8_0x8", "q5_0", "q4_k", "q6_k",
+const FORMS: [&str; 9] = [
+    "f32", "bf16", "f16", "q8_0", "q8_0x8", "q5_0", "q5_0x8", "q4_k", "q6_k",
 ];
 
 fn config() -> Criterion {
@@ -178,7 +184,7 @@ fn matmul_prefill(c: &mut Criterion) {
 fn backends(c: &mut Criterion) {
     let mut g = c.benchmark_group("backends");
     let (rows, cols) = (4864, 896);
-    for form in ["q8_0", "q8_0x8", "q5_0"] {
+    for form in ["q8_0", "q8_0x8", "q5_0", "q5_0x8"] {
         let w = Weights::make(form, rows, cols).unwrap();
         let x = data(cols, 9);
         let mut out = vec![0f32; rows];

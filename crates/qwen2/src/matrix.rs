@@ -19,9 +19,9 @@ pub enum WeightForm {
     /// dequantized to f32 at load (4 bytes a weight in memory). What the golden tests check.
     #[default]
     Exact,
-    /// Each tensor as the file stores it: quantized blocks stay in the mapping (no copy; Q8_0 matrices
-    /// excepted where the decode reads them interleaved, see [`quantized::q8_0_layout`]: those are laid
-    /// out again at load) and each product quantizes the activations to 8 bits per 32 values for
+    /// Each tensor as the file stores it: quantized blocks stay in the mapping (no copy; Q8_0 and Q5_0
+    /// matrices excepted where the decode reads them interleaved, see [`quantized::decode_layout`]:
+    /// those are laid out again at load, block for block, never requantized) and each product quantizes the activations to 8 bits per 32 values for
     /// integer multiply-adds — approximate: the activations are rounded. F32/BF16/F16 tensors are used
     /// as in `Exact`. A quantized matrix whose rows do not hold whole blocks falls back to `Exact`.
     Native,
@@ -29,8 +29,9 @@ pub enum WeightForm {
     /// file, rounded otherwise — the same values a bf16 checkpoint of the model holds.
     Bf16,
     /// Every matrix held as Q8_0 (a scale per 32 weights, 8-bit integers), multiplied like `Native`:
-    /// quantized at load unless the file stores Q8_0 already. Where the decode runs on AVX2 or AVX-512
-    /// VNNI without AMX, the rows are laid out eight side by side for its kernel (`quantized::q8_0_layout`).
+    /// quantized at load unless the file stores Q8_0 already. Where the decode runs on x86 (AVX2,
+    /// AVX-512 VNNI, AMX), the rows are laid out eight side by side for its kernel
+    /// (`quantized::decode_layout`).
     Q8_0,
 }
 
@@ -160,22 +161,46 @@ fn convert_rows<T: Plain + Send>(
     Ok(buf)
 }
 
-/// A Q8_0 tensor's rows (`bytes`, as the file stores them) interleaved for the decode kernel, a band of
-/// groups at a time on the pool: its blocks as they are, never requantized.
-fn interleave_rows(arena: &Arena, bytes: &[u8], rows: usize, cols: usize) -> Result<ArenaBuf> {
-    let rb = quantized::row_bytes(DType::Q8_0, cols).expect("whole Q8_0 blocks");
-    let len = quantized::interleaved_q8_0_bytes(rows, cols).expect("whole Q8_0 blocks");
+/// A Q8_0 or Q5_0 tensor's rows (`t`, as the file stores them) interleaved for the decode kernel, a band
+/// of groups at a time on the pool: its blocks as they are, never requantized.
+///
+/// Each band's file bytes are released as soon as they are copied: released only after the whole
+/// tensor, the default model's output matrix (145 MB) was resident twice for a moment, and that moment
+/// was the process's peak (~140 MB above what it held after the load).
+fn interleave_rows(
+    arena: &Arena,
+    dtype: DType,
+    t: &RawTensor,
+    rows: usize,
+    cols: usize,
+) -> Result<ArenaBuf> {
+    let bytes = t.bytes.as_slice();
+    let rb = quantized::row_bytes(dtype, cols).expect("whole blocks");
+    let len = quantized::interleaved_bytes(dtype, rows, cols).expect("an interleaved type");
     let mut buf = arena.alloc(len)?;
-    let band = (65536 / rb).max(1).next_multiple_of(quantized::GROUP_ROWS);
+    // ~1 MiB a band: a release is a system call (and on a huge-page mapping, a split of it).
+    let band = (1 << 20) / rb;
+    let band = band.max(1).next_multiple_of(quantized::GROUP_ROWS);
     buf.bytes_mut()
         .par_chunks_mut(band * rb)
         .enumerate()
         .for_each(|(i, o)| {
             let r0 = i * band;
             let n = (o.len() / rb).min(rows - r0);
-            quantized::interleave_q8_0(&bytes[r0 * rb..(r0 + n) * rb], rb, o);
+            quantized::interleave(dtype, &bytes[r0 * rb..(r0 + n) * rb], rb, o);
+            t.bytes.release_part(r0 * rb, n * rb);
         });
     Ok(buf)
+}
+
+/// Whether `form` holds stored matrices of `dtype` interleaved where the CPU's decode reads them so:
+/// Q8_0 in the Q8_0 and native forms, Q5_0 in the native form.
+fn interleaves_in(form: WeightForm, dtype: DType) -> bool {
+    match dtype {
+        DType::Q8_0 => matches!(form, WeightForm::Q8_0 | WeightForm::Native),
+        DType::Q5_0 => form == WeightForm::Native,
+        _ => false,
+    }
 }
 
 impl Matrix {
@@ -206,12 +231,12 @@ impl Matrix {
         cols: usize,
         form: WeightForm,
     ) -> Result<Self> {
-        let layout = quantized::q8_0_layout(quantized::Backend::best());
+        let layout = quantized::decode_layout(quantized::Backend::best());
         Self::from_raw_laid_out(arena, name, t, rows, cols, form, layout)
     }
 
-    /// Like [`Matrix::from_raw_in`], with the layout of the Q8_0 form's rows given, not chosen for this
-    /// CPU (tests check both).
+    /// Like [`Matrix::from_raw_in`], with the layout of the matrices that interleave given, not chosen
+    /// for this CPU (tests check both).
     pub fn from_raw_laid_out(
         arena: &Arena,
         name: &str,
@@ -219,7 +244,7 @@ impl Matrix {
         rows: usize,
         cols: usize,
         form: WeightForm,
-        q8_layout: Layout,
+        layout: Layout,
     ) -> Result<Self> {
         if t.shape != [rows, cols] {
             return Err(Error::tensor(
@@ -238,7 +263,7 @@ impl Matrix {
         }
         let b = t.bytes.as_slice();
         let whole_q8_blocks = quantized::row_bytes(DType::Q8_0, cols).is_some();
-        let interleave = q8_layout == Layout::Interleaved8;
+        let interleave = layout == Layout::Interleaved8;
         let storage = match (form, t.dtype) {
             (WeightForm::Exact | WeightForm::Native, DType::F32) if cast::<f32>(b).is_some() => {
                 Storage::MappedF32(t.bytes.clone())
@@ -251,22 +276,29 @@ impl Matrix {
             (WeightForm::Exact | WeightForm::Native, DType::F16) if cast::<f16>(b).is_some() => {
                 Storage::MappedF16(t.bytes.clone())
             }
-            // Q8_0 rows go interleaved where the decode reads them so (see `q8_0_layout`), in `Native`
-            // too: a copy made at load, after which the mapped bytes are never read, so resident memory
-            // does not grow. The default model's output matrix (145 MB of the 392 MB a decode step
-            // reads; its other Q8_0 matrices are 12 small `attn_v`): `duet bench` (native), two
-            // alternations on a 2-core Xeon VM, decoded 49.2 and 51.7 tok/s against 43.5 and 42.6
-            // mapped; load 0.18–0.19 s against 0.14–0.16, peak RSS 471–472 MiB against 474–484.
+            // Q8_0 and (in `Native`) Q5_0 rows go interleaved where the decode reads them so (see
+            // `decode_layout`): a copy made at load, after which the mapped bytes are never read (and
+            // are released), so resident memory does not grow. In the default model that is its output
+            // matrix (Q8_0, 145 MB of the 392 MB a decode step reads) and every Q5_0 matrix (q, k, o,
+            // gate, up and half of v; 175 MB). For the output: `duet bench` (native), two alternations
+            // on a 2-core Xeon VM, decoded 49.2 and 51.7 tok/s against 43.5 and 42.6 mapped; load
+            // 0.18–0.19 s against 0.14–0.16, peak RSS 471–472 MiB against 474–484. For Q5_0 see
+            // `quantized::interleave_q5_0`.
             (WeightForm::Native, q) | (WeightForm::Q8_0, q @ DType::Q8_0)
-                if quantized::row_bytes(q, cols).is_some() && !(interleave && q == DType::Q8_0) =>
+                if quantized::row_bytes(q, cols).is_some()
+                    && !(interleave && interleaves_in(form, q)) =>
             {
                 Storage::Quant(q, Layout::Rows, QuantBytes::Mapped(t.bytes.clone()))
             }
-            (WeightForm::Q8_0 | WeightForm::Native, DType::Q8_0) if whole_q8_blocks => {
+            (WeightForm::Q8_0 | WeightForm::Native, q)
+                if interleave
+                    && interleaves_in(form, q)
+                    && quantized::row_bytes(q, cols).is_some() =>
+            {
                 Storage::Quant(
-                    DType::Q8_0,
+                    q,
                     Layout::Interleaved8,
-                    QuantBytes::Owned(interleave_rows(arena, b, rows, cols)?),
+                    QuantBytes::Owned(interleave_rows(arena, q, t, rows, cols)?),
                 )
             }
             (WeightForm::Bf16, _) => Storage::OwnedBF16(convert_rows(
@@ -297,7 +329,7 @@ impl Matrix {
                 let group = if interleave { quantized::GROUP_ROWS } else { 1 };
                 Storage::Quant(
                     DType::Q8_0,
-                    q8_layout,
+                    layout,
                     QuantBytes::Owned(convert_rows(
                         arena, name, t, rows, cols, rb, group, quantize,
                     )?),
@@ -380,6 +412,7 @@ impl Matrix {
             Storage::MappedF32(_) => "f32 (mapped)",
             Storage::MappedBF16(_) => "bf16 (mapped)",
             Storage::MappedF16(_) => "f16 (mapped)",
+            Storage::Quant(DType::Q5_0, Layout::Interleaved8, _) => "q5_0 (interleaved)",
             Storage::Quant(_, Layout::Interleaved8, _) => "q8_0 (interleaved)",
             Storage::Quant(d, Layout::Rows, b) => match (d, b) {
                 (DType::Q8_0, QuantBytes::Mapped(_)) => "q8_0 (mapped)",
@@ -428,7 +461,7 @@ impl Matrix {
                     Layout::Rows => &q.bytes[r * rb..(r + 1) * rb],
                     Layout::Interleaved8 => {
                         row.resize(rb, 0);
-                        quantized::deinterleave_q8_0(q.bytes, rb, r, &mut row);
+                        quantized::deinterleave(q.dtype, q.bytes, rb, r, &mut row);
                         &row[..]
                     }
                 };
@@ -606,15 +639,16 @@ mod tests {
             let exact = Matrix::from_raw("w", &t, rows, cols).unwrap();
             let fast = Matrix::from_raw_with("w", &t, rows, cols, WeightForm::Native).unwrap();
             assert_eq!(exact.form(), "f32 (owned)");
-            // Q8_0 is laid out again where the decode reads it interleaved; every other type stays
-            // mapped.
-            let interleaved = dtype == DType::Q8_0
-                && quantized::q8_0_layout(quantized::Backend::best()) == Layout::Interleaved8;
+            // Q8_0 and Q5_0 are laid out again where the decode reads them interleaved; every other
+            // type stays mapped.
+            let interleaved = quantized::interleaves(dtype)
+                && quantized::decode_layout(quantized::Backend::best()) == Layout::Interleaved8;
             if interleaved {
-                assert_eq!(fast.form(), "q8_0 (interleaved)");
+                let name = if dtype == DType::Q8_0 { "q8_0" } else { "q5_0" };
+                assert_eq!(fast.form(), format!("{name} (interleaved)"));
                 assert_eq!(
                     Some(fast.bytes()),
-                    quantized::interleaved_q8_0_bytes(rows, cols)
+                    quantized::interleaved_bytes(dtype, rows, cols)
                 );
             } else {
                 assert!(fast.form().ends_with("(mapped)"), "{}", fast.form());
@@ -704,7 +738,7 @@ mod tests {
                 let m = Matrix::from_raw_with("w", &t, rows, cols, form).unwrap();
                 // The Q8_0 form in the layout this CPU does not choose, too.
                 let other = (form == WeightForm::Q8_0).then(|| {
-                    let layout = match quantized::q8_0_layout(quantized::Backend::best()) {
+                    let layout = match quantized::decode_layout(quantized::Backend::best()) {
                         Layout::Rows => Layout::Interleaved8,
                         Layout::Interleaved8 => Layout::Rows,
                     };

@@ -123,9 +123,9 @@ fn config_shapes_are_read_as_transformers_reads_them() {
 /// every matrix multiplied.
 #[test]
 fn an_untied_embedding_table_stays_as_stored_in_every_form() {
-    use qwen2::kernels::quantized::{q8_0_layout, Backend, Layout};
+    use qwen2::kernels::quantized::{decode_layout, Backend, Layout};
     use qwen2::matrix::WeightForm;
-    let q8_0 = match q8_0_layout(Backend::best()) {
+    let q8_0 = match decode_layout(Backend::best()) {
         Layout::Rows => "quantized (owned)",
         Layout::Interleaved8 => "q8_0 (interleaved)",
     };

@@ -208,13 +208,78 @@ pub unsafe fn multiply_rows(
     // it) and AVX-512 F/BW/VL/BF16 are present (`available`, checked by `Tiles::configure`);
     // `out` by the caller's promise.
     unsafe {
+        let first = ptrs[0];
+        fn rows<F>(rows: &[*const u8; ROWS]) -> Rows<'_, F> {
+            Rows {
+                rows,
+                format: std::marker::PhantomData,
+            }
+        }
         match dtype {
-            DType::Q8_0 => run::<Q8_0>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
-            DType::Q5_0 => run::<Q5_0>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
-            DType::Q4K => run::<Q4K>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
-            DType::Q6K => run::<Q6K>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
+            DType::Q8_0 => {
+                let src = rows::<Q8_0>(&ptrs);
+                run(&src, first, n, row_bytes, acts, tokens, out, os, panel)
+            }
+            DType::Q5_0 => {
+                let src = rows::<Q5_0>(&ptrs);
+                run(&src, first, n, row_bytes, acts, tokens, out, os, panel)
+            }
+            DType::Q4K => {
+                let src = rows::<Q4K>(&ptrs);
+                run(&src, first, n, row_bytes, acts, tokens, out, os, panel)
+            }
+            DType::Q6K => {
+                let src = rows::<Q6K>(&ptrs);
+                run(&src, first, n, row_bytes, acts, tokens, out, os, panel)
+            }
             _ => unreachable!("checked: a block-quantized format"),
         }
+    }
+}
+
+/// [`multiply_rows`] for the first `n` (one to 16) rows of one or two groups of interleaved Q5_0 rows
+/// (`groups`, their bytes as stored: see `quantized::interleave_q5_0`), taken as they are.
+///
+/// # Safety
+/// As [`multiply_rows`], for the `n` rows.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn multiply_q5_0_groups(
+    groups: &[u8],
+    n: usize,
+    acts: &AmxActs,
+    tokens: std::ops::Range<usize>,
+    out: *mut f32,
+    os: usize,
+    panel: &mut Panel,
+    _tiles: &Tiles,
+) {
+    const GROUP: usize = 8;
+    assert!((1..=ROWS).contains(&n));
+    let row_bytes = 22 * acts.nb;
+    assert!(acts.nb > 0 && groups.len() == n.div_ceil(GROUP) * GROUP * row_bytes);
+    assert!(tokens.start.is_multiple_of(TOKENS) && tokens.end <= acts.t && os >= n);
+    assert!(acts.q.len() >= acts.t.div_ceil(TOKENS) * acts.nb * TILE_BYTES);
+    // Rows past the last are computed and never stored: a missing second group repeats the first.
+    let second = if n > GROUP { GROUP * row_bytes } else { 0 };
+    let src = Q5_0Groups {
+        groups: [groups.as_ptr(), groups[second..].as_ptr()],
+        nb: acts.nb,
+    };
+    // SAFETY: the groups hold `acts.nb` blocks of Q5_0 each and the activations every tile `tokens`
+    // covers (checked above); the tile unit and the CPU features as `multiply_rows` says; `out` by the
+    // caller's promise.
+    unsafe {
+        run(
+            &src,
+            groups.as_ptr(),
+            n,
+            row_bytes,
+            acts,
+            tokens,
+            out,
+            os,
+            panel,
+        )
     }
 }
 
@@ -318,6 +383,60 @@ impl Block for Q6K {
     }
 }
 
+/// Where [`run`] takes its weights from, a block (16 rows × 32 values) at a time.
+trait Source {
+    /// Block `b` of the 16 rows as bf16, row `r` at `out + 64 · r`.
+    ///
+    /// # Safety
+    /// The rows hold block `b`; `out` points at 1 KiB writable bytes; the CPU has AVX-512 F/BW/VL/BF16.
+    unsafe fn put16(&self, b: usize, out: *mut i8, f16: &F16Table);
+}
+
+/// Rows in the file's layout, one pointer a row.
+struct Rows<'p, F> {
+    rows: &'p [*const u8; ROWS],
+    format: std::marker::PhantomData<F>,
+}
+
+impl<F: Block> Source for Rows<'_, F> {
+    #[inline(always)]
+    unsafe fn put16(&self, b: usize, out: *mut i8, f16: &F16Table) {
+        for (r, &row) in self.rows.iter().enumerate() {
+            // SAFETY: block b of the row, row r of `out`: the caller's promise.
+            unsafe { F::put(row, b, out.add(64 * r), f16) };
+        }
+    }
+}
+
+/// Two groups of eight interleaved Q5_0 rows (see `quantized::interleave_q5_0`) of `nb` blocks.
+struct Q5_0Groups {
+    groups: [*const u8; 2],
+    nb: usize,
+}
+
+impl Source for Q5_0Groups {
+    /// Each group's values as its decode takes them (row `r` in lane `r`), transposed to a row per
+    /// register: one transpose for eight rows where each row had a shuffle of its nibbles and a masked
+    /// add of its fifth bits.
+    #[inline(always)]
+    unsafe fn put16(&self, b: usize, out: *mut i8, f16: &F16Table) {
+        for (g, &group) in self.groups.iter().enumerate() {
+            // SAFETY: block b < nb of the group, its values and its eight scales: the caller's promise.
+            unsafe {
+                let values = super::quantized_x86::q5_0_group_values(group.add(160 * b));
+                let scales = group.add(160 * self.nb + 16 * b);
+                for (r, row) in super::quantized_x86::transpose8x8(values)
+                    .into_iter()
+                    .enumerate()
+                {
+                    let d = f16.widen(scales.add(2 * r));
+                    put_q5_0_values(row, d, out.add(64 * (8 * g + r)));
+                }
+            }
+        }
+    }
+}
+
 /// [`multiply_rows`] for one format, after its checks.
 ///
 /// # Safety
@@ -325,8 +444,9 @@ impl Block for Q6K {
 /// repeating a real one), the activations, the tile unit and the CPU features, the output.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn run<F: Block>(
-    rows: &[*const u8; ROWS],
+unsafe fn run<S: Source>(
+    src: &S,
+    first: *const u8,
     n: usize,
     row_bytes: usize,
     acts: &AmxActs,
@@ -339,7 +459,7 @@ unsafe fn run<F: Block>(
     let f16: &F16Table = &F16_AS_F32;
     // This is where a prefill first reads the weights, from DRAM: the next 16 rows (a hint only, never
     // read) are asked for over the first group's blocks, so they arrive while these rows' tokens run.
-    let next = rows[0].wrapping_add(ROWS * row_bytes);
+    let next = first.wrapping_add(ROWS * row_bytes);
     let lines = ROWS * row_bytes.div_ceil(64);
     let per_block = lines.div_ceil(nb);
     let mut next_line = 0;
@@ -355,10 +475,8 @@ unsafe fn run<F: Block>(
             *panel = Lines::zeroed(nb * TILE_BYTES);
         }
         for b in 0..nb {
-            for (r, &row) in rows.iter().enumerate() {
-                // SAFETY: block b < nb of the row; row r of block b of the panel.
-                unsafe { F::put(row, b, panel.as_mut_ptr().add(b * TILE_BYTES + 64 * r), f16) };
-            }
+            // SAFETY: block b < nb of the rows; block b of the panel.
+            unsafe { src.put16(b, panel.as_mut_ptr().add(b * TILE_BYTES), f16) };
         }
     }
     let mut loads = 0;
@@ -380,10 +498,8 @@ unsafe fn run<F: Block>(
                 unsafe { panel.as_ptr().add(b * TILE_BYTES) }
             } else {
                 let slot = slots.0[b % 2].as_mut_ptr();
-                for (r, &row) in rows.iter().enumerate() {
-                    // SAFETY: block b < nb of the row; row r of the slot (16 × 64 bytes).
-                    unsafe { F::put(row, b, slot.add(64 * r), f16) };
-                }
+                // SAFETY: block b < nb of the rows; the slot (16 × 64 bytes).
+                unsafe { src.put16(b, slot, f16) };
                 slot.cast_const()
             };
             // The weights go to tmm4 or tmm5 by turns, the activations to tmm6 or tmm7, so a load need
@@ -719,6 +835,23 @@ unsafe fn put_q5_0(blk: *const u8, out: *mut i8, f16: &F16Table) {
             _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.add(6).cast())),
         )
     };
+    // Values 0..16 are the nibbles' low halves, 16..32 their high halves; `qh` adds the fifth bit. The
+    // values are made as bytes, in 256-bit registers (a third port takes those), then widened.
+    let values = _mm256_srlv_epi64(nibbles, _mm256_setr_epi64x(0, 0, 4, 4));
+    let values = _mm256_and_si256(values, _mm256_set1_epi8(0x0F));
+    let values = _mm256_mask_add_epi8(values, qh, values, _mm256_set1_epi8(16));
+    // SAFETY: `out`, by the caller's promise.
+    unsafe { put_q5_0_values(values, d, out) }
+}
+
+/// A Q5_0 block's 32 stored values (`values`, bytes 0..=31 in order) times its scale `d`, as 32 bf16 at
+/// `out`: the table lookup of [`put_q5_0`].
+///
+/// # Safety
+/// `out` points at 64 writable bytes; the CPU has AVX-512 F/BW/VL/BF16.
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn put_q5_0_values(values: __m256i, d: f32, out: *mut i8) {
     let d = _mm512_set1_ps(d);
     let below = _mm512_setr_ps(
         -16.0, -15.0, -14.0, -13.0, -12.0, -11.0, -10.0, -9.0, -8.0, -7.0, -6.0, -5.0, -4.0, -3.0,
@@ -734,11 +867,6 @@ unsafe fn put_q5_0(blk: *const u8, out: *mut i8, f16: &F16Table) {
             _mm512_mul_ps(below, d),
         ))
     };
-    // Values 0..16 are the nibbles' low halves, 16..32 their high halves; `qh` adds the fifth bit. The
-    // indices are made as bytes, in 256-bit registers (a third port takes those), then widened.
-    let values = _mm256_srlv_epi64(nibbles, _mm256_setr_epi64x(0, 0, 4, 4));
-    let values = _mm256_and_si256(values, _mm256_set1_epi8(0x0F));
-    let values = _mm256_mask_add_epi8(values, qh, values, _mm256_set1_epi8(16));
     let index = _mm512_cvtepu8_epi16(values);
     // SAFETY: 64 bytes at `out`, by the caller's promise.
     unsafe { _mm512_storeu_si512(out.cast(), _mm512_permutexvar_epi16(index, table)) };

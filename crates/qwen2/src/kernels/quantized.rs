@@ -47,8 +47,8 @@ impl<'a> QuantSlice<'a> {
 pub enum Layout {
     /// Row after row, each a run of its blocks: as the file stores them.
     Rows,
-    /// Q8_0 laid out again at load, eight rows at a time, for the decode kernel: see
-    /// [`interleave_q8_0`].
+    /// Q8_0 or Q5_0 laid out again at load, eight rows at a time, for the decode kernel: see
+    /// [`interleave_q8_0`] and [`interleave_q5_0`].
     Interleaved8,
 }
 
@@ -427,12 +427,12 @@ fn rows_dot(
         return match backend {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 | Backend::Avx512Vnni | Backend::Amx => {
-                super::quantized_x86::rows_interleaved(backend, w, row_bytes, a, out)
+                super::quantized_x86::rows_interleaved(backend, dtype, w, row_bytes, a, out)
             }
             _ => {
                 let mut rows = vec![0u8; GROUP_ROWS * row_bytes];
                 for (g, o) in out.chunks_mut(GROUP_ROWS).enumerate() {
-                    deinterleave_q8_0(w, row_bytes, g * GROUP_ROWS, &mut rows);
+                    deinterleave(dtype, w, row_bytes, g * GROUP_ROWS, &mut rows);
                     for (o, wr) in o.iter_mut().zip(rows.chunks_exact(row_bytes)) {
                         *o = dot_portable(dtype, wr, a);
                     }
@@ -485,7 +485,7 @@ fn check(w: &QuantSlice, rows: usize, cols: usize) -> usize {
     let rb =
         row_bytes(w.dtype, cols).unwrap_or_else(|| panic!("{:?} rows of {cols} values", w.dtype));
     if w.layout == Layout::Interleaved8 {
-        assert_eq!(w.dtype, DType::Q8_0, "only Q8_0 is interleaved");
+        assert!(interleaves(w.dtype), "{:?} is not interleaved", w.dtype);
     }
     let stored = w.layout.stored_rows(rows);
     assert_eq!(w.bytes.len(), stored * rb, "weight bytes vs shape");
@@ -505,7 +505,7 @@ fn plain_rows<'x>(
         Layout::Rows => &w.bytes[r0 * rb..(r0 + n) * rb],
         Layout::Interleaved8 => {
             buf.resize(n * rb, 0);
-            deinterleave_q8_0(w.bytes, rb, r0, buf);
+            deinterleave(w.dtype, w.bytes, rb, r0, buf);
             buf
         }
     }
@@ -623,8 +623,11 @@ fn amx_many(products: &mut [Product], cols: usize, x: &[f32], t: usize) {
     super::pool::for_each(tasks.len(), |k| {
         let (i, block) = tasks[k];
         let (w, rb, _) = ws[i];
+        if let Some(groups) = panel_groups(w, rb, block) {
+            return prefill_task_amx(w.dtype, Rows8::Groups(groups), rb, &acts, block);
+        }
         with_plain_rows(w, rb, block.r0, block.rows, |wrows| {
-            prefill_task_amx(w.dtype, wrows, rb, &acts, block)
+            prefill_task_amx(w.dtype, Rows8::Rows(wrows), rb, &acts, block)
         });
     });
 }
@@ -750,10 +753,18 @@ pub fn matmul_acts_many(
         let (i, block) = tasks[k];
         let (w, rb, _) = ws[i];
         let dtype = w.dtype;
+        #[cfg(target_arch = "x86_64")]
+        let pacts = panel_acts.iter().find(|(d, _)| *d == dtype).map(|(_, a)| a);
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(groups), Some(pacts)) = (panel_groups(w, rb, block), pacts) {
+            let groups = Rows8::Groups(groups);
+            return prefill_task_panel(backend, dtype, groups, rb, pacts, tok_group, block);
+        }
         with_plain_rows(w, rb, block.r0, block.rows, |wrows| {
             #[cfg(target_arch = "x86_64")]
-            if let Some((_, pacts)) = panel_acts.iter().find(|(d, _)| *d == dtype) {
-                return prefill_task_panel(backend, dtype, wrows, rb, pacts, tok_group, block);
+            if let Some(pacts) = pacts {
+                let rows = Rows8::Rows(wrows);
+                return prefill_task_panel(backend, dtype, rows, rb, pacts, tok_group, block);
             }
             // 2 × 3 tiles measured best for Q8_0 on AVX2 (A/B in one process, 13-64 tokens): its
             // pieces are plain bytes, and 2 × 4 spilled an accumulator (2 × 3 was 1-12 % faster).
@@ -816,21 +827,46 @@ fn uses_amx(backend: Backend, dtype: DType, t: usize) -> bool {
 /// The prefill task on AMX tiles: the block `out` for the rows in `w`, for every token, 16 rows at a
 /// time (fewer at the end; see `amx::multiply_rows`).
 #[cfg(target_arch = "x86_64")]
-fn prefill_task_amx(dtype: DType, w: &[u8], rb: usize, acts: &super::amx::AmxActs, out: OutBlock) {
+fn prefill_task_amx(dtype: DType, w: Rows8, rb: usize, acts: &super::amx::AmxActs, out: OutBlock) {
     const ROWS: usize = super::amx::ROWS;
-    let (nrows, t) = (w.len() / rb, out.shared.tokens);
-    assert!(nrows == out.rows);
+    let (nrows, t) = (out.rows, out.shared.tokens);
+    match w {
+        Rows8::Rows(w) => assert!(w.len() == nrows * rb),
+        Rows8::Groups(g) => assert!(g.len() == Layout::Interleaved8.stored_rows(nrows) * rb),
+    }
     AMX_PANEL.with_borrow_mut(|panel| {
         let tiles = super::amx::Tiles::configure();
         for r in (0..nrows).step_by(ROWS) {
             let n = (nrows - r).min(ROWS);
-            let rows: [&[u8]; ROWS] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
-            // SAFETY: rows r..r + n of the block (checked: nrows rows), for every token of the
-            // product: the task's own elements.
+            // SAFETY (both calls): rows r..r + n of the block (checked: nrows rows), for every token
+            // of the product: the task's own elements.
             let (start, os) = (out.shared.at(0, out.r0 + r), out.shared.stride);
-            unsafe {
-                super::amx::multiply_rows(dtype, &rows[..n], acts, 0..t, start, os, panel, &tiles)
-            };
+            match w {
+                Rows8::Rows(w) => {
+                    let rows: [&[u8]; ROWS] =
+                        std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
+                    let rows = &rows[..n];
+                    unsafe {
+                        super::amx::multiply_rows(dtype, rows, acts, 0..t, start, os, panel, &tiles)
+                    }
+                }
+                Rows8::Groups(g) => {
+                    let stored = Layout::Interleaved8.stored_rows(n);
+                    let groups = &g[r * rb..(r + stored) * rb];
+                    unsafe {
+                        super::amx::multiply_q5_0_groups(
+                            groups,
+                            n,
+                            acts,
+                            0..t,
+                            start,
+                            os,
+                            panel,
+                            &tiles,
+                        )
+                    }
+                }
+            }
         }
     })
 }
@@ -843,6 +879,28 @@ thread_local! {
         std::cell::RefCell::new(super::amx::Panel::default());
 }
 
+/// A prefill task's weights as the panel kernels take them: rows in the file's layout, or the whole
+/// groups of an interleaved Q5_0 matrix that hold the task's rows.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Rows8<'a> {
+    Rows(&'a [u8]),
+    Groups(&'a [u8]),
+}
+
+/// The groups of an interleaved Q5_0 matrix holding a prefill task's rows, which the panels take as
+/// they are (`Panel::fill_q5_0_group`); `None` for any other matrix, which the task reads as rows.
+#[cfg(target_arch = "x86_64")]
+fn panel_groups<'a>(w: QuantSlice<'a>, rb: usize, block: OutBlock) -> Option<&'a [u8]> {
+    if w.layout != Layout::Interleaved8 || w.dtype != DType::Q5_0 {
+        return None;
+    }
+    // Panel tasks start at a multiple of eight rows: at a group's start.
+    assert!(block.r0.is_multiple_of(GROUP_ROWS));
+    let stored = w.layout.stored_rows(block.rows);
+    Some(&w.bytes[block.r0 * rb..(block.r0 + stored) * rb])
+}
+
 /// The prefill task of the panel formats: the block `out` for the rows in `w`, for every token; each span
 /// of eight rows (fewer at the end) is decoded once per token group and multiplied with all of its
 /// tokens.
@@ -850,21 +908,30 @@ thread_local! {
 fn prefill_task_panel(
     backend: Backend,
     dtype: DType,
-    w: &[u8],
+    w: Rows8,
     rb: usize,
     acts: &super::quantized_x86::PanelActs,
     tok_group: usize,
     out: OutBlock,
 ) {
-    let (nrows, t) = (w.len() / rb, out.shared.tokens);
-    assert!(nrows == out.rows);
+    let (nrows, t) = (out.rows, out.shared.tokens);
+    match w {
+        Rows8::Rows(w) => assert!(w.len() == nrows * rb),
+        Rows8::Groups(g) => assert!(g.len() == Layout::Interleaved8.stored_rows(nrows) * rb),
+    }
     let mut panel = super::quantized_x86::Panel::default();
     for g0 in (0..t).step_by(tok_group) {
         let tokens = g0..(g0 + tok_group).min(t);
         for r in (0..nrows).step_by(8) {
             let n = (nrows - r).min(8);
-            let rows: [&[u8]; 8] = std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
-            panel.fill(dtype, &rows[..n]);
+            match w {
+                Rows8::Rows(w) => {
+                    let rows: [&[u8]; 8] =
+                        std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
+                    panel.fill(dtype, &rows[..n]);
+                }
+                Rows8::Groups(g) => panel.fill_q5_0_group(&g[r * rb..(r + 8) * rb], n),
+            }
             // SAFETY: rows r..r + n of the block (checked: nrows rows), for the product's tokens
             // (`run_to` checks those against `acts`): the task's own elements.
             let start = out.shared.at(0, out.r0 + r);
@@ -996,7 +1063,7 @@ pub fn matmul_rows(
         // The listed rows in the file's layout, multiplied as a prefill multiplies them.
         let mut plain = vec![0u8; ids.len() * rb];
         for (row, &r) in plain.chunks_exact_mut(rb).zip(ids) {
-            deinterleave_q8_0(w.bytes, rb, r, row);
+            deinterleave(w.dtype, w.bytes, rb, r, row);
         }
         let listed: Vec<usize> = (0..ids.len()).collect();
         let w = QuantSlice::rows(w.dtype, &plain);
@@ -1118,17 +1185,18 @@ pub fn quantize_weights_q8_0(values: &[f32], out: &mut [u8]) {
     }
 }
 
-/// The layout the Q8_0 weight form (`--dtype q8_0`) holds its rows in where `backend` multiplies them:
-/// interleaved wherever the decode runs on x86 (AVX2, AVX-512 VNNI, and AMX hosts, whose decode is
-/// VNNI's), as the file stores them for the portable kernel, which reads rows. Interleaving cuts the
-/// decode's arithmetic by about two thirds. With AMX, prefill's tiles read rows, so each task lays its
+/// The layout of the matrices that interleave ([`interleaves`]: Q8_0 in the Q8_0 and native forms, Q5_0
+/// in the native form) where `backend` multiplies them: interleaved wherever the decode runs on x86
+/// (AVX2, AVX-512 VNNI, and AMX hosts, whose decode is VNNI's), as the file stores them for the portable
+/// kernel, which reads rows. For Q5_0 see [`interleave_q5_0`]. For Q8_0, interleaving cuts the decode's
+/// arithmetic by about two thirds. With AMX, prefill's tiles read rows, so each task lays its
 /// rows out again: `duet bench --dtype q8_0` on a 2-core Xeon VM (AMX), two alternations, decoded
 /// 52.3 and 52.1 tok/s against 42.0 and 41.5 with rows (76 % of the read probe against 62 %), and
 /// prefilled 64 tokens 0.77× and 0.83× as fast. A reply decodes many tokens after one prefill, so the
 /// decode decides. (An earlier A/B, on a busier Xeon VM, gave 0.96–1.04×, and the decode was judged
 /// memory-bound against a bandwidth probe that under-read there, see `bench::sum_aligned_words`; which
 /// of the two kept the gain away that day is not known.)
-pub fn q8_0_layout(backend: Backend) -> Layout {
+pub fn decode_layout(backend: Backend) -> Layout {
     match backend {
         Backend::Avx2 | Backend::Avx512Vnni | Backend::Amx => Layout::Interleaved8,
         Backend::Portable => Layout::Rows,
@@ -1138,14 +1206,8 @@ pub fn q8_0_layout(backend: Backend) -> Layout {
 /// Rows per group of the [`Layout::Interleaved8`] layout.
 pub const GROUP_ROWS: usize = 8;
 
-/// Bytes an interleaved Q8_0 matrix of `rows × cols` occupies (rows padded to whole groups of eight),
-/// if its rows are whole Q8_0 blocks.
-pub fn interleaved_q8_0_bytes(rows: usize, cols: usize) -> Option<usize> {
-    Some(Layout::Interleaved8.stored_rows(rows) * row_bytes(DType::Q8_0, cols)?)
-}
-
 /// Q8_0 rows (`rb` bytes each, as stored) laid out for the decode kernel, into `out`
-/// ([`interleaved_q8_0_bytes`] long).
+/// ([`interleaved_bytes`] long).
 ///
 /// Why: a Q8_0 row taken one at a time costs the decode kernel about twelve vector instructions per
 /// 32 weights (load and convert the scale, the sign trick for signed bytes, one multiply-add, a
@@ -1172,6 +1234,147 @@ pub fn interleave_q8_0(rows: &[u8], rb: usize, out: &mut [u8]) {
                 for (i, &q) in blk[2..].iter().enumerate() {
                     values[256 * b + 32 * (i / 4) + 4 * r + i % 4] = q ^ 0x80;
                 }
+            }
+        }
+    }
+}
+
+/// Bytes of one Q5_0 block: the f16 scale, 32 fifth bits, 16 bytes of nibbles.
+pub const Q5_0_BLOCK_BYTES: usize = 22;
+
+/// Whether the [`Layout::Interleaved8`] layout holds matrices of `dtype`.
+pub fn interleaves(dtype: DType) -> bool {
+    matches!(dtype, DType::Q8_0 | DType::Q5_0)
+}
+
+/// Bytes an interleaved matrix of `rows × cols` occupies (rows padded to whole groups of eight), if
+/// `dtype` interleaves and its rows are whole blocks.
+pub fn interleaved_bytes(dtype: DType, rows: usize, cols: usize) -> Option<usize> {
+    if !interleaves(dtype) {
+        return None;
+    }
+    Some(Layout::Interleaved8.stored_rows(rows) * row_bytes(dtype, cols)?)
+}
+
+/// Rows of `dtype` (`rb` bytes each, as stored) laid out for its decode kernel, into `out`
+/// ([`interleaved_bytes`] long): [`interleave_q8_0`] or [`interleave_q5_0`].
+pub fn interleave(dtype: DType, rows: &[u8], rb: usize, out: &mut [u8]) {
+    match dtype {
+        DType::Q8_0 => interleave_q8_0(rows, rb, out),
+        DType::Q5_0 => interleave_q5_0(rows, rb, out),
+        _ => panic!("{dtype:?} is not interleaved"),
+    }
+}
+
+/// Rows `first..first + out.len() / rb` of an interleaved matrix of `dtype` back in the file's layout:
+/// [`deinterleave_q8_0`] or [`deinterleave_q5_0`].
+pub fn deinterleave(dtype: DType, w: &[u8], rb: usize, first: usize, out: &mut [u8]) {
+    match dtype {
+        DType::Q8_0 => deinterleave_q8_0(w, rb, first, out),
+        DType::Q5_0 => deinterleave_q5_0(w, rb, first, out),
+        _ => panic!("{dtype:?} is not interleaved"),
+    }
+}
+
+/// Q5_0 rows (`rb` bytes each, as stored) laid out for the decode kernel, into `out`
+/// ([`interleaved_bytes`] long).
+///
+/// Why: the decode kernel works on eight rows side by side, row `r` in lane `r` of each register (as a
+/// prefill's panels do), and from the file's layout it built that arrangement for every block of every
+/// token: the eight rows' nibble words transposed, their scales gathered, each row's 32 fifth bits
+/// spread over the 32 value bytes (a shuffle, two masks and a compare per four-value group). Done once
+/// at load, a block of eight rows is five plain loads, each value's fifth bit a shift and a mask away,
+/// the scales one load. On a 2-core Xeon VM, one thread, a 256-row product in cache ran at 37.5 GB/s
+/// against 20.5 from rows; whole decodes of the default model (native form, alternated in one process,
+/// medians of 16 rounds) 1.064× and 1.062× as fast (16 and 15 of 16 faster); its prefills, whose
+/// panels now take the groups as they are, 1.05× at 13 tokens, 1.06× at 32, 1.03× at 64, 1.04× at 128
+/// (10–12 of 12 faster).
+///
+/// The layout, per group of eight rows (the last group repeats its last row to fill it), `nb` blocks a
+/// row: first `nb × 160` bytes of values, then `nb × 16` bytes of scales (row `r` of block `b` at
+/// `160·nb + 16·b + 2·r`, the file's f16). Block `b`'s 160 bytes: four 32-byte nibble vectors, byte
+/// `4·r + i` of vector `k` being the row's stored byte `4·k + i` (low nibble value `4·k + i`, high
+/// nibble value `16 + 4·k + i`), then 32 bytes of fifth bits, byte `4·r + i` holding in bit `g` the
+/// fifth bit of the row's value `4·g + i`. Exactly the bytes of the eight rows' blocks, and the vectors
+/// stay 32-byte aligned.
+pub fn interleave_q5_0(rows: &[u8], rb: usize, out: &mut [u8]) {
+    const B: usize = Q5_0_BLOCK_BYTES;
+    assert!(rb > 0 && rb.is_multiple_of(B) && rows.len().is_multiple_of(rb));
+    let (n, nb) = (rows.len() / rb, rb / B);
+    assert!(n > 0 && out.len() == n.next_multiple_of(GROUP_ROWS) * rb);
+    for (g, group) in out.chunks_exact_mut(GROUP_ROWS * rb).enumerate() {
+        let (values, scales) = group.split_at_mut(160 * nb);
+        for r in 0..GROUP_ROWS {
+            let row = &rows[(g * GROUP_ROWS + r).min(n - 1) * rb..][..rb];
+            for (b, blk) in row.chunks_exact(B).enumerate() {
+                scales[16 * b + 2 * r..][..2].copy_from_slice(&blk[..2]);
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                let v = &mut values[160 * b..][..160];
+                for k in 0..4 {
+                    v[32 * k + 4 * r..][..4].copy_from_slice(&blk[6 + 4 * k..][..4]);
+                }
+                // Byte k of `qh` holds the fifth bits of values 8k..8k + 8: groups 2k and 2k + 1.
+                let fifth = (0..4).fold(0u32, |h, k| {
+                    h | GATHER4[(qh >> (8 * k)) as u8 as usize] << (2 * k)
+                });
+                v[128 + 4 * r..][..4].copy_from_slice(&fifth.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// `GATHER4[q]`, for a byte `q` of a Q5_0 block's fifth bits (those of eight values, two four-value
+/// groups): byte `i` holds bit `i` of `q` in bit 0 and bit `i + 4` in bit 1, the two groups' bits of
+/// value `i` of a group; shifted by `2·k` for byte `k`, the bytes are [`interleave_q5_0`]'s. A load
+/// lays out every Q5_0 matrix, and bit by bit that took longer than the rest of the load.
+const GATHER4: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut q = 0;
+    while q < 256 {
+        let mut i = 0;
+        while i < 4 {
+            let two = ((q as u32 >> i) & 1) | (((q as u32 >> (i + 4)) & 1) << 1);
+            t[q] |= two << (8 * i);
+            i += 1;
+        }
+        q += 1;
+    }
+    t
+};
+
+/// `SPREAD4[h]`: bit `g` of `h` moved to bit `4·g`, for the fifth bits of [`deinterleave_q5_0`] (a
+/// prefill lays out again every Q5_0 row it multiplies).
+const SPREAD4: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut h = 0;
+    while h < 256 {
+        let mut g = 0;
+        while g < 8 {
+            t[h] |= ((h as u32 >> g) & 1) << (4 * g);
+            g += 1;
+        }
+        h += 1;
+    }
+    t
+};
+
+/// Rows `first..first + out.len() / rb` of an interleaved Q5_0 matrix (`w`, rows of `rb` bytes as
+/// stored) back in the file's layout, into `out`.
+pub fn deinterleave_q5_0(w: &[u8], rb: usize, first: usize, out: &mut [u8]) {
+    const B: usize = Q5_0_BLOCK_BYTES;
+    assert!(rb > 0 && rb.is_multiple_of(B) && out.len().is_multiple_of(rb));
+    let nb = rb / B;
+    for (i, row) in out.chunks_exact_mut(rb).enumerate() {
+        let (g, r) = ((first + i) / GROUP_ROWS, (first + i) % GROUP_ROWS);
+        let group = &w[g * GROUP_ROWS * rb..][..GROUP_ROWS * rb];
+        let (values, scales) = group.split_at(160 * nb);
+        for (b, blk) in row.chunks_exact_mut(B).enumerate() {
+            let v = &values[160 * b..][..160];
+            blk[..2].copy_from_slice(&scales[16 * b + 2 * r..][..2]);
+            let qh = (0..4).fold(0u32, |qh, i| qh | SPREAD4[v[128 + 4 * r + i] as usize] << i);
+            blk[2..6].copy_from_slice(&qh.to_le_bytes());
+            for k in 0..4 {
+                blk[6 + 4 * k..][..4].copy_from_slice(&v[32 * k + 4 * r..][..4]);
             }
         }
     }
@@ -1461,7 +1664,7 @@ mod tests {
         let (rows, cols) = (13, 96);
         let (rb, nb) = (row_bytes(DType::Q8_0, cols).unwrap(), 3);
         let q = random_blocks(DType::Q8_0, rows * nb, 9);
-        let mut il = vec![0u8; interleaved_q8_0_bytes(rows, cols).unwrap()];
+        let mut il = vec![0u8; interleaved_bytes(DType::Q8_0, rows, cols).unwrap()];
         assert_eq!(il.len(), 16 * rb);
         interleave_q8_0(&q, rb, &mut il);
         // Row 10 is lane 2 of the second group; value 13 of its block 2 is byte 1 of four-value group 3.
@@ -1485,27 +1688,62 @@ mod tests {
         assert_eq!(some, q[6 * rb..9 * rb]);
     }
 
-    /// Interleaved Q8_0 on every backend: decode (one token, on the interleaved kernels) to the exact
+    /// Where `interleave_q5_0` puts a row's nibble byte, fifth bit and scale, worked out by hand from its
+    /// documented layout, and the way back for every row, from a group's start or not; the padded rows
+    /// repeat the last.
+    #[test]
+    fn interleaved_q5_0_places_each_value_and_comes_back() {
+        let (rows, cols) = (11, 96);
+        let (rb, nb) = (row_bytes(DType::Q5_0, cols).unwrap(), 3);
+        let q = random_blocks(DType::Q5_0, rows * nb, 4);
+        let mut il = vec![0u8; interleaved_bytes(DType::Q5_0, rows, cols).unwrap()];
+        assert_eq!(il.len(), 16 * rb);
+        interleave_q5_0(&q, rb, &mut il);
+        // Row 9 is lane 1 of the second group. Its block 2: stored byte 6 (low nibble value 6, high
+        // nibble value 22) is byte 2 of nibble vector 1 in lane 1; value 22's fifth bit is bit 5 of byte
+        // 2 of lane 1 in the fifth-bit vector; value 3's is bit 0 of byte 3.
+        let (group, blk) = (8 * rb, 9 * rb + 22 * 2);
+        assert_eq!(il[group + 160 * 2 + 32 + 4 + 2], q[blk + 6 + 6]);
+        let qh = u32::from_le_bytes(q[blk + 2..blk + 6].try_into().unwrap());
+        let fifth = |byte: usize, bit: u32| (il[group + 160 * 2 + 128 + 4 + byte] >> bit) & 1;
+        assert_eq!(fifth(2, 5) as u32, (qh >> 22) & 1);
+        assert_eq!(fifth(3, 0) as u32, (qh >> 3) & 1);
+        assert_eq!(il[group + 160 * nb + 16 * 2 + 2..][..2], q[blk..blk + 2]);
+        let mut back = vec![0u8; 16 * rb];
+        deinterleave_q5_0(&il, rb, 0, &mut back);
+        assert_eq!(back[..rows * rb], q[..]);
+        for r in rows..16 {
+            assert_eq!(back[r * rb..][..rb], q[(rows - 1) * rb..]);
+        }
+        let mut some = vec![0u8; 3 * rb];
+        deinterleave_q5_0(&il, rb, 5, &mut some);
+        assert_eq!(some, q[5 * rb..8 * rb]);
+    }
+
+    /// Interleaved Q8_0 and Q5_0 on every backend: decode (one token, on the interleaved kernels) to the exact
     /// sums of the 8-bit activations; prefill (rows laid out again, the row kernels) bit for bit what
     /// the file's layout gives; label scoring bit for bit what the whole product gives. Rows not a
     /// multiple of eight, and a product large enough to be split across threads.
     #[test]
-    fn interleaved_q8_0_products_match_the_reference() {
-        for (rows, cols) in [(13, 96), (64, 256), (515, 512)] {
-            let rb = row_bytes(DType::Q8_0, cols).unwrap();
-            let q = random_blocks(DType::Q8_0, rows * cols / 32, rows as u64);
-            let mut il = vec![0u8; interleaved_q8_0_bytes(rows, cols).unwrap()];
-            interleave_q8_0(&q, rb, &mut il);
-            let plain = QuantSlice::rows(DType::Q8_0, &q);
+    fn interleaved_products_match_the_reference() {
+        for (dtype, (rows, cols)) in [DType::Q8_0, DType::Q5_0]
+            .into_iter()
+            .flat_map(|d| [(13, 96), (64, 256), (515, 512)].map(|s| (d, s)))
+        {
+            let rb = row_bytes(dtype, cols).unwrap();
+            let q = random_blocks(dtype, rows * cols / 32, rows as u64);
+            let mut il = vec![0u8; interleaved_bytes(dtype, rows, cols).unwrap()];
+            interleave(dtype, &q, rb, &mut il);
+            let plain = QuantSlice::rows(dtype, &q);
             let inter = QuantSlice {
-                dtype: DType::Q8_0,
+                dtype,
                 bytes: &il,
                 layout: Layout::Interleaved8,
             };
-            for t in [1, 2, 5, 13] {
+            for t in [1, 2, 5, 13, 40] {
                 let x = data(t * cols, 5 + t as u32);
                 for backend in Backend::available() {
-                    let what = format!("{rows}x{cols} {backend:?} t={t}");
+                    let what = format!("{dtype:?} {rows}x{cols} {backend:?} t={t}");
                     let mut got = vec![f32::NAN; t * rows];
                     matmul_with(backend, inter, rows, cols, &x, t, &mut got);
                     assert_matches_reference(backend, inter, rows, cols, &x, t, &got, &what);

@@ -274,6 +274,46 @@ impl Rows8 for Q5_0 {
     }
 }
 
+/// Block `b` of a group of eight interleaved Q5_0 rows (see `quantized::interleave_q5_0`; `v` points at
+/// the block's 160 bytes of values) as a [`Panel`] holds it: values `4g..4g + 4` of row `r` in lane `r`
+/// of register `g`, unsigned as stored (0..=31). Per register a mask (and a shift for the high
+/// nibbles) for the low four bits, a shift and a mask for the fifth: the layout's point.
+///
+/// # Safety
+/// `v` points at 160 readable bytes; the CPU has AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q5_0_group_values(v: *const u8) -> [__m256i; 8] {
+    // SAFETY: the 160 bytes, by the caller's promise.
+    let (nib, hi) = unsafe {
+        (
+            [0, 1, 2, 3].map(|k| _mm256_loadu_si256(v.add(32 * k) as *const __m256i)),
+            _mm256_loadu_si256(v.add(128) as *const __m256i),
+        )
+    };
+    let (m4, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+    std::array::from_fn(|g| {
+        let low = if g < 4 {
+            _mm256_and_si256(nib[g], m4)
+        } else {
+            _mm256_and_si256(_mm256_srli_epi16(nib[g - 4], 4), m4)
+        };
+        // Bit g of each byte to bit 4 (16-bit shifts: what crosses a byte never reaches bit 4 of the
+        // next).
+        let fifth = match g {
+            0 => _mm256_slli_epi16(hi, 4),
+            1 => _mm256_slli_epi16(hi, 3),
+            2 => _mm256_slli_epi16(hi, 2),
+            3 => _mm256_slli_epi16(hi, 1),
+            4 => hi,
+            5 => _mm256_srli_epi16(hi, 1),
+            6 => _mm256_srli_epi16(hi, 2),
+            _ => _mm256_srli_epi16(hi, 3),
+        };
+        _mm256_or_si256(low, _mm256_and_si256(fifth, bit4))
+    })
+}
+
 #[derive(Clone, Copy, Default)]
 struct Q4KHdr {
     /// `d · sc_j` and `dmin · m_j` for the eight pieces.
@@ -730,6 +770,97 @@ macro_rules! instruction_set {
                 }
             }
 
+            /// Decode of interleaved Q5_0 (see `quantized::interleave_q5_0`): `out[r] = row r · a`
+            /// for `ngroups` groups of eight rows at `w`, `nb` blocks a row; only the first `nrows`
+            /// rows are written. Per block of a group: its values ([`q5_0_group_values`]), per
+            /// four-value group the token's four activations broadcast and `$step` on the eight rows'
+            /// values, then one conversion and scaling for eight rows and `16 · d · Σ x` off (the
+            /// stored values are `q + 16`).
+            ///
+            /// # Safety
+            /// `w` holds `ngroups` groups of `nb` blocks, `out` room for `nrows ≤ 8 · ngroups`
+            /// values, the activations `nb` blocks; the CPU has `$features`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn rows_interleaved_q5_0(
+                w: *const u8,
+                ngroups: usize,
+                nb: usize,
+                a: ActPtr,
+                nrows: usize,
+                out: *mut f32,
+            ) {
+                let g16 = Q5_0::PANEL_G;
+                let zero = _mm256_set1_ps(Q5_0::ZERO as f32);
+                let nta = crate::kernels::float_x86::decode_prefetch_nta();
+                for g8 in 0..ngroups {
+                    // SAFETY (for the offsets below): group g8 < ngroups of nb blocks.
+                    let values = unsafe { w.add(g8 * nb * 176) };
+                    let scales = values.wrapping_add(nb * 160);
+                    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    for b in 0..nb {
+                        let v = values.wrapping_add(160 * b);
+                        // Ahead in the one stream the groups make (a hint; never faults).
+                        for off in (0..160).step_by(64) {
+                            let at = v.wrapping_add(PREFETCH + off) as *const i8;
+                            crate::kernels::float_x86::decode_prefetch(at, nta);
+                        }
+                        if b % 4 == 0 {
+                            let at = scales.wrapping_add(16 * b + 512) as *const i8;
+                            crate::kernels::float_x86::decode_prefetch(at, nta);
+                        }
+                        // SAFETY: block b's 160 bytes of values.
+                        let q = unsafe { q5_0_group_values(v) };
+                        let mut a32 = _mm256_setzero_si256();
+                        for c in 0..8 / g16 {
+                            let mut a16 = _mm256_setzero_si256();
+                            for k in 0..g16 {
+                                let gi = c * g16 + k;
+                                // SAFETY: values 32b + 4gi .. + 4 of the activations.
+                                let $x = _mm256_set1_epi32(unsafe {
+                                    (a.qs.add(32 * b + 4 * gi) as *const i32).read_unaligned()
+                                });
+                                let ($a16, $w) = (a16, q[gi]);
+                                a16 = $step;
+                            }
+                            let ($a32, $s16) = (a32, a16);
+                            a32 = $flush;
+                        }
+                        // SAFETY: block b's eight scales; its activation scale and sum.
+                        let (sc, d, sum) = unsafe {
+                            (
+                                _mm256_cvtph_ps(_mm_loadu_si128(
+                                    scales.add(16 * b) as *const __m128i
+                                )),
+                                _mm256_broadcast_ss(&*a.d.add(b)),
+                                _mm256_broadcast_ss(&*a.sums.add(b)),
+                            )
+                        };
+                        // The zero point off within the block: two sums (the products' and the
+                        // zero point's) would each grow to ~16× what their difference is.
+                        let off = _mm256_mul_ps(_mm256_mul_ps(sc, zero), sum);
+                        let blk =
+                            _mm256_fmsub_ps(_mm256_cvtepi32_ps(a32), _mm256_mul_ps(sc, d), off);
+                        if b % 2 == 0 {
+                            acc0 = _mm256_add_ps(acc0, blk);
+                        } else {
+                            acc1 = _mm256_add_ps(acc1, blk);
+                        }
+                    }
+                    let acc = _mm256_add_ps(acc0, acc1);
+                    let n = (nrows - 8 * g8).min(8);
+                    // SAFETY: rows 8 · g8 .. + n < nrows of `out`.
+                    unsafe {
+                        if n == 8 {
+                            _mm256_storeu_ps(out.add(8 * g8), acc);
+                        } else {
+                            let mut v = [0f32; 8];
+                            _mm256_storeu_ps(v.as_mut_ptr(), acc);
+                            std::ptr::copy_nonoverlapping(v.as_ptr(), out.add(8 * g8), n);
+                        }
+                    }
+                }
+            }
+
             /// Prefill: `out[r][t] = w[r] · a[t]` for `R` rows × `T` tokens; each decoded piece of a
             /// weight row serves all `T` tokens.
             ///
@@ -1053,23 +1184,35 @@ pub fn rows(
     }
 }
 
-/// `out[r] = row r · a` for the rows of interleaved Q8_0 groups in `w` (`row_bytes` a row as stored;
-/// whole groups, `out` as many rows as they hold or up to seven fewer).
-pub fn rows_interleaved(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, out: &mut [f32]) {
-    let nb = row_bytes / 34;
+/// `out[r] = row r · a` for the rows of interleaved groups of `dtype` (Q8_0 or Q5_0) in `w`
+/// (`row_bytes` a row as stored; whole groups, `out` as many rows as they hold or up to seven fewer).
+pub fn rows_interleaved(
+    backend: Backend,
+    dtype: DType,
+    w: &[u8],
+    row_bytes: usize,
+    a: ActRow,
+    out: &mut [f32],
+) {
+    let block = match dtype {
+        DType::Q8_0 => 34,
+        DType::Q5_0 => 22,
+        _ => panic!("{dtype:?} is not interleaved"),
+    };
+    let nb = row_bytes / block;
     let ngroups = out.len().div_ceil(8);
     // These checks make the kernel's raw-pointer reads and writes sound.
-    assert!(row_bytes == nb * 34 && w.len() == ngroups * 8 * row_bytes);
+    assert!(row_bytes == nb * block && w.len() == ngroups * 8 * row_bytes);
     let ap = act_ptr(&a, 32 * nb);
     check_features(backend);
     let (wp, n, op) = (w.as_ptr(), out.len(), out.as_mut_ptr());
-    match backend {
-        // SAFETY: checked above: the groups, the activations, the output, the CPU features.
-        Backend::Avx512Vnni | Backend::Amx => unsafe {
-            vnni::rows_interleaved(wp, ngroups, nb, ap, n, op)
-        },
-        // SAFETY: as above.
-        _ => unsafe { avx2::rows_interleaved(wp, ngroups, nb, ap, n, op) },
+    let vnni = matches!(backend, Backend::Avx512Vnni | Backend::Amx);
+    // SAFETY (each call): checked above: the groups, the activations, the output, the CPU features.
+    match (dtype, vnni) {
+        (DType::Q8_0, true) => unsafe { vnni::rows_interleaved(wp, ngroups, nb, ap, n, op) },
+        (DType::Q8_0, false) => unsafe { avx2::rows_interleaved(wp, ngroups, nb, ap, n, op) },
+        (_, true) => unsafe { vnni::rows_interleaved_q5_0(wp, ngroups, nb, ap, n, op) },
+        (_, false) => unsafe { avx2::rows_interleaved_q5_0(wp, ngroups, nb, ap, n, op) },
     }
 }
 
@@ -1228,6 +1371,46 @@ impl Panel {
             }
         }
         self.dtype = Some(dtype);
+    }
+
+    /// Takes the first `rows` (one to eight) rows of a group of interleaved Q5_0 rows (`group`, its
+    /// bytes as stored: see `quantized::interleave_q5_0`). The layout is the panel's own: per block
+    /// [`q5_0_group_values`] and one conversion of the eight scales, no transposes or gathers.
+    pub fn fill_q5_0_group(&mut self, group: &[u8], rows: usize) {
+        const GROUP_BLOCK: usize = 8 * 22;
+        assert!((1..=8).contains(&rows));
+        assert!(!group.is_empty() && group.len().is_multiple_of(GROUP_BLOCK));
+        assert!(has_avx2(), "AVX2/FMA/F16C are not available");
+        let nb = group.len() / GROUP_BLOCK;
+        (self.rows, self.nb, self.units) = (rows, nb, 1);
+        // The next group lies right after this one: the same eight rows' bytes as `fill` points at.
+        (self.next, self.row_bytes) = (group.as_ptr().wrapping_add(group.len()) as usize, 22 * nb);
+        // SAFETY: the group holds nb blocks of 160 bytes of values and nb × 16 bytes of scales
+        // (checked above, with the CPU features).
+        unsafe { self.fill_q5_0_group_avx2(group.as_ptr(), nb) };
+        self.dtype = Some(DType::Q5_0);
+    }
+
+    /// # Safety
+    /// `g` points at a group of `nb` interleaved Q5_0 blocks; the CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fill_q5_0_group_avx2(&mut self, g: *const u8, nb: usize) {
+        self.w.resize(8 * nb, _mm256_setzero_si256());
+        self.s.resize(nb, _mm256_setzero_ps());
+        self.m.resize(nb, _mm256_setzero_ps());
+        let zero = _mm256_set1_ps(Q5_0::ZERO as f32);
+        for b in 0..nb {
+            // SAFETY: block b < nb of the group, by the caller's promise.
+            let (values, scales) = unsafe {
+                (
+                    q5_0_group_values(g.add(160 * b)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(g.add(160 * nb + 16 * b) as *const __m128i)),
+                )
+            };
+            self.w[8 * b..8 * b + 8].copy_from_slice(&values);
+            self.s[b] = scales;
+            self.m[b] = _mm256_mul_ps(scales, zero);
+        }
     }
 
     /// # Safety
@@ -1494,7 +1677,7 @@ unsafe fn deinterleave_avx2(w: *const u8, groups: usize, nb: usize, out: *mut u8
 /// `out[g]` lane `r` = i32 lane `g` of `v[r]`: an 8 × 8 transpose of 32-bit values.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn transpose8x8(v: [__m256i; 8]) -> [__m256i; 8] {
+pub(super) fn transpose8x8(v: [__m256i; 8]) -> [__m256i; 8] {
     // Pairs of rows interleaved, then quadruples; both stay within 128-bit lanes, so rows 0..4 and
     // 4..8 are then joined across lanes: the low lanes hold values 0..4, the high ones 4..8.
     let t: [__m256i; 8] = std::array::from_fn(|i| {

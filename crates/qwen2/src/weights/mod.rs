@@ -149,6 +149,13 @@ impl Bytes {
     pub fn release(&self) {
         self.file.release(self.offset, self.len);
     }
+
+    /// [`Bytes::release`] for the bytes `start..start + len` of this range (clipped to it).
+    pub fn release_part(&self, start: usize, len: usize) {
+        let start = start.min(self.len);
+        let len = len.min(self.len - start);
+        self.file.release(self.offset + start, len);
+    }
 }
 
 /// One tensor as stored: shape in Hugging Face order (rows first), element type, bytes.
