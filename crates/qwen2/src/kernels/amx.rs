@@ -398,8 +398,11 @@ struct Rows<'p, F> {
     format: std::marker::PhantomData<F>,
 }
 
+// The `put16`s carry `run`'s target features: without them a format's `put`, inlined into `put16`
+// first, could not take in its intrinsics, which then stayed calls.
 impl<F: Block> Source for Rows<'_, F> {
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn put16(&self, b: usize, out: *mut i8, f16: &F16Table) {
         for (r, &row) in self.rows.iter().enumerate() {
             // SAFETY: block b of the row, row r of `out`: the caller's promise.
@@ -418,7 +421,8 @@ impl Source for Q5_0Groups {
     /// Each group's values as its decode takes them (row `r` in lane `r`), transposed to a row per
     /// register: one transpose for eight rows where each row had a shuffle of its nibbles and a masked
     /// add of its fifth bits.
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn put16(&self, b: usize, out: *mut i8, f16: &F16Table) {
         for (g, &group) in self.groups.iter().enumerate() {
             // SAFETY: block b < nb of the group, its values and its eight scales: the caller's promise.
