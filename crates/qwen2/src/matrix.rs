@@ -280,7 +280,7 @@ impl Matrix {
             // `decode_layout`): a copy made at load, after which the mapped bytes are never read (and
             // are released), so resident memory does not grow. In the default model that is its output
             // matrix (Q8_0, 145 MB of the 392 MB a decode step reads) and every Q5_0 matrix (q, k, o,
-            // gate, up and half of v; 175 MB). For the output: `duet bench` (native), two alternations
+            // gate, up and half of v; 173 MB). For the output: `duet bench` (native), two alternations
             // on a 2-core Xeon VM, decoded 49.2 and 51.7 tok/s against 43.5 and 42.6 mapped; load
             // 0.18–0.19 s against 0.14–0.16, peak RSS 471–472 MiB against 474–484. For Q5_0 see
             // `quantized::interleave_q5_0`.

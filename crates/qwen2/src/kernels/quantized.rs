@@ -1325,8 +1325,8 @@ pub fn interleave_q5_0(rows: &[u8], rb: usize, out: &mut [u8]) {
 
 /// `GATHER4[q]`, for a byte `q` of a Q5_0 block's fifth bits (those of eight values, two four-value
 /// groups): byte `i` holds bit `i` of `q` in bit 0 and bit `i + 4` in bit 1, the two groups' bits of
-/// value `i` of a group; shifted by `2·k` for byte `k`, the bytes are [`interleave_q5_0`]'s. A load
-/// lays out every Q5_0 matrix, and bit by bit that took longer than the rest of the load.
+/// value `i` of a group; shifted by `2·k` for byte `k`, the bytes are [`interleave_q5_0`]'s. Four
+/// lookups a block where a loop took 32 steps: a load lays out every Q5_0 matrix.
 const GATHER4: [u32; 256] = {
     let mut t = [0u32; 256];
     let mut q = 0;
@@ -1342,8 +1342,7 @@ const GATHER4: [u32; 256] = {
     t
 };
 
-/// `SPREAD4[h]`: bit `g` of `h` moved to bit `4·g`, for the fifth bits of [`deinterleave_q5_0`] (a
-/// prefill lays out again every Q5_0 row it multiplies).
+/// `SPREAD4[h]`: bit `g` of `h` moved to bit `4·g`, for the fifth bits of [`deinterleave_q5_0`].
 const SPREAD4: [u32; 256] = {
     let mut t = [0u32; 256];
     let mut h = 0;
@@ -1359,7 +1358,8 @@ const SPREAD4: [u32; 256] = {
 };
 
 /// Rows `first..first + out.len() / rb` of an interleaved Q5_0 matrix (`w`, rows of `rb` bytes as
-/// stored) back in the file's layout, into `out`.
+/// stored) back in the file's layout, into `out`: for the portable kernels, label scoring and lookups,
+/// which read rows (a prefill's panels and AMX tiles take the groups as they are).
 pub fn deinterleave_q5_0(w: &[u8], rb: usize, first: usize, out: &mut [u8]) {
     const B: usize = Q5_0_BLOCK_BYTES;
     assert!(rb > 0 && rb.is_multiple_of(B) && out.len().is_multiple_of(rb));
@@ -1720,9 +1720,10 @@ mod tests {
         assert_eq!(some, q[5 * rb..8 * rb]);
     }
 
-    /// Interleaved Q8_0 and Q5_0 on every backend: decode (one token, on the interleaved kernels) to the exact
-    /// sums of the 8-bit activations; prefill (rows laid out again, the row kernels) bit for bit what
-    /// the file's layout gives; label scoring bit for bit what the whole product gives. Rows not a
+    /// Interleaved Q8_0 and Q5_0 on every backend: decode (one token, on the interleaved kernels) to
+    /// the exact sums of the 8-bit activations; prefill (Q8_0 rows laid out again for the row kernels,
+    /// Q5_0 groups taken as they are by the panels and, at 13 and 40 tokens, the AMX tiles) bit for bit
+    /// what the file's layout gives; label scoring bit for bit what the whole product gives. Rows not a
     /// multiple of eight, and a product large enough to be split across threads.
     #[test]
     fn interleaved_products_match_the_reference() {

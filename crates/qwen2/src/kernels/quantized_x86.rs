@@ -2,7 +2,8 @@
 //!
 //! Each weight format decodes a 32-value piece of a row into one 256-bit register of bytes (signed for
 //! Q8_0/Q6_K after removing their offsets, unsigned nibbles for Q4_K) plus an f32 scale vector; Q5_0 is
-//! decoded eight rows at a time instead, straight into the panel layout below. The
+//! decoded eight rows at a time instead, straight into the panel layout below (from the file's layout,
+//! or, held interleaved as the native form holds it on x86, read in that layout as it lies). The
 //! multiply is `vpmaddubsw` (u8 × i8 → i16 pairs) + `vpmaddwd` with ones (→ i32) on AVX2, or one
 //! `vpdpbusd` on AVX-512 VNNI. Both need an unsigned left operand, so signed weights use the sign trick:
 //! `|w| · (x · sign w)`. No i16 pair can saturate: activations are within ±127 and `|w| ≤ 128` gives at
@@ -158,8 +159,9 @@ impl Fmt for Q5_0 {
     type Hdr = ();
     #[inline]
     unsafe fn header(_p: *const u8) {}
-    /// Never called: Q5_0 is decoded eight rows at a time, straight into a panel's layout
-    /// ([`Rows8::piece8`]), both for decode (`rows8`) and for a prefill's [`Panel`] (`panel_values`).
+    /// Never called: Q5_0 in the file's layout is decoded eight rows at a time, straight into a panel's
+    /// layout ([`Rows8::piece8`]), both for decode (`rows8`) and for a prefill's [`Panel`]
+    /// (`panel_values`); interleaved Q5_0 is already in it ([`q5_0_group_values`]).
     unsafe fn sub(_p: *const u8, _h: &(), _j: usize) -> (__m256i, __m256) {
         unreachable!("Q5_0 pieces are decoded eight rows at a time")
     }
@@ -589,7 +591,9 @@ macro_rules! instruction_set {
                 }
             }
 
-            /// Decode of a [`Rows8`] format (Q5_0): `out[r] = row r · a` for `nrows` consecutive rows,
+            /// Decode of a [`Rows8`] format (Q5_0 in the file's layout; the native form holds it
+            /// interleaved on x86, see `rows_interleaved_q5_0`): `out[r] = row r · a` for `nrows`
+            /// consecutive rows,
             /// eight at a time decoded into a panel's layout in registers — row `r` in lane `r` — and
             /// multiplied as [`panel_tile`] does, the token's four activations broadcast per group.
             /// Per eight row blocks that is one decode of the eight, eight multiplies, one widening
@@ -1207,11 +1211,14 @@ pub fn rows_interleaved(
     check_features(backend);
     let (wp, n, op) = (w.as_ptr(), out.len(), out.as_mut_ptr());
     let vnni = matches!(backend, Backend::Avx512Vnni | Backend::Amx);
-    // SAFETY (each call): checked above: the groups, the activations, the output, the CPU features.
     match (dtype, vnni) {
+        // SAFETY: checked above: the groups, the activations, the output, the CPU features.
         (DType::Q8_0, true) => unsafe { vnni::rows_interleaved(wp, ngroups, nb, ap, n, op) },
+        // SAFETY: as above.
         (DType::Q8_0, false) => unsafe { avx2::rows_interleaved(wp, ngroups, nb, ap, n, op) },
+        // SAFETY: as above.
         (_, true) => unsafe { vnni::rows_interleaved_q5_0(wp, ngroups, nb, ap, n, op) },
+        // SAFETY: as above.
         (_, false) => unsafe { avx2::rows_interleaved_q5_0(wp, ngroups, nb, ap, n, op) },
     }
 }
