@@ -34,7 +34,9 @@ pub fn read_bandwidth_gbs(bytes_per_thread: usize, reps: usize) -> Result<f64> {
     });
     let mut best = 0.0f64;
     for _ in 0..reps {
-        let (s, sums) = on_every_core(threads, |t| sum_aligned_words(bufs[t].bytes()));
+        let (s, sums) = on_every_core(threads, |t| {
+            crate::kernels::stream::sum_words(bufs[t].bytes())
+        });
         std::hint::black_box(sums);
         best = best.max((len * threads) as f64 / s / 1e9);
     }
@@ -170,34 +172,8 @@ fn sum_words(b: &[u8], offset: usize) -> u64 {
     let (head, rest) = b.split_at(((8 - offset % 8) % 8).min(b.len()));
     let (body, tail) = rest.split_at(rest.len() / 128 * 128);
     bytes_at(head, offset)
-        .wrapping_add(sum_aligned_words(body))
+        .wrapping_add(crate::kernels::stream::sum_words(body))
         .wrapping_add(bytes_at(tail, 0))
-}
-
-/// Wrapping sum of the 8-byte words of `b` (a multiple of 128 bytes) in four vectors of four lanes, so
-/// the loop keeps several accumulators and waits on memory, not on its own adds. On its own, not
-/// inlined into `sum_words`: there the loop ran at ~44 GB/s a core from L2 instead of ~70.
-///
-/// In vectors of its own, not an array of sixteen scalar lanes: built for a CPU with AVX-512 (the
-/// workspace builds for the one it runs on), the compiler vectorized such an array across four
-/// 128-byte chunks at once with gather instructions, and the probe read 19.6 GB/s where plain loads
-/// read 37 GB/s and the F32 decode 33 GB/s (a 2-core Xeon VM): every share of it reported was inflated.
-fn sum_aligned_words(b: &[u8]) -> u64 {
-    use wide::u64x4;
-    let mut acc = [u64x4::ZERO; 4];
-    for c in b.chunks_exact(128) {
-        for (a, v) in acc.iter_mut().zip(c.chunks_exact(32)) {
-            let w: [u64; 4] = std::array::from_fn(|i| {
-                u64::from_le_bytes(v[8 * i..8 * i + 8].try_into().expect("8 bytes"))
-            });
-            *a += u64x4::from(w);
-        }
-    }
-    acc.into_iter()
-        .fold(u64x4::ZERO, |s, a| s + a)
-        .to_array()
-        .into_iter()
-        .fold(0, u64::wrapping_add)
 }
 
 /// Floating-point operations of a forward pass over `t` new tokens (matmuls only, logits for one row).

@@ -25,6 +25,7 @@ pub mod quantized;
 #[cfg(target_arch = "x86_64")]
 mod quantized_x86;
 pub mod rope;
+pub mod stream;
 
 pub use activation::{silu_mul, silu_mul_rows, softmax};
 pub use attention::attention;

@@ -1194,7 +1194,7 @@ pub fn quantize_weights_q8_0(values: &[f32], out: &mut [u8]) {
 /// 52.3 and 52.1 tok/s against 42.0 and 41.5 with rows (76 % of the read probe against 62 %), and
 /// prefilled 64 tokens 0.77× and 0.83× as fast. A reply decodes many tokens after one prefill, so the
 /// decode decides. (An earlier A/B, on a busier Xeon VM, gave 0.96–1.04×, and the decode was judged
-/// memory-bound against a bandwidth probe that under-read there, see `bench::sum_aligned_words`; which
+/// memory-bound against a bandwidth probe that under-read there, see `kernels::stream`; which
 /// of the two kept the gain away that day is not known.)
 pub fn decode_layout(backend: Backend) -> Layout {
     match backend {
