@@ -208,33 +208,38 @@ pub unsafe fn multiply_rows(
     // it) and AVX-512 F/BW/VL/BF16 are present (`available`, checked by `Tiles::configure`);
     // `out` by the caller's promise.
     unsafe {
-        let first = ptrs[0];
-        fn rows<F>(rows: &[*const u8; ROWS]) -> Rows<'_, F> {
-            Rows {
-                rows,
-                format: std::marker::PhantomData,
-            }
-        }
         match dtype {
-            DType::Q8_0 => {
-                let src = rows::<Q8_0>(&ptrs);
-                run(&src, first, n, row_bytes, acts, tokens, out, os, panel)
-            }
-            DType::Q5_0 => {
-                let src = rows::<Q5_0>(&ptrs);
-                run(&src, first, n, row_bytes, acts, tokens, out, os, panel)
-            }
-            DType::Q4K => {
-                let src = rows::<Q4K>(&ptrs);
-                run(&src, first, n, row_bytes, acts, tokens, out, os, panel)
-            }
-            DType::Q6K => {
-                let src = rows::<Q6K>(&ptrs);
-                run(&src, first, n, row_bytes, acts, tokens, out, os, panel)
-            }
+            DType::Q8_0 => run_rows::<Q8_0>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
+            DType::Q5_0 => run_rows::<Q5_0>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
+            DType::Q4K => run_rows::<Q4K>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
+            DType::Q6K => run_rows::<Q6K>(&ptrs, n, row_bytes, acts, tokens, out, os, panel),
             _ => unreachable!("checked: a block-quantized format"),
         }
     }
+}
+
+/// [`run`] on rows of `F` in the file's layout.
+///
+/// # Safety
+/// As [`run`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn run_rows<F: Block>(
+    rows: &[*const u8; ROWS],
+    n: usize,
+    row_bytes: usize,
+    acts: &AmxActs,
+    tokens: std::ops::Range<usize>,
+    out: *mut f32,
+    os: usize,
+    panel: &mut Panel,
+) {
+    let src = Rows {
+        rows,
+        format: std::marker::PhantomData::<F>,
+    };
+    // SAFETY: the caller's promise, passed on.
+    unsafe { run(&src, rows[0], n, row_bytes, acts, tokens, out, os, panel) }
 }
 
 /// [`multiply_rows`] for the first `n` (one to 16) rows of one or two groups of interleaved Q5_0 rows

@@ -466,6 +466,40 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
+/// Decode's prefetch at block `b` of an interleaved group (`v` the block's `bytes` of values, `scales`
+/// the group's scales): ahead in the one stream the groups make, and every fourth block the scales'
+/// next line. A hint: never faults, so it may point past the matrix.
+#[inline(always)]
+fn prefetch_group_block(v: *const u8, bytes: usize, scales: *const u8, b: usize, nta: bool) {
+    for off in (0..bytes).step_by(64) {
+        let at = v.wrapping_add(PREFETCH + off) as *const i8;
+        crate::kernels::float_x86::decode_prefetch(at, nta);
+    }
+    if b.is_multiple_of(4) {
+        let at = scales.wrapping_add(16 * b + 512) as *const i8;
+        crate::kernels::float_x86::decode_prefetch(at, nta);
+    }
+}
+
+/// A group's eight sums (row `r` in lane `r`) into its first `n` rows at `out`.
+///
+/// # Safety
+/// `out` has room for `n ≤ 8` values; the CPU has AVX.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn store_group(acc: __m256, out: *mut f32, n: usize) {
+    // SAFETY: n values at `out`, by the caller's promise.
+    unsafe {
+        if n == 8 {
+            _mm256_storeu_ps(out, acc);
+        } else {
+            let mut v = [0f32; 8];
+            _mm256_storeu_ps(v.as_mut_ptr(), acc);
+            std::ptr::copy_nonoverlapping(v.as_ptr(), out, n);
+        }
+    }
+}
+
 /// The kernels of one instruction set: `$dot(u, s)` is the i32x8 of 4-byte dot products of unsigned
 /// bytes `u` with signed bytes `s`. Expanded once for AVX2 and once for AVX-512 VNNI.
 macro_rules! instruction_set {
@@ -591,6 +625,34 @@ macro_rules! instruction_set {
                 }
             }
 
+            /// The i32 sums of one block of eight rows held as a panel holds them (`g`: values
+            /// `4k..4k + 4` of row `r` in lane `r` of register `k`, unsigned) times block `b` of the
+            /// activations: per four-value group the token's four values broadcast and `$step`,
+            /// flushed every `g16` groups.
+            ///
+            /// # Safety
+            /// The activations hold block `b`; the CPU has `$features`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn block_sums8(g: &[__m256i; 8], a: ActPtr, b: usize, g16: usize) -> __m256i {
+                let mut a32 = _mm256_setzero_si256();
+                for c in 0..8 / g16 {
+                    let mut a16 = _mm256_setzero_si256();
+                    for k in 0..g16 {
+                        let gi = c * g16 + k;
+                        // SAFETY: values 32b + 4gi .. + 4 of the activations.
+                        let $x = _mm256_set1_epi32(unsafe {
+                            (a.qs.add(32 * b + 4 * gi) as *const i32).read_unaligned()
+                        });
+                        let ($a16, $w) = (a16, g[gi]);
+                        a16 = $step;
+                    }
+                    let ($a32, $s16) = (a32, a16);
+                    a32 = $flush;
+                }
+                a32
+            }
+
             /// Decode of a [`Rows8`] format (Q5_0 in the file's layout; the native form holds it
             /// interleaved on x86, see `rows_interleaved_q5_0`): `out[r] = row r · a` for `nrows`
             /// consecutive rows,
@@ -648,21 +710,8 @@ macro_rules! instruction_set {
                                 F::panel_scales(&p, 0).expect("a Rows8 format gathers its scales"),
                             )
                         };
-                        let mut a32 = _mm256_setzero_si256();
-                        for c in 0..8 / g16 {
-                            let mut a16 = _mm256_setzero_si256();
-                            for k in 0..g16 {
-                                let gi = c * g16 + k;
-                                // SAFETY: values 32b + 4gi .. + 4 of the activations.
-                                let $x = _mm256_set1_epi32(unsafe {
-                                    (a.qs.add(32 * b + 4 * gi) as *const i32).read_unaligned()
-                                });
-                                let ($a16, $w) = (a16, g[gi]);
-                                a16 = $step;
-                            }
-                            let ($a32, $s16) = (a32, a16);
-                            a32 = $flush;
-                        }
+                        // SAFETY: block b of the activations.
+                        let a32 = unsafe { block_sums8(&g, a, b, g16) };
                         // SAFETY: block b's scale and sum.
                         let (d, sum) = unsafe {
                             (
@@ -711,15 +760,7 @@ macro_rules! instruction_set {
                     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                     for b in 0..nb {
                         let v = values.wrapping_add(256 * b);
-                        // Ahead in the one stream the groups make (a hint; never faults).
-                        for off in (0..256).step_by(64) {
-                            let at = v.wrapping_add(PREFETCH + off) as *const i8;
-                            crate::kernels::float_x86::decode_prefetch(at, nta);
-                        }
-                        if b % 4 == 0 {
-                            let at = scales.wrapping_add(16 * b + 512) as *const i8;
-                            crate::kernels::float_x86::decode_prefetch(at, nta);
-                        }
+                        prefetch_group_block(v, 256, scales, b, nta);
                         // Two chains of four multiply-adds, not one of eight.
                         let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                         for g in (0..8).step_by(2) {
@@ -760,17 +801,8 @@ macro_rules! instruction_set {
                         }
                     }
                     let acc = _mm256_add_ps(acc0, acc1);
-                    let n = (nrows - 8 * g8).min(8);
-                    // SAFETY: rows 8 · g8 .. + n < nrows of `out`.
-                    unsafe {
-                        if n == 8 {
-                            _mm256_storeu_ps(out.add(8 * g8), acc);
-                        } else {
-                            let mut v = [0f32; 8];
-                            _mm256_storeu_ps(v.as_mut_ptr(), acc);
-                            std::ptr::copy_nonoverlapping(v.as_ptr(), out.add(8 * g8), n);
-                        }
-                    }
+                    // SAFETY: rows 8 · g8 .. min(8 · g8 + 8, nrows) of `out`.
+                    unsafe { store_group(acc, out.add(8 * g8), (nrows - 8 * g8).min(8)) };
                 }
             }
 
@@ -803,32 +835,11 @@ macro_rules! instruction_set {
                     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                     for b in 0..nb {
                         let v = values.wrapping_add(160 * b);
-                        // Ahead in the one stream the groups make (a hint; never faults).
-                        for off in (0..160).step_by(64) {
-                            let at = v.wrapping_add(PREFETCH + off) as *const i8;
-                            crate::kernels::float_x86::decode_prefetch(at, nta);
-                        }
-                        if b % 4 == 0 {
-                            let at = scales.wrapping_add(16 * b + 512) as *const i8;
-                            crate::kernels::float_x86::decode_prefetch(at, nta);
-                        }
+                        prefetch_group_block(v, 160, scales, b, nta);
                         // SAFETY: block b's 160 bytes of values.
                         let q = unsafe { q5_0_group_values(v) };
-                        let mut a32 = _mm256_setzero_si256();
-                        for c in 0..8 / g16 {
-                            let mut a16 = _mm256_setzero_si256();
-                            for k in 0..g16 {
-                                let gi = c * g16 + k;
-                                // SAFETY: values 32b + 4gi .. + 4 of the activations.
-                                let $x = _mm256_set1_epi32(unsafe {
-                                    (a.qs.add(32 * b + 4 * gi) as *const i32).read_unaligned()
-                                });
-                                let ($a16, $w) = (a16, q[gi]);
-                                a16 = $step;
-                            }
-                            let ($a32, $s16) = (a32, a16);
-                            a32 = $flush;
-                        }
+                        // SAFETY: block b of the activations.
+                        let a32 = unsafe { block_sums8(&q, a, b, g16) };
                         // SAFETY: block b's eight scales; its activation scale and sum.
                         let (sc, d, sum) = unsafe {
                             (
@@ -851,17 +862,8 @@ macro_rules! instruction_set {
                         }
                     }
                     let acc = _mm256_add_ps(acc0, acc1);
-                    let n = (nrows - 8 * g8).min(8);
-                    // SAFETY: rows 8 · g8 .. + n < nrows of `out`.
-                    unsafe {
-                        if n == 8 {
-                            _mm256_storeu_ps(out.add(8 * g8), acc);
-                        } else {
-                            let mut v = [0f32; 8];
-                            _mm256_storeu_ps(v.as_mut_ptr(), acc);
-                            std::ptr::copy_nonoverlapping(v.as_ptr(), out.add(8 * g8), n);
-                        }
-                    }
+                    // SAFETY: rows 8 · g8 .. min(8 · g8 + 8, nrows) of `out`.
+                    unsafe { store_group(acc, out.add(8 * g8), (nrows - 8 * g8).min(8)) };
                 }
             }
 
