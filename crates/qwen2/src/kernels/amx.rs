@@ -258,9 +258,9 @@ pub unsafe fn multiply_q5_0_groups(
     panel: &mut Panel,
     _tiles: &Tiles,
 ) {
-    const GROUP: usize = 8;
+    use super::quantized::{GROUP_ROWS as GROUP, Q5_0_BLOCK_BYTES};
     assert!((1..=ROWS).contains(&n));
-    let row_bytes = 22 * acts.nb;
+    let row_bytes = Q5_0_BLOCK_BYTES * acts.nb;
     assert!(acts.nb > 0 && groups.len() == n.div_ceil(GROUP) * GROUP * row_bytes);
     assert!(tokens.start.is_multiple_of(TOKENS) && tokens.end <= acts.t && os >= n);
     assert!(acts.q.len() >= acts.t.div_ceil(TOKENS) * acts.nb * TILE_BYTES);

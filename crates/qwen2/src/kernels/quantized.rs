@@ -623,11 +623,11 @@ fn amx_many(products: &mut [Product], cols: usize, x: &[f32], t: usize) {
     super::pool::for_each(tasks.len(), |k| {
         let (i, block) = tasks[k];
         let (w, rb, _) = ws[i];
-        if let Some(groups) = panel_groups(w, rb, block) {
-            return prefill_task_amx(w.dtype, Rows8::Groups(groups), rb, &acts, block);
+        if let Some(groups) = q5_0_task_groups(w, rb, block) {
+            return prefill_task_amx(w.dtype, TaskRows::Groups(groups), rb, &acts, block);
         }
         with_plain_rows(w, rb, block.r0, block.rows, |wrows| {
-            prefill_task_amx(w.dtype, Rows8::Rows(wrows), rb, &acts, block)
+            prefill_task_amx(w.dtype, TaskRows::Rows(wrows), rb, &acts, block)
         });
     });
 }
@@ -756,14 +756,14 @@ pub fn matmul_acts_many(
         #[cfg(target_arch = "x86_64")]
         let pacts = panel_acts.iter().find(|(d, _)| *d == dtype).map(|(_, a)| a);
         #[cfg(target_arch = "x86_64")]
-        if let (Some(groups), Some(pacts)) = (panel_groups(w, rb, block), pacts) {
-            let groups = Rows8::Groups(groups);
+        if let (Some(groups), Some(pacts)) = (q5_0_task_groups(w, rb, block), pacts) {
+            let groups = TaskRows::Groups(groups);
             return prefill_task_panel(backend, dtype, groups, rb, pacts, tok_group, block);
         }
         with_plain_rows(w, rb, block.r0, block.rows, |wrows| {
             #[cfg(target_arch = "x86_64")]
             if let Some(pacts) = pacts {
-                let rows = Rows8::Rows(wrows);
+                let rows = TaskRows::Rows(wrows);
                 return prefill_task_panel(backend, dtype, rows, rb, pacts, tok_group, block);
             }
             // 2 × 3 tiles measured best for Q8_0 on AVX2 (A/B in one process, 13-64 tokens): its
@@ -827,13 +827,16 @@ fn uses_amx(backend: Backend, dtype: DType, t: usize) -> bool {
 /// The prefill task on AMX tiles: the block `out` for the rows in `w`, for every token, 16 rows at a
 /// time (fewer at the end; see `amx::multiply_rows`).
 #[cfg(target_arch = "x86_64")]
-fn prefill_task_amx(dtype: DType, w: Rows8, rb: usize, acts: &super::amx::AmxActs, out: OutBlock) {
+fn prefill_task_amx(
+    dtype: DType,
+    w: TaskRows,
+    rb: usize,
+    acts: &super::amx::AmxActs,
+    out: OutBlock,
+) {
     const ROWS: usize = super::amx::ROWS;
     let (nrows, t) = (out.rows, out.shared.tokens);
-    match w {
-        Rows8::Rows(w) => assert!(w.len() == nrows * rb),
-        Rows8::Groups(g) => assert!(g.len() == Layout::Interleaved8.stored_rows(nrows) * rb),
-    }
+    w.check(nrows, rb);
     AMX_PANEL.with_borrow_mut(|panel| {
         let tiles = super::amx::Tiles::configure();
         for r in (0..nrows).step_by(ROWS) {
@@ -842,7 +845,7 @@ fn prefill_task_amx(dtype: DType, w: Rows8, rb: usize, acts: &super::amx::AmxAct
             // of the product: the task's own elements.
             let (start, os) = (out.shared.at(0, out.r0 + r), out.shared.stride);
             match w {
-                Rows8::Rows(w) => {
+                TaskRows::Rows(w) => {
                     let rows: [&[u8]; ROWS] =
                         std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
                     let rows = &rows[..n];
@@ -850,7 +853,7 @@ fn prefill_task_amx(dtype: DType, w: Rows8, rb: usize, acts: &super::amx::AmxAct
                         super::amx::multiply_rows(dtype, rows, acts, 0..t, start, os, panel, &tiles)
                     }
                 }
-                Rows8::Groups(g) => {
+                TaskRows::Groups(g) => {
                     let stored = Layout::Interleaved8.stored_rows(n);
                     let groups = &g[r * rb..(r + stored) * rb];
                     unsafe {
@@ -879,23 +882,35 @@ thread_local! {
         std::cell::RefCell::new(super::amx::Panel::default());
 }
 
-/// A prefill task's weights as the panel kernels take them: rows in the file's layout, or the whole
-/// groups of an interleaved Q5_0 matrix that hold the task's rows.
+/// A prefill task's weights as the panel kernels and AMX tiles take them: rows in the file's layout, or
+/// the whole groups of an interleaved Q5_0 matrix that hold the task's rows.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-enum Rows8<'a> {
+enum TaskRows<'a> {
     Rows(&'a [u8]),
     Groups(&'a [u8]),
 }
 
-/// The groups of an interleaved Q5_0 matrix holding a prefill task's rows, which the panels take as
-/// they are (`Panel::fill_q5_0_group`); `None` for any other matrix, which the task reads as rows.
 #[cfg(target_arch = "x86_64")]
-fn panel_groups<'a>(w: QuantSlice<'a>, rb: usize, block: OutBlock) -> Option<&'a [u8]> {
+impl TaskRows<'_> {
+    /// Checks that these are the bytes of `nrows` rows of `rb` bytes (in whole groups, for groups).
+    fn check(self, nrows: usize, rb: usize) {
+        match self {
+            TaskRows::Rows(w) => assert!(w.len() == nrows * rb),
+            TaskRows::Groups(g) => assert!(g.len() == Layout::Interleaved8.stored_rows(nrows) * rb),
+        }
+    }
+}
+
+/// The groups of an interleaved Q5_0 matrix holding a prefill task's rows, which the panels and AMX
+/// tiles take as they are (`Panel::fill_q5_0_group`, `amx::multiply_q5_0_groups`); `None` for any other
+/// matrix, which the task reads as rows.
+#[cfg(target_arch = "x86_64")]
+fn q5_0_task_groups<'a>(w: QuantSlice<'a>, rb: usize, block: OutBlock) -> Option<&'a [u8]> {
     if w.layout != Layout::Interleaved8 || w.dtype != DType::Q5_0 {
         return None;
     }
-    // Panel tasks start at a multiple of eight rows: at a group's start.
+    // Panel and AMX tasks start at a multiple of eight rows: at a group's start.
     assert!(block.r0.is_multiple_of(GROUP_ROWS));
     let stored = w.layout.stored_rows(block.rows);
     Some(&w.bytes[block.r0 * rb..(block.r0 + stored) * rb])
@@ -908,29 +923,26 @@ fn panel_groups<'a>(w: QuantSlice<'a>, rb: usize, block: OutBlock) -> Option<&'a
 fn prefill_task_panel(
     backend: Backend,
     dtype: DType,
-    w: Rows8,
+    w: TaskRows,
     rb: usize,
     acts: &super::quantized_x86::PanelActs,
     tok_group: usize,
     out: OutBlock,
 ) {
     let (nrows, t) = (out.rows, out.shared.tokens);
-    match w {
-        Rows8::Rows(w) => assert!(w.len() == nrows * rb),
-        Rows8::Groups(g) => assert!(g.len() == Layout::Interleaved8.stored_rows(nrows) * rb),
-    }
+    w.check(nrows, rb);
     let mut panel = super::quantized_x86::Panel::default();
     for g0 in (0..t).step_by(tok_group) {
         let tokens = g0..(g0 + tok_group).min(t);
         for r in (0..nrows).step_by(8) {
             let n = (nrows - r).min(8);
             match w {
-                Rows8::Rows(w) => {
+                TaskRows::Rows(w) => {
                     let rows: [&[u8]; 8] =
                         std::array::from_fn(|i| &w[(r + i.min(n - 1)) * rb..][..rb]);
                     panel.fill(dtype, &rows[..n]);
                 }
-                Rows8::Groups(g) => panel.fill_q5_0_group(&g[r * rb..(r + 8) * rb], n),
+                TaskRows::Groups(g) => panel.fill_q5_0_group(&g[r * rb..(r + 8) * rb], n),
             }
             // SAFETY: rows r..r + n of the block (checked: nrows rows), for the product's tokens
             // (`run_to` checks those against `acts`): the task's own elements.

@@ -830,7 +830,7 @@ macro_rules! instruction_set {
                 let nta = crate::kernels::float_x86::decode_prefetch_nta();
                 for g8 in 0..ngroups {
                     // SAFETY (for the offsets below): group g8 < ngroups of nb blocks.
-                    let values = unsafe { w.add(g8 * nb * 176) };
+                    let values = unsafe { w.add(g8 * nb * 8 * Q5_0::SB_BYTES) };
                     let scales = values.wrapping_add(nb * 160);
                     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                     for b in 0..nb {
@@ -1200,11 +1200,11 @@ pub fn rows_interleaved(
     a: ActRow,
     out: &mut [f32],
 ) {
-    let block = match dtype {
-        DType::Q8_0 => 34,
-        DType::Q5_0 => 22,
-        _ => panic!("{dtype:?} is not interleaved"),
-    };
+    assert!(
+        super::quantized::interleaves(dtype),
+        "{dtype:?} is not interleaved"
+    );
+    let block = dtype.block().1;
     let nb = row_bytes / block;
     let ngroups = out.len().div_ceil(8);
     // These checks make the kernel's raw-pointer reads and writes sound.
@@ -1386,14 +1386,16 @@ impl Panel {
     /// bytes as stored: see `quantized::interleave_q5_0`). The layout is the panel's own: per block
     /// [`q5_0_group_values`] and one conversion of the eight scales, no transposes or gathers.
     pub fn fill_q5_0_group(&mut self, group: &[u8], rows: usize) {
-        const GROUP_BLOCK: usize = 8 * 22;
+        const GROUP_BLOCK: usize = 8 * Q5_0::SB_BYTES;
         assert!((1..=8).contains(&rows));
         assert!(!group.is_empty() && group.len().is_multiple_of(GROUP_BLOCK));
         assert!(has_avx2(), "AVX2/FMA/F16C are not available");
         let nb = group.len() / GROUP_BLOCK;
         (self.rows, self.nb, self.units) = (rows, nb, 1);
         // The next group lies right after this one: the same eight rows' bytes as `fill` points at.
-        (self.next, self.row_bytes) = (group.as_ptr().wrapping_add(group.len()) as usize, 22 * nb);
+        let row_bytes = Q5_0::SB_BYTES * nb;
+        (self.next, self.row_bytes) =
+            (group.as_ptr().wrapping_add(group.len()) as usize, row_bytes);
         // SAFETY: the group holds nb blocks of 160 bytes of values and nb × 16 bytes of scales
         // (checked above, with the CPU features).
         unsafe { self.fill_q5_0_group_avx2(group.as_ptr(), nb) };
