@@ -153,7 +153,7 @@ fn weight_stream_sum(steps: &[Vec<Stream>]) -> u64 {
                 );
             }
             crate::kernels::pool::for_each_item(tasks, |(b, offset)| {
-                total.fetch_add(sum_words(b, offset), Ordering::Relaxed);
+                total.fetch_add(sum_words_at(b, offset), Ordering::Relaxed);
             });
         }
     });
@@ -162,7 +162,7 @@ fn weight_stream_sum(steps: &[Vec<Stream>]) -> u64 {
 
 /// `b`'s part of the wrapping sum of its matrix's little-endian words, `b` starting `offset` bytes into
 /// the matrix.
-fn sum_words(b: &[u8], offset: usize) -> u64 {
+fn sum_words_at(b: &[u8], offset: usize) -> u64 {
     // A byte's place in its word is its offset in the matrix modulo 8.
     let bytes_at = |b: &[u8], at: usize| {
         b.iter().enumerate().fold(0u64, |s, (i, &v)| {
