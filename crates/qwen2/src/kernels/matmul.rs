@@ -332,7 +332,7 @@ fn matmul_tiled<W: WeightElem>(
 
 /// Decode of several matrices of the same activations (q, k and v; gate and up) in one parallel step:
 /// each task a run of one matrix's rows, one row at a time — a single sequential stream per thread,
-/// with the next row prefetched. Four rows per pass (four streams) read a 151936-row bf16 product
+/// with a later row prefetched (see `float_x86::decode_dot`). Four rows per pass (four streams) read a 151936-row bf16 product
 /// from DRAM at ~11 GB/s on a 2-core Zen 3 VM; one row reached ~15 GB/s (f32 about level), A/B in one
 /// process.
 #[cfg(target_arch = "x86_64")]
@@ -352,9 +352,10 @@ fn matvec_many<W: WeightElem>(products: &mut [(&[W], usize, &mut [f32])], cols: 
                 .map(|(c, o)| (&w[c * per * cols..], o)),
         );
     }
+    let acts = super::float_x86::decode_acts::<W>(x);
     pool::for_each_item(tasks, |(w, o)| {
         for (k, y) in o.iter_mut().enumerate() {
-            *y = super::float_x86::dot(&w[k * cols..(k + 1) * cols], x);
+            *y = super::float_x86::decode_dot(&w[k * cols..(k + 1) * cols], &acts);
         }
     });
 }
@@ -670,6 +671,30 @@ mod tests {
             matmul_typed(&w, rows, cols, &x, t, &mut got);
             matmul_scalar(&w, rows, cols, &x, t, &mut want);
             close(&got, &want, 1e-5);
+        }
+    }
+
+    /// Label scoring multiplies single rows (`dot_row`); each must equal that row of the whole decode
+    /// product bit for bit, whichever kernel the row length selects (bf16 rows of a multiple of 32
+    /// values take the AVX-512 kernel where present, with activations reordered once per product).
+    #[test]
+    fn decode_rows_equal_single_row_products() {
+        let rows = 37;
+        for cols in [32, 64, 96, 130, 896] {
+            let w = data(rows * cols, 6);
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let x = data(cols, 7);
+            let mut got = vec![0.0; rows];
+            matmul(WeightSlice::BF16(&wb), rows, cols, &x, 1, &mut got);
+            for (r, g) in got.iter().enumerate() {
+                let one = dot_row(&wb[r * cols..(r + 1) * cols], &x, 1);
+                assert_eq!(g.to_bits(), one.to_bits(), "cols {cols}, row {r}");
+            }
+            matmul(WeightSlice::F32(&w), rows, cols, &x, 1, &mut got);
+            for (r, g) in got.iter().enumerate() {
+                let one = dot_row(&w[r * cols..(r + 1) * cols], &x, 1);
+                assert_eq!(g.to_bits(), one.to_bits(), "cols {cols}, row {r}");
+            }
         }
     }
 
