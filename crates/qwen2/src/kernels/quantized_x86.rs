@@ -26,6 +26,18 @@ use std::arch::x86_64::*;
 /// product at ~70 % of the read bandwidth on a 2-core Zen 3 VM, prefetching 2 KiB ahead brought it to ~95 %.
 const PREFETCH: usize = 2048;
 
+/// How far ahead an interleaved group's decode asks for its lines where they go into L2 (the `T1`
+/// hint of `float_x86::decode_prefetch_l2`, where the CPU is not AMD's): further than [`PREFETCH`].
+/// On a 2-core Xeon VM, a build with the hint and the distance switchable at run time, whole decodes
+/// alternated in one process (medians of 12 rounds of 8 tokens, against `T0` 2 KiB ahead): the default
+/// model with `T1` 2, 4, 8, 16 and 24 KiB ahead 0.97×, 1.04×, 1.11–1.15× (four runs, 12 of 12 faster
+/// in each), 1.12×, 1.12×; `--dtype q8_0` 4, 8 and 16 KiB ahead 1.03×, 1.06–1.08×, 1.04×; `T0` 8 KiB
+/// ahead 1.01–1.03× and 1.00×. Built in as here, `duet bench` alternated with the build before: the
+/// default model 1.01–1.04× (six pairs, none slower), `q8_0` 1.00–1.06× (three). The switchable build
+/// ran 1.09–1.15× against that same build before; why two builds of the same choice differ was not
+/// found.
+const GROUP_PREFETCH_L2: usize = 8192;
+
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
@@ -471,13 +483,14 @@ fn hsum(v: __m256) -> f32 {
 /// next line. A hint: never faults, so it may point past the matrix.
 #[inline(always)]
 fn prefetch_group_block(v: *const u8, bytes: usize, scales: *const u8, b: usize, nta: bool) {
+    let ahead = if nta { PREFETCH } else { GROUP_PREFETCH_L2 };
     for off in (0..bytes).step_by(64) {
-        let at = v.wrapping_add(PREFETCH + off) as *const i8;
-        crate::kernels::float_x86::decode_prefetch(at, nta);
+        let at = v.wrapping_add(ahead + off) as *const i8;
+        crate::kernels::float_x86::decode_prefetch_l2(at, nta);
     }
     if b.is_multiple_of(4) {
         let at = scales.wrapping_add(16 * b + 512) as *const i8;
-        crate::kernels::float_x86::decode_prefetch(at, nta);
+        crate::kernels::float_x86::decode_prefetch_l2(at, nta);
     }
 }
 
