@@ -80,33 +80,21 @@ pub(crate) fn decode_prefetch_nta() -> bool {
     })
 }
 
-/// Asks for the cache line at `at` ahead of decode's read of it, with the hint [`decode_prefetch_nta`]
-/// chose (passed in, so that it is looked up once per kernel call, not once per line).
+/// Asks for the cache line at `at` ahead of decode's read of it: non-temporal where
+/// [`decode_prefetch_nta`] chose so (passed in, so that it is looked up once per kernel call, not once
+/// per line), else with `HINT`. The float rows and `rows8` take `T0`; the interleaved quantized groups
+/// `T1`, into L2, as they ask for their lines further ahead (see `quantized_x86::GROUP_PREFETCH_L2`).
+/// The F32 decode's row prefetch with `T1` instead of `T0` ran 1.031× and 1.039× as fast in one
+/// process (12 of 12 rounds faster each) on a 2-core Xeon VM but 0.96–1.01× in `duet bench`
+/// alternated with the `T0` build, so it keeps `T0`.
 #[inline]
-pub(crate) fn decode_prefetch(at: *const i8, nta: bool) {
+pub(crate) fn decode_prefetch<const HINT: i32>(at: *const i8, nta: bool) {
     // SAFETY: SSE is part of every x86-64 CPU; a prefetch is a hint and never faults.
     unsafe {
         if nta {
             _mm_prefetch::<_MM_HINT_NTA>(at);
         } else {
-            _mm_prefetch::<_MM_HINT_T0>(at);
-        }
-    }
-}
-
-/// Like [`decode_prefetch`], but into L2 (`T1`) rather than every level where the hint is not `NTA`:
-/// for the interleaved quantized groups, which ask for their lines further ahead (see
-/// `quantized_x86::GROUP_PREFETCH_L2`). The F32 decode's row prefetch with `T1` instead of `T0` ran
-/// 1.031× and 1.039× as fast in one process (12 of 12 rounds faster each) on a 2-core Xeon VM but
-/// 0.96–1.01× in `duet bench` alternated with the `T0` build, so it keeps `T0`.
-#[inline]
-pub(crate) fn decode_prefetch_l2(at: *const i8, nta: bool) {
-    // SAFETY: SSE is part of every x86-64 CPU; a prefetch is a hint and never faults.
-    unsafe {
-        if nta {
-            _mm_prefetch::<_MM_HINT_NTA>(at);
-        } else {
-            _mm_prefetch::<_MM_HINT_T1>(at);
+            _mm_prefetch::<HINT>(at);
         }
     }
 }
@@ -133,7 +121,7 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
         // so it may point past the matrix (`wrapping_add`). Which hint: see [`decode_prefetch_nta`].
         if T == 1 && i % line == 0 {
             for row in w {
-                decode_prefetch(row.wrapping_add(i + R * n) as *const i8, nta);
+                decode_prefetch::<_MM_HINT_T0>(row.wrapping_add(i + R * n) as *const i8, nta);
             }
         }
         let mut wv = [_mm256_setzero_ps(); R];

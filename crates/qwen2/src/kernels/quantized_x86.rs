@@ -27,7 +27,7 @@ use std::arch::x86_64::*;
 const PREFETCH: usize = 2048;
 
 /// How far ahead an interleaved group's decode asks for its lines where they go into L2 (the `T1`
-/// hint of `float_x86::decode_prefetch_l2`, where the CPU is not AMD's): further than [`PREFETCH`].
+/// hint of `float_x86::decode_prefetch`, where the CPU is not AMD's): further than [`PREFETCH`].
 /// On a 2-core Xeon VM, a build with the hint and the distance switchable at run time, whole decodes
 /// alternated in one process (medians of 12 rounds of 8 tokens, against `T0` 2 KiB ahead): the default
 /// model with `T1` 2, 4, 8, 16 and 24 KiB ahead 0.97×, 1.04×, 1.11–1.15× (four runs, 12 of 12 faster
@@ -486,11 +486,11 @@ fn prefetch_group_block(v: *const u8, bytes: usize, scales: *const u8, b: usize,
     let ahead = if nta { PREFETCH } else { GROUP_PREFETCH_L2 };
     for off in (0..bytes).step_by(64) {
         let at = v.wrapping_add(ahead + off) as *const i8;
-        crate::kernels::float_x86::decode_prefetch_l2(at, nta);
+        crate::kernels::float_x86::decode_prefetch::<_MM_HINT_T1>(at, nta);
     }
     if b.is_multiple_of(4) {
         let at = scales.wrapping_add(16 * b + 512) as *const i8;
-        crate::kernels::float_x86::decode_prefetch_l2(at, nta);
+        crate::kernels::float_x86::decode_prefetch::<_MM_HINT_T1>(at, nta);
     }
 }
 
@@ -714,7 +714,7 @@ macro_rules! instruction_set {
                         let next = base[0].wrapping_add(8 * row_bytes + 8 * b * F::SB_BYTES);
                         for off in (0..8 * F::SB_BYTES).step_by(64) {
                             let at = next.wrapping_add(off) as *const i8;
-                            crate::kernels::float_x86::decode_prefetch(at, nta);
+                            crate::kernels::float_x86::decode_prefetch::<_MM_HINT_T0>(at, nta);
                         }
                         // SAFETY: as above.
                         let (g, s) = unsafe {
