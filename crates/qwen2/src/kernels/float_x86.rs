@@ -205,6 +205,88 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
     s
 }
 
+/// `Σ_k w[k] · x[k]` over `n` f32 weights for decode: one row streamed from memory, the next row's
+/// line asked for with each line read (see [`tile_raw`] for why the next row, and [`decode_prefetch`]
+/// for the hint).
+///
+/// The sums are [`tile_raw`]'s for one row and one token, in the same order and so the same bits: one
+/// chain of FMAs over the vectors of eight, then a scalar tail. What differs is the loop, written out
+/// in [`f32_line_loop`] a 64-byte line a pass, so that no build changes it (as with the bandwidth
+/// probe, `stream::sum_words`). Compiled from intrinsics the same loop came out three ways: the tile's
+/// (a vector a pass, the prefetch behind a test of the index: a knot of tests and jumps around every
+/// line), unrolled four lines a pass with the prefetches paired, or a line a pass. On a 2-core Xeon VM
+/// (AVX-512), whole F32 decodes of the default model alternated in one process (medians of 10 rounds of
+/// 8 tokens) ran 16.4 tok/s with the first two and 18.4–18.5 with a line a pass, compiled or written
+/// out, and written out a line or two lines a pass (1.12–1.13×, 10 of 10 rounds faster each). Tried
+/// beside it: no prefetch 0.93×, two chains 1.07×, 512-bit loads (one or two chains) 1.04–1.06×, `T1`
+/// 1.06–1.10×, fixed distances of 1–16 KiB ahead instead of the next row 0.94–1.04× (against the tile).
+///
+/// # Safety
+/// `w` and `x` point at `n` readable values; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_decode(w: *const f32, x: *const f32, n: usize) -> f32 {
+    let lines = n / 16;
+    let next_row = w.wrapping_add(n) as *const u8;
+    let mut acc = _mm256_setzero_ps();
+    if lines > 0 {
+        // SAFETY: `lines` whole lines of 16 values lie within both rows (the caller's promise).
+        acc = unsafe {
+            if decode_prefetch_nta() {
+                f32_line_loop!("prefetchnta", w, x, next_row, lines, acc)
+            } else {
+                f32_line_loop!("prefetcht0", w, x, next_row, lines, acc)
+            }
+        };
+    }
+    let mut i = 16 * lines;
+    if i + 8 <= n {
+        // SAFETY: i + 8 <= n.
+        acc = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(w.add(i)), _mm256_loadu_ps(x.add(i)), acc) };
+        i += 8;
+    }
+    let mut s = hsum(acc);
+    for k in i..n {
+        // SAFETY: k < n.
+        s += unsafe { *w.add(k) * *x.add(k) };
+    }
+    s
+}
+
+/// The loop of [`dot_f32_decode`] with the prefetch instruction `$prefetch`: over `$lines` 64-byte
+/// lines of weights at `$w` and activations at `$x`, ask for the line at the same place past
+/// `$next_row`, then `acc = w·x + acc` for the line's two vectors of eight, in order. Evaluates to the
+/// new `acc`.
+///
+/// Its caller's safety: `$lines` lines are readable at `$w` and `$x`, `$lines` > 0, the CPU has AVX2
+/// and FMA. The prefetch address may point anywhere: a prefetch never faults.
+macro_rules! f32_line_loop {
+    ($prefetch:literal, $w:expr, $x:expr, $next_row:expr, $lines:expr, $acc:expr) => {{
+        let mut acc: __m256 = $acc;
+        std::arch::asm!(
+            "2:",
+            concat!($prefetch, " [{next} + {i}]"),
+            "vmovups {lo}, [{w} + {i}]",
+            "vmovups {hi}, [{w} + {i} + 0x20]",
+            "vfmadd231ps {acc}, {lo}, [{x} + {i}]",
+            "vfmadd231ps {acc}, {hi}, [{x} + {i} + 0x20]",
+            "add {i}, 0x40",
+            "cmp {i}, {end}",
+            "jb 2b",
+            next = in(reg) $next_row,
+            w = in(reg) $w,
+            x = in(reg) $x,
+            i = inout(reg) 0usize => _,
+            end = in(reg) 64 * $lines,
+            acc = inout(ymm_reg) acc,
+            lo = out(ymm_reg) _,
+            hi = out(ymm_reg) _,
+            options(nostack, readonly),
+        );
+        acc
+    }};
+}
+use f32_line_loop;
+
 /// Values per pass of [`dot_bf16_avx512`]: one 64-byte line of bf16 weights.
 const PAIRED: usize = 32;
 
@@ -239,11 +321,14 @@ pub fn decode_acts<W: super::matmul::WeightElem>(x: &[f32]) -> std::borrow::Cow<
 }
 
 /// The decode kernel for one weight row, `acts` from [`decode_acts`]: [`dot_bf16_avx512`] for bf16
-/// rows where the CPU has AVX-512, [`dot_raw`] for other 16-bit weights, the one-chain tile for f32.
+/// rows where the CPU has AVX-512, [`dot_raw`] for other 16-bit weights, [`dot_f32_decode`] for f32.
 #[inline]
 pub fn decode_dot<W: super::matmul::WeightElem>(w: &[W], acts: &[f32]) -> f32 {
-    if W::as_f32(w).is_some() {
-        return tile::<W, 1, 1>([w], [acts])[0][0];
+    if let Some(w) = W::as_f32(w) {
+        assert!(w.len() == acts.len());
+        assert!(has_avx2());
+        // SAFETY: both hold acts.len() values (checked above); AVX2 and FMA were just checked.
+        return unsafe { dot_f32_decode(w.as_ptr(), acts.as_ptr(), acts.len()) };
     }
     assert!(w.len() == acts.len());
     assert!(has_avx2());
@@ -1253,6 +1338,39 @@ mod tests {
     /// The bf16 decode kernel this CPU selects ([`dot_bf16_avx512`] where it has AVX-512) against the
     /// plain sum, over row lengths of the model (896, 4864) and short ones, on weights with varied
     /// exponents and both signs.
+    /// The f32 decode row sums as the tiles do, written out in scalars: lane `j` of one chain of fused
+    /// multiply-adds takes every value at `k ≡ j (mod 8)` in order, the lanes are added pairwise (as
+    /// `hsum` does), then the tail past the last whole vector, value by value. Bit for bit, so the
+    /// decode keeps the bits the golden tests saw.
+    #[test]
+    fn f32_decode_sums_in_the_tiles_order() {
+        if !has_avx2() {
+            return;
+        }
+        for n in [1, 7, 8, 15, 16, 24, 33, 130, 896, 4864] {
+            let w: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 * (1 + i % 7) as f32)
+                .collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 53 % 89) as f32 - 44.0) * 0.021)
+                .collect();
+            let whole = n / 8 * 8;
+            let mut lane = [0f32; 8];
+            for k in 0..whole {
+                lane[k % 8] = w[k].mul_add(x[k], lane[k % 8]);
+            }
+            let half: [f32; 4] = std::array::from_fn(|j| lane[j] + lane[j + 4]);
+            let mut want = (half[0] + half[2]) + (half[1] + half[3]);
+            for k in whole..n {
+                want += w[k] * x[k];
+            }
+            let got = decode_dot(&w, &decode_acts::<f32>(&x));
+            assert_eq!(got.to_bits(), want.to_bits(), "n={n}: {got} vs {want}");
+            let tiled = tile::<f32, 1, 1>([&w], [&x])[0][0];
+            assert_eq!(got.to_bits(), tiled.to_bits(), "n={n}");
+        }
+    }
+
     #[test]
     fn bf16_decode_matches_the_definition() {
         for n in [32, 64, 96, 896, 4864] {
