@@ -82,8 +82,9 @@ pub(crate) fn decode_prefetch_nta() -> bool {
 
 /// Asks for the cache line at `at` ahead of decode's read of it: non-temporal where
 /// [`decode_prefetch_nta`] chose so (passed in, so that it is looked up once per kernel call, not once
-/// per line), else with `HINT`. The float rows and `rows8` take `T0`; the interleaved quantized groups
-/// `T1`, into L2, as they ask for their lines further ahead (see `quantized_x86::GROUP_PREFETCH_L2`).
+/// per line), else with `HINT`. The float tiles and `rows8` take `T0`; the interleaved quantized groups
+/// ask for their lines further ahead, into L2, with [`pinned_prefetch_t1`] (see
+/// `quantized_x86::GROUP_PREFETCH_L2`).
 /// The F32 decode's row prefetch with `T1` instead of `T0` ran 1.031× and 1.039× as fast in one
 /// process (12 of 12 rounds faster each) on a 2-core Xeon VM but 0.96–1.01× in `duet bench`
 /// alternated with the `T0` build, so it keeps `T0`.
@@ -95,6 +96,24 @@ pub(crate) fn decode_prefetch<const HINT: i32>(at: *const i8, nta: bool) {
             _mm_prefetch::<_MM_HINT_NTA>(at);
         } else {
             _mm_prefetch::<HINT>(at);
+        }
+    }
+}
+
+/// [`decode_prefetch`] with `T1` (or `NTA`), kept in its place: written as an `asm!` block that the
+/// compiler must assume touches memory, so it can neither move the prefetch past the loads around it
+/// nor gather several into a bunch. Where the prefetch of a line sits beside that line's loads
+/// decides how fast a decode streams on Xeon (see `dot_bf16_avx512`): the compiler moved the four
+/// prefetches of an interleaved Q8_0 block to the end of the block before, side by side.
+#[inline(always)]
+pub(crate) fn pinned_prefetch_t1(at: *const u8, nta: bool) {
+    // SAFETY: a prefetch is a hint: it reads nothing the program sees and never faults, wherever `at`
+    // points. The block is left free to touch memory only to keep its place among the loads.
+    unsafe {
+        if nta {
+            std::arch::asm!("prefetchnta [{0}]", in(reg) at, options(nostack, preserves_flags));
+        } else {
+            std::arch::asm!("prefetcht1 [{0}]", in(reg) at, options(nostack, preserves_flags));
         }
     }
 }

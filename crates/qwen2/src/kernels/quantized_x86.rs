@@ -34,8 +34,9 @@ const PREFETCH: usize = 2048;
 /// in each), 1.12×, 1.12×; `--dtype q8_0` 4, 8 and 16 KiB ahead 1.03×, 1.06–1.08×, 1.04×; `T0` 8 KiB
 /// ahead 1.01–1.03× and 1.00×. Built in as here, `duet bench` alternated with the build before: the
 /// default model 1.01–1.04× (six pairs, none slower), `q8_0` 1.00–1.06× (three). The switchable build
-/// ran 1.09–1.15× against that same build before; why two builds of the same choice differ was not
-/// found.
+/// ran 1.09–1.15× against that same build before. The likely reason for the gap, found a session
+/// later: where the compiler put the prefetches (side by side at the end of the block before, in the
+/// built-in form); they are now pinned a line apart, [`prefetch_group_line`].
 const GROUP_PREFETCH_L2: usize = 8192;
 
 pub fn has_avx2() -> bool {
@@ -478,19 +479,25 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// Decode's prefetch at block `b` of an interleaved group (`v` the block's `bytes` of values, `scales`
-/// the group's scales): ahead in the one stream the groups make, and every fourth block the scales'
-/// next line. A hint: never faults, so it may point past the matrix.
+/// Decode's prefetch in an interleaved group's stream: the line `ahead` of `at` (one stream, the
+/// groups one after another), asked for right before the loads of the line at `at`, and pinned there
+/// ([`pinned_prefetch_t1`](crate::kernels::float_x86::pinned_prefetch_t1)). Compiled from the
+/// intrinsic, a block's four (Q8_0) or three (Q5_0) prefetches sat side by side at the end of the
+/// block before. Spread a line apart, `duet bench` alternated with the build before (2-core Xeon VM,
+/// three pairs each): `--dtype q8_0` decode 63.7, 64.1, 63.9 against 60.8, 58.1, 59.1 tok/s; the
+/// default model, Q8_0 spread, 72.3, 70.9, 70.8 against 68.0, 68.3, 69.1, then Q5_0 spread too, 77.5,
+/// 77.8, 78.1 against 74.5, 72.2, 71.7. A hint: never faults, so it may point past the matrix.
 #[inline(always)]
-fn prefetch_group_block(v: *const u8, bytes: usize, scales: *const u8, b: usize, nta: bool) {
+fn prefetch_group_line(at: *const u8, nta: bool) {
     let ahead = if nta { PREFETCH } else { GROUP_PREFETCH_L2 };
-    for off in (0..bytes).step_by(64) {
-        let at = v.wrapping_add(ahead + off) as *const i8;
-        crate::kernels::float_x86::decode_prefetch::<_MM_HINT_T1>(at, nta);
-    }
+    crate::kernels::float_x86::pinned_prefetch_t1(at.wrapping_add(ahead), nta);
+}
+
+/// Every fourth block, the next line of an interleaved group's scales, pinned as [`prefetch_group_line`].
+#[inline(always)]
+fn prefetch_group_scales(scales: *const u8, b: usize, nta: bool) {
     if b.is_multiple_of(4) {
-        let at = scales.wrapping_add(16 * b + 512) as *const i8;
-        crate::kernels::float_x86::decode_prefetch::<_MM_HINT_T1>(at, nta);
+        crate::kernels::float_x86::pinned_prefetch_t1(scales.wrapping_add(16 * b + 512), nta);
     }
 }
 
@@ -773,10 +780,12 @@ macro_rules! instruction_set {
                     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                     for b in 0..nb {
                         let v = values.wrapping_add(256 * b);
-                        prefetch_group_block(v, 256, scales, b, nta);
+                        prefetch_group_scales(scales, b, nta);
                         // Two chains of four multiply-adds, not one of eight.
                         let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                         for g in (0..8).step_by(2) {
+                            // Each line's prefetch right before that line's loads.
+                            prefetch_group_line(v.wrapping_add(32 * g), nta);
                             // SAFETY: groups g, g + 1 of block b, and values 4g .. 4g + 8 of block
                             // b of the activations.
                             let (w0, w1, x0, x1) = unsafe {
@@ -848,11 +857,16 @@ macro_rules! instruction_set {
                     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                     for b in 0..nb {
                         let v = values.wrapping_add(160 * b);
-                        prefetch_group_block(v, 160, scales, b, nta);
+                        prefetch_group_scales(scales, b, nta);
+                        // The block's 2.5 lines: two asked for before its loads, the third after
+                        // its sums, so that the prefetches stay spread among the loads.
+                        prefetch_group_line(v, nta);
+                        prefetch_group_line(v.wrapping_add(64), nta);
                         // SAFETY: block b's 160 bytes of values.
                         let q = unsafe { q5_0_group_values(v) };
                         // SAFETY: block b of the activations.
                         let a32 = unsafe { block_sums8(&q, a, b, g16) };
+                        prefetch_group_line(v.wrapping_add(128), nta);
                         // SAFETY: block b's eight scales; its activation scale and sum.
                         let (sc, d, sum) = unsafe {
                             (
