@@ -239,6 +239,9 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
 /// out, and written out a line or two lines a pass (1.12–1.13×, 10 of 10 rounds faster each). Tried
 /// beside it: no prefetch 0.93×, two chains 1.07×, 512-bit loads (one or two chains) 1.04–1.06×, `T1`
 /// 1.06–1.10×, fixed distances of 1–16 KiB ahead instead of the next row 0.94–1.04× (against the tile).
+/// In `duet bench`, alternated with the tile's build: 1.02–1.05× (three pairs). Builds alternated with
+/// this one there: 512-bit loads in two chains four lines a pass 0.94×, `T1` 0.99–1.01×, no prefetch
+/// 0.66–0.67×.
 ///
 /// # Safety
 /// `w` and `x` point at `n` readable values; the CPU has AVX2 and FMA.
@@ -1413,9 +1416,6 @@ mod tests {
         assert_eq!(s[64..], x[64..]);
     }
 
-    /// The bf16 decode kernel this CPU selects ([`dot_bf16_avx512`] where it has AVX-512) against the
-    /// plain sum, over row lengths of the model (896, 4864) and short ones, on weights with varied
-    /// exponents and both signs.
     /// The f32 decode row sums as the tiles do, written out in scalars: lane `j` of one chain of fused
     /// multiply-adds takes every value at `k ≡ j (mod 8)` in order, the lanes are added pairwise (as
     /// `hsum` does), then the tail past the last whole vector, value by value. Bit for bit, so the
@@ -1449,6 +1449,9 @@ mod tests {
         }
     }
 
+    /// The bf16 decode kernel this CPU selects ([`dot_bf16_avx512`] where it has AVX-512) against the
+    /// plain sum, over row lengths of the model (896, 4864) and short ones, on weights with varied
+    /// exponents and both signs.
     #[test]
     fn bf16_decode_matches_the_definition() {
         for n in [32, 64, 96, 160, 480, 896, 4864] {
