@@ -346,14 +346,12 @@ pub fn decode_acts<W: super::matmul::WeightElem>(x: &[f32]) -> std::borrow::Cow<
 /// rows where the CPU has AVX-512, [`dot_raw`] for other 16-bit weights, [`dot_f32_decode`] for f32.
 #[inline]
 pub fn decode_dot<W: super::matmul::WeightElem>(w: &[W], acts: &[f32]) -> f32 {
-    if let Some(w) = W::as_f32(w) {
-        assert!(w.len() == acts.len());
-        assert!(has_avx2());
-        // SAFETY: both hold acts.len() values (checked above); AVX2 and FMA were just checked.
-        return unsafe { dot_f32_decode(w.as_ptr(), acts.as_ptr(), acts.len()) };
-    }
     assert!(w.len() == acts.len());
     assert!(has_avx2());
+    if let Some(w) = W::as_f32(w) {
+        // SAFETY: both hold acts.len() values and AVX2 and FMA are present (checked above).
+        return unsafe { dot_f32_decode(w.as_ptr(), acts.as_ptr(), acts.len()) };
+    }
     if splits_pairs::<W>(acts.len()) {
         // SAFETY: `W` is bf16 (`splits_pairs`), two bytes each like u16; both hold acts.len() values,
         // a multiple of 32; `use_avx512` (in `splits_pairs`) checked AVX-512F.
@@ -1416,6 +1414,17 @@ mod tests {
         assert_eq!(s[64..], x[64..]);
     }
 
+    /// A decode test's weight row (varied exponents, both signs) and activations of `n` values.
+    fn decode_row(n: usize) -> (Vec<f32>, Vec<f32>) {
+        let w = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 * (1 + i % 7) as f32)
+            .collect();
+        let x = (0..n)
+            .map(|i| ((i * 53 % 89) as f32 - 44.0) * 0.021)
+            .collect();
+        (w, x)
+    }
+
     /// The f32 decode row sums as the tiles do, written out in scalars: lane `j` of one chain of fused
     /// multiply-adds takes every value at `k ≡ j (mod 8)` in order, the lanes are added pairwise (as
     /// `hsum` does), then the tail past the last whole vector, value by value. Bit for bit, so the
@@ -1426,12 +1435,7 @@ mod tests {
             return;
         }
         for n in [1, 7, 8, 15, 16, 24, 33, 130, 896, 4864] {
-            let w: Vec<f32> = (0..n)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 * (1 + i % 7) as f32)
-                .collect();
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i * 53 % 89) as f32 - 44.0) * 0.021)
-                .collect();
+            let (w, x) = decode_row(n);
             let whole = n / 8 * 8;
             let mut lane = [0f32; 8];
             for k in 0..whole {
@@ -1455,14 +1459,8 @@ mod tests {
     #[test]
     fn bf16_decode_matches_the_definition() {
         for n in [32, 64, 96, 160, 480, 896, 4864] {
-            let w: Vec<bf16> = (0..n)
-                .map(|i| {
-                    bf16::from_f32(((i * 37 % 101) as f32 - 50.0) * 0.013 * (1 + i % 7) as f32)
-                })
-                .collect();
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i * 53 % 89) as f32 - 44.0) * 0.021)
-                .collect();
+            let (w, x) = decode_row(n);
+            let w: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let want: f64 = w.iter().zip(&x).map(|(a, b)| a.to_f64() * *b as f64).sum();
             let scale: f64 = w
                 .iter()
