@@ -192,10 +192,10 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
 /// [`dot_bf16_avx512`] does. On a 2-core Xeon VM with the AVX-512 kernels switched off
 /// (`DUET_BACKEND=avx2`), whole BF16 decodes of the default model (128 tokens, three per process,
 /// processes alternated three times): the loop written out with the former prefetch (`T0`, the next
-/// row) 1.01× the compiled loop, then `T1` two rows ahead 1.06× that, `T1` three rows ahead 1.06×,
-/// `T0` two rows ahead 1.00×, `T1` the next row 0.98×. `duet bench --dtype bf16` there, alternated
-/// with the build before three times: 33.1, 33.7, 33.5 against 31.4, 31.5, 31.5 tok/s (87 % of the
-/// bandwidth probe against 82-83 %).
+/// row) 1.01× the compiled loop, then `T1` two rows ahead 1.05–1.07× that, `T1` three rows ahead
+/// 1.06–1.07×, `T0` two rows ahead 1.00–1.02×, `T1` the next row 0.95–0.96×. `duet bench --dtype
+/// bf16` there, alternated with the build before three times: 33.1, 33.7, 33.5 against 31.4, 31.5,
+/// 31.5 tok/s (87 % of the bandwidth probe against 82-83 %).
 ///
 /// # Safety
 /// `w` and `x` point at `n` readable elements; the CPU has AVX2, FMA and F16C.
