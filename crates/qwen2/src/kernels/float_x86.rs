@@ -212,7 +212,7 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
     if lines > 0 {
         let two_rows_ahead = w.wrapping_add(2 * n) as *const u8;
         // SAFETY: `lines` whole lines of weights (32 values each) and their activations lie within the
-        // rows (the caller's promise); AVX2 and F16C are enabled here.
+        // rows (the caller's promise); AVX2, FMA and F16C are enabled for this function.
         (even, odd) = unsafe {
             if W::BF16 {
                 half_line_loop!(bf16, w, x, two_rows_ahead, lines, even, odd)
