@@ -1505,6 +1505,13 @@ mod tests {
         assert_eq!(s[64..], x[64..]);
     }
 
+    /// `hsum` of eight lanes written out in scalars, in its order: lanes `j` and `j + 4` first, then
+    /// those four pairwise (0 with 2, 1 with 3), then the two.
+    fn hsum_lanes(lane: [f32; 8]) -> f32 {
+        let half: [f32; 4] = std::array::from_fn(|j| lane[j] + lane[j + 4]);
+        (half[0] + half[2]) + (half[1] + half[3])
+    }
+
     /// A decode test's weight row (varied exponents, both signs) and activations of `n` values.
     fn decode_row(n: usize) -> (Vec<f32>, Vec<f32>) {
         let w = (0..n)
@@ -1532,8 +1539,7 @@ mod tests {
             for k in 0..whole {
                 lane[k % 8] = w[k].mul_add(x[k], lane[k % 8]);
             }
-            let half: [f32; 4] = std::array::from_fn(|j| lane[j] + lane[j + 4]);
-            let mut want = (half[0] + half[2]) + (half[1] + half[3]);
+            let mut want = hsum_lanes(lane);
             for k in whole..n {
                 want += w[k] * x[k];
             }
@@ -1574,8 +1580,7 @@ mod tests {
                     vectors += 8;
                 }
                 let lane: [f32; 8] = std::array::from_fn(|j| even[j] + odd[j]);
-                let half: [f32; 4] = std::array::from_fn(|j| lane[j] + lane[j + 4]);
-                let mut want = (half[0] + half[2]) + (half[1] + half[3]);
+                let mut want = hsum_lanes(lane);
                 for k in vectors..n {
                     want += w[k].to_f32() * x[k];
                 }
