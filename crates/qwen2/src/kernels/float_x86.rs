@@ -315,9 +315,9 @@ macro_rules! half_line_loop {
 }
 use half_line_loop;
 
-/// `Σ_k w[k] · x[k]` over `n` f32 weights for decode: one row streamed from memory, the next row's
-/// line asked for with each line read (see [`tile_raw`] for why the next row, and [`decode_prefetch`]
-/// for the hint).
+/// `Σ_k w[k] · x[k]` over `n` f32 weights for decode: one row streamed from memory, each line read
+/// asking for two others ahead of it (see [`tile_raw`] for why rows ahead, and [`decode_prefetch`] for
+/// the hints).
 ///
 /// The sums are [`tile_raw`]'s for one row and one token, in the same order and so the same bits: one
 /// chain of FMAs over the vectors of eight, then a scalar tail. What differs is the loop, written out
@@ -334,20 +334,32 @@ use half_line_loop;
 /// this one there: 512-bit loads in two chains four lines a pass 0.94×, `T1` 0.99–1.01×, no prefetch
 /// 0.66–0.67×.
 ///
+/// Two prefetches a line (not on AMD, which keeps its one `NTA` of the next row): the same place in
+/// the next row into L1 (`T0`) and two rows ahead into L2 (`T1`), so the far one covers the memory's
+/// latency and the near one only L2's. `duet bench --dtype f32` on a 2-core Xeon VM, builds rotated
+/// in one run, against `T0` the next row alone: 1.04–1.11× in 9 of 9 rotations (16.5–18.3 tok/s;
+/// 0.91–0.99 of the bandwidth probe, median 0.95, against 0.84–0.90, median 0.88); the far one three
+/// rows ahead 1.04–1.06×, 4 KiB past the next row 1.02–1.06×, one and a half rows 0.97–1.03×,
+/// `T1` two rows ahead alone 0.99–1.02×; a second FMA chain (with `T0` alone) 0.99–1.00×: the loop
+/// waits on memory, not on its adds.
+///
 /// # Safety
 /// `w` and `x` point at `n` readable values; the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_f32_decode(w: *const f32, x: *const f32, n: usize) -> f32 {
     let lines = n / 16;
     let next_row = w.wrapping_add(n) as *const u8;
+    let two_rows = w.wrapping_add(2 * n) as *const u8;
     let mut acc = _mm256_setzero_ps();
     if lines > 0 {
         // SAFETY: `lines` whole lines of 16 values lie within both rows (the caller's promise).
         acc = unsafe {
             if decode_prefetch_nta() {
-                f32_line_loop!("prefetchnta", w, x, next_row, lines, acc)
+                f32_line_loop!(w, x, lines, acc; "prefetchnta [{next} + {i}]"; next = next_row)
             } else {
-                f32_line_loop!("prefetcht0", w, x, next_row, lines, acc)
+                f32_line_loop!(w, x, lines, acc;
+                    "prefetcht0 [{next} + {i}]", "prefetcht1 [{far} + {i}]";
+                    next = next_row, far = two_rows)
             }
         };
     }
@@ -365,19 +377,20 @@ unsafe fn dot_f32_decode(w: *const f32, x: *const f32, n: usize) -> f32 {
     s
 }
 
-/// The loop of [`dot_f32_decode`] with the prefetch instruction `$prefetch`: over `$lines` 64-byte
-/// lines of weights at `$w` and activations at `$x`, ask for the line at the same place past
-/// `$next_row`, then `acc = w·x + acc` for the line's two vectors of eight, in order. Evaluates to the
-/// new `acc`.
+/// The loop of [`dot_f32_decode`]: over `$lines` 64-byte lines of weights at `$w` and activations at
+/// `$x`, run the prefetch instructions `$prefetch` (each addressed `[{base} + {i}]`, `i` the line's
+/// offset, with its bases given as `$base = $at`), then `acc = w·x + acc` for the line's two vectors of
+/// eight, in order. Evaluates to the new `acc`.
 ///
 /// Its caller's safety: `$lines` lines are readable at `$w` and `$x`, `$lines` > 0, the CPU has AVX2
-/// and FMA. The prefetch address may point anywhere: a prefetch never faults.
+/// and FMA. The prefetch addresses may point anywhere: a prefetch never faults.
 macro_rules! f32_line_loop {
-    ($prefetch:literal, $w:expr, $x:expr, $next_row:expr, $lines:expr, $acc:expr) => {{
+    ($w:expr, $x:expr, $lines:expr, $acc:expr;
+     $($prefetch:literal),+; $($base:ident = $at:expr),+) => {{
         let mut acc: __m256 = $acc;
         std::arch::asm!(
             "2:",
-            concat!($prefetch, " [{next} + {i}]"),
+            $($prefetch,)+
             "vmovups {lo}, [{w} + {i}]",
             "vmovups {hi}, [{w} + {i} + 0x20]",
             "vfmadd231ps {acc}, {lo}, [{x} + {i}]",
@@ -385,7 +398,7 @@ macro_rules! f32_line_loop {
             "add {i}, 0x40",
             "cmp {i}, {end}",
             "jb 2b",
-            next = in(reg) $next_row,
+            $($base = in(reg) $at,)+
             w = in(reg) $w,
             x = in(reg) $x,
             i = inout(reg) 0usize => _,
