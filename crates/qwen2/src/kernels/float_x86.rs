@@ -118,6 +118,17 @@ pub(crate) fn pinned_prefetch_t1(at: *const u8, nta: bool) {
     }
 }
 
+/// A `T0` prefetch of `at`, kept in its place as [`pinned_prefetch_t1`] is: the near half of a decode
+/// stream's two hints (see `quantized_x86::prefetch_group_line`).
+#[inline(always)]
+pub(crate) fn pinned_prefetch_t0(at: *const u8) {
+    // SAFETY: a prefetch is a hint: it reads nothing the program sees and never faults, wherever `at`
+    // points. The block is left free to touch memory only to keep its place among the loads.
+    unsafe {
+        std::arch::asm!("prefetcht0 [{0}]", in(reg) at, options(nostack, preserves_flags));
+    }
+}
+
 /// `out[r][t] = Σ_k w[r][k] · x[t][k]` over `n` values.
 ///
 /// # Safety
