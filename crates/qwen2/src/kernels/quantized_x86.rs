@@ -488,12 +488,13 @@ fn hsum(v: __m256) -> f32 {
 /// default model, Q8_0 spread, 72.3, 70.9, 70.8 against 68.0, 68.3, 69.1, then Q5_0 spread too, 77.5,
 /// 77.8, 78.1 against 74.5, 72.2, 71.7. A hint: never faults, so it may point past the matrix.
 ///
-/// Where the far hint goes into L2, a second one asks for the line [`PREFETCH`] ahead into L1, so
-/// the loads wait on L1 rather than L2 (as the F32 decode does, `float_x86::dot_f32_decode`). `duet
-/// bench` of the default model on a 2-core Xeon VM, rotated with the build before: 0.96–1.11× over
-/// eight rotations (median 1.05×, seven faster); `--dtype q8_0` 1.00×, 1.01×. The near one 1 or 4 KiB
-/// ahead instead measured about the same (two rotations each); adding a far `T1` to the Q4_K/Q6_K
-/// rows' near `T0` (`superblock`) 1.01–1.04× alone, 0.94× beside this change: not kept.
+/// Where the far hint goes into L2, a second one asks for the line [`PREFETCH`] ahead into L1, meant
+/// to let the loads find their lines there rather than in L2 (as the F32 decode does,
+/// `float_x86::dot_f32_decode`). `duet bench` of the default model on a 2-core Xeon VM, rotated
+/// with the build before: 0.96–1.11× over eight rotations (median 1.05×, seven faster); `--dtype
+/// q8_0` 1.00×, 1.01×. The near one 1 or 4 KiB ahead instead measured about the same (two rotations
+/// each); adding a far `T1` to the Q4_K/Q6_K rows' near `T0` (`superblock`) 1.01–1.04× alone, 0.94×
+/// beside this change: not kept.
 #[inline(always)]
 fn prefetch_group_line(at: *const u8, nta: bool) {
     let ahead = if nta { PREFETCH } else { GROUP_PREFETCH_L2 };
