@@ -50,15 +50,15 @@ pub fn load_with(path: &Path, form: WeightForm) -> Result<LoadedModel> {
         );
         (model?, tokenizer?, "safetensors")
     } else if weights::is_gguf(path) {
-        let weights::gguf::GgufModel {
-            config,
-            store,
-            tokenizer,
-            chat_template,
-            file,
-        } = weights::gguf::load(path)?;
-        let tokenizer = Tokenizer::from_bpe(tokenizer, chat_template)?;
-        let model = Model::from_store_with(config, &store, form)?;
+        use weights::gguf;
+        let (file, config, store) = gguf::load_weights(path)?;
+        // As for a directory: the tokenizer (read from the metadata) on one core while the weights
+        // are laid out. On a 2-core Zen VM the tokenizer took ~0.2 s of a ~0.5 s load before.
+        let (tokenizer, model) = rayon::join(
+            || Tokenizer::from_bpe(gguf::bpe_spec(&file)?, gguf::chat_template(&file)?),
+            || Model::from_store_with(config, &store, form),
+        );
+        let (tokenizer, model) = (tokenizer?, model?);
         // The parsed metadata holds ~300,000 small strings; freeing them takes tens of milliseconds
         // that nobody needs to wait for (the model keeps its own handles on the mapped file).
         std::thread::spawn(move || drop((store, file)));

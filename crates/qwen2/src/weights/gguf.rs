@@ -686,11 +686,9 @@ impl fmt::Debug for GgufModel {
 
 /// Reads a GGUF file and maps it to Duet's config, Hugging Face tensor names and a tokenizer.json.
 pub fn load(path: &Path) -> Result<GgufModel> {
-    let file = read(path)?;
-    let config = model_config(&file)?;
-    let store = tensor_store(&file, &config)?;
+    let (file, config, store) = load_weights(path)?;
     let tokenizer = bpe_spec(&file)?;
-    let chat_template = file.str_key("tokenizer.chat_template")?.map(String::from);
+    let chat_template = chat_template(&file)?;
     Ok(GgufModel {
         config,
         store,
@@ -698,6 +696,20 @@ pub fn load(path: &Path) -> Result<GgufModel> {
         chat_template,
         file,
     })
+}
+
+/// What [`load`] reads but the tokenizer: for a caller that builds the tokenizer ([`bpe_spec`],
+/// [`chat_template`]) beside the weights.
+pub fn load_weights(path: &Path) -> Result<(GgufFile, ModelConfig, TensorStore)> {
+    let file = read(path)?;
+    let config = model_config(&file)?;
+    let store = tensor_store(&file, &config)?;
+    Ok((file, config, store))
+}
+
+/// The chat template in the file's metadata, if it has one.
+pub fn chat_template(file: &GgufFile) -> Result<Option<String>> {
+    Ok(file.str_key("tokenizer.chat_template")?.map(String::from))
 }
 
 /// The Hugging Face name of a qwen2 GGUF tensor, or `None` if it has none.
