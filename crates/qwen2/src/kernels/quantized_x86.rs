@@ -27,7 +27,7 @@ use std::arch::x86_64::*;
 const PREFETCH: usize = 2048;
 
 /// How far ahead an interleaved group's decode asks for its lines where they go into L2 (the `T1`
-/// hint of `float_x86::decode_prefetch`, where the CPU is not AMD's): further than [`PREFETCH`].
+/// hint, where `float_x86::group_prefetch_nta` is false): further than [`PREFETCH`].
 /// On a 2-core Xeon VM, a build with the hint and the distance switchable at run time, whole decodes
 /// alternated in one process (medians of 12 rounds of 8 tokens, against `T0` 2 KiB ahead): the default
 /// model with `T1` 2, 4, 8, 16 and 24 KiB ahead 0.97×, 1.04×, 1.11–1.15× (four runs, 12 of 12 faster
@@ -782,7 +782,7 @@ macro_rules! instruction_set {
                 out: *mut f32,
             ) {
                 let zero = _mm256_set1_ps($q8_zero);
-                let nta = crate::kernels::float_x86::decode_prefetch_nta();
+                let nta = crate::kernels::float_x86::group_prefetch_nta();
                 for g8 in 0..ngroups {
                     // SAFETY (for the offsets below): group g8 < ngroups of nb blocks.
                     let values = unsafe { w.add(g8 * nb * 272) };
@@ -860,7 +860,7 @@ macro_rules! instruction_set {
             ) {
                 let g16 = Q5_0::PANEL_G;
                 let zero = _mm256_set1_ps(Q5_0::ZERO as f32);
-                let nta = crate::kernels::float_x86::decode_prefetch_nta();
+                let nta = crate::kernels::float_x86::group_prefetch_nta();
                 for g8 in 0..ngroups {
                     // SAFETY (for the offsets below): group g8 < ngroups of nb blocks.
                     let values = unsafe { w.add(g8 * nb * 8 * Q5_0::SB_BYTES) };
