@@ -53,7 +53,8 @@ pub fn load_with(path: &Path, form: WeightForm) -> Result<LoadedModel> {
         use weights::gguf;
         let (file, config, store) = gguf::load_weights(path)?;
         // As for a directory: the tokenizer (read from the metadata) on one core while the weights
-        // are laid out. On a 2-core Zen VM the tokenizer took ~0.2 s of a ~0.5 s load before.
+        // are laid out. On a 2-core Zen 1 VM the tokenizer took 0.18–0.35 s of a 0.44–1.0 s load when it
+        // ran first.
         let (tokenizer, model) = rayon::join(
             || Tokenizer::from_bpe(gguf::bpe_spec(&file)?, gguf::chat_template(&file)?),
             || Model::from_store_with(config, &store, form),

@@ -1243,8 +1243,9 @@ pub fn interleave_q8_0(rows: &[u8], rb: usize, out: &mut [u8]) {
             let row = &rows[(g * GROUP_ROWS + r).min(n - 1) * rb..][..rb];
             for (b, blk) in row.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
                 scales[16 * b + 2 * r..][..2].copy_from_slice(&blk[..2]);
-                // A four-value group at a time, as a word: a byte at a time, this loop was 23 % of
-                // the default model's load on a 2-core Zen VM (the output matrix is 138 MiB of Q8_0).
+                // A four-value group at a time, as a word: a byte at a time, this loop took 23 % of a
+                // profile of the default model's load on a 2-core Zen 1 VM (its output matrix is 138 MiB
+                // of Q8_0).
                 for (k, q) in blk[2..].chunks_exact(4).enumerate() {
                     let word = u32::from_le_bytes([q[0], q[1], q[2], q[3]]) ^ 0x8080_8080;
                     values[256 * b + 32 * k + 4 * r..][..4].copy_from_slice(&word.to_le_bytes());
