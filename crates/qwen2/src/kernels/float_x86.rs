@@ -95,8 +95,9 @@ pub(crate) fn group_prefetch_nta() -> bool {
 /// Asks for the cache line at `at` ahead of decode's read of it: non-temporal where
 /// [`decode_prefetch_nta`] chose so (passed in, so that it is looked up once per kernel call, not once
 /// per line), else with `HINT`. The float tiles and `rows8` take `T0`; the interleaved quantized groups
-/// ask for their lines further ahead, into L2, with [`pinned_prefetch_t1`] (see
-/// `quantized_x86::GROUP_PREFETCH_L2`), and nearer, into L1, with [`pinned_prefetch_t0`].
+/// follow their own rule, [`group_prefetch_nta`], and otherwise ask for their lines further ahead, into
+/// L2, with [`pinned_prefetch_t1`] (see `quantized_x86::GROUP_PREFETCH_L2`), and nearer, into L1, with
+/// [`pinned_prefetch_t0`].
 /// The F32 decode's row prefetch with `T1` instead of `T0` ran 1.031× and 1.039× as fast in one
 /// process (12 of 12 rounds faster each) on a 2-core Xeon VM but 0.96–1.01× in `duet bench`
 /// alternated with the `T0` build, so it kept `T0`; written out in asm since, it asks for both, at two
