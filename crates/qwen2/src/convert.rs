@@ -110,16 +110,14 @@ pub fn convert_gguf(
 fn tokenizer_config(model: &gguf::GgufModel) -> Result<Value> {
     let tokens = model
         .file
-        .get("tokenizer.ggml.tokens")
-        .and_then(gguf::MetaValue::as_array)
-        .unwrap_or(&[]);
+        .string_array("tokenizer.ggml.tokens")?
+        .unwrap_or_default();
     let token = |key: &str, fallback: &str| -> Value {
         model
             .file
             .get(key)
             .and_then(gguf::MetaValue::as_u64)
             .and_then(|id| tokens.get(usize::try_from(id).ok()?))
-            .and_then(gguf::MetaValue::as_str)
             .map_or_else(|| json!(fallback), |s| json!(s))
     };
     let mut decoder = Map::new();

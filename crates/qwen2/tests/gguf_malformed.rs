@@ -72,11 +72,7 @@ fn small_file_parses() {
     assert_eq!(f.get("a.i32"), Some(&MetaValue::I32(-5)));
     assert_eq!(f.get("a.u64").and_then(MetaValue::as_u64), Some(1 << 40));
     assert_eq!(f.get("a.bool"), Some(&MetaValue::Bool(true)));
-    let strs = f.get("a.strs").and_then(MetaValue::as_array).unwrap();
-    assert_eq!(
-        strs.iter().map(|s| s.as_str().unwrap()).collect::<Vec<_>>(),
-        ["x", "yz", ""]
-    );
+    assert_eq!(f.string_array("a.strs").unwrap().unwrap(), ["x", "yz", ""]);
     let nested = f.get("a.nested").and_then(MetaValue::as_array).unwrap();
     assert_eq!(
         nested[0],
@@ -262,6 +258,16 @@ fn bad_value_types_and_keys() {
     let at = find(&b, b"a.u8");
     b[at] = 0xFF;
     assert!(read_err(dir.path(), "utf8", &b).contains("UTF-8"));
+
+    // An array's strings are left in the file until asked for, but checked when it is read.
+    let mut b = small().bytes();
+    let at = find(&b, b"yz");
+    b[at + 1] = 0xC3;
+    let e = read_err(dir.path(), "utf8-elem", &b);
+    assert!(e.contains("`a.strs`[1]") && e.contains("UTF-8"), "{e}");
+    let f = gguf::read(&small().write(dir.path(), "ok.gguf")).unwrap();
+    let e = f.string_array("a.nested").unwrap_err().to_string();
+    assert!(e.contains("expected an array of strings"), "{e}");
 }
 
 #[test]
