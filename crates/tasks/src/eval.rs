@@ -54,7 +54,7 @@ pub struct ModeReport {
     pub total: usize,
     /// Predictions that were no label at all (generation mode only).
     pub unparsed: usize,
-    /// confusion[gold][predicted] = count
+    /// `confusion[gold][predicted]` = count
     pub confusion: BTreeMap<String, BTreeMap<String, usize>>,
     pub mean_ms: f64,
     pub p95_ms: f64,

@@ -167,7 +167,7 @@ unsafe fn put_block(tokens: &[f32], cols: usize, b: usize, out: &mut [Line]) {
     }
 }
 
-/// `out + t · os + r = row r · token t` for `rows` (one to 16 rows of `dtype`, a [`format`], of one
+/// `out + t · os + r = row r · token t` for `rows` (one to 16 rows of `dtype`, a [`format()`], of one
 /// length) and the tokens `tokens` (a range starting at a multiple of 16).
 ///
 /// Up to 32 tokens (one group of token tiles), each block of the rows is dequantized to bf16 just

@@ -19,7 +19,7 @@ pub fn has_avx2() -> bool {
 
 /// A weight element type the tiles can widen eight at a time.
 pub trait Elem: Copy {
-    /// bf16, whose decode rows on AVX-512 go through [`dot_bf16_avx512`].
+    /// bf16, whose decode rows on AVX-512 go through `dot_bf16_avx512`.
     const BF16: bool = false;
     /// # Safety
     /// Eight elements must be readable at `p`; the CPU must have AVX2, FMA and F16C.

@@ -159,7 +159,7 @@ impl Bytes {
         self.len == 0
     }
 
-    /// See [`MappedFile::release`]: for a range whose contents now live elsewhere.
+    /// See `MappedFile::release`: for a range whose contents now live elsewhere.
     pub fn release(&self) {
         self.file.release(self.offset, self.len, true);
     }
