@@ -80,7 +80,23 @@ impl MappedFile {
         // Pages already cached in small folios stay small: see `drop_cached_pages`.
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage);
-        Ok(Arc::new(MappedFile { map }))
+        let mapped = Arc::new(MappedFile { map });
+        // Ask for the whole file to be read ahead, on a thread of its own so the load does not wait
+        // for the request: a file not in the page cache then streams in while the metadata is parsed
+        // and the tokenizer built, and the tensors the load does not read (the default model's
+        // `ffn_down`) are there for the first forward pass. On a 2-core VM that drops idle page
+        // cache after about a minute, `duet generate` of 8 tokens with the file evicted before each
+        // run: 958 ms against 1000 (medians of 18 alternations, 13 faster); the load alone the same,
+        // and as much of the file mapped in huge pages. A hint: any failure only leaves the faults
+        // to read the file as before.
+        #[cfg(unix)]
+        {
+            let m = Arc::clone(&mapped);
+            let _ = std::thread::Builder::new()
+                .name("duet-readahead".into())
+                .spawn(move || m.map.advise(memmap2::Advice::WillNeed));
+        }
+        Ok(mapped)
     }
 
     pub fn bytes(&self) -> &[u8] {
