@@ -1299,20 +1299,21 @@ pub fn deinterleave(dtype: DType, w: &[u8], rb: usize, first: usize, out: &mut [
 /// prefill's panels do), and from the file's layout it built that arrangement for every block of every
 /// token: the eight rows' nibble words transposed, their scales gathered, each row's 32 fifth bits
 /// spread over the 32 value bytes (a shuffle, two masks and a compare per four-value group). Done once
-/// at load, a block of eight rows is five plain loads, each value's fifth bit a shift and a mask away,
-/// the scales one load. On a 2-core Xeon VM, one thread, a 256-row product in cache ran at 37.5 GB/s
-/// against 20.5 from rows; whole decodes of the default model (native form, alternated in one process,
-/// medians of 16 rounds) 1.064× and 1.062× as fast (16 and 15 of 16 faster); its prefills, whose
-/// panels now take the groups as they are, 1.05× at 13 tokens, 1.06× at 32, 1.03× at 64, 1.04× at 128
-/// (10–12 of 12 faster).
+/// at load, a block of eight rows is five plain loads, the scales one load. On a 2-core Xeon VM, one
+/// thread, a 256-row product in cache ran at 37.5 GB/s against 20.5 from rows; whole decodes of the
+/// default model (native form, alternated in one process, medians of 16 rounds) 1.064× and 1.062× as
+/// fast (16 and 15 of 16 faster); its prefills, whose panels now take the groups as they are, 1.05× at
+/// 13 tokens, 1.06× at 32, 1.03× at 64, 1.04× at 128 (10–12 of 12 faster).
 ///
 /// The layout, per group of eight rows (the last group repeats its last row to fill it), `nb` blocks a
 /// row: first `nb × 160` bytes of values, then `nb × 16` bytes of scales (row `r` of block `b` at
-/// `160·nb + 16·b + 2·r`, the file's f16). Block `b`'s 160 bytes: four 32-byte nibble vectors, byte
-/// `4·r + i` of vector `k` being the row's stored byte `4·k + i` (low nibble value `4·k + i`, high
-/// nibble value `16 + 4·k + i`), then 32 bytes of fifth bits, byte `4·r + i` holding in bit `g` the
-/// fifth bit of the row's value `4·g + i`. Exactly the bytes of the eight rows' blocks, and the vectors
-/// stay 32-byte aligned.
+/// `160·nb + 16·b + 2·r`, the file's f16). Block `b`'s 160 bytes: four 32-byte vectors, byte `4·r + i`
+/// of vector `k` holding the row's value `4·k + i` whole (five bits, 0..=31 as stored) and the low
+/// three bits of its value `16 + 4·k + i` in bits 5..8; then 32 bytes whose byte `4·r + i` holds the
+/// top two bits of value `16 + 4·k + i` in bits `2·k..2·k + 2`. So the first four four-value groups
+/// are a mask away and the other four a shift, two masks and a table lookup or a shift
+/// ([`super::quantized_x86`]'s `q5_0_group_values`), where nibbles and a vector of fifth bits took a
+/// shift per group more. Still exactly the eight rows' bytes, and the vectors stay 32-byte aligned.
 pub fn interleave_q5_0(rows: &[u8], rb: usize, out: &mut [u8]) {
     const B: usize = Q5_0_BLOCK_BYTES;
     assert!(rb > 0 && rb.is_multiple_of(B) && rows.len().is_multiple_of(rb));
@@ -1323,52 +1324,49 @@ pub fn interleave_q5_0(rows: &[u8], rb: usize, out: &mut [u8]) {
         for r in 0..GROUP_ROWS {
             let row = &rows[(g * GROUP_ROWS + r).min(n - 1) * rb..][..rb];
             for (b, blk) in row.chunks_exact(B).enumerate() {
+                let blk: &[u8; B] = blk.try_into().expect("a whole block");
                 scales[16 * b + 2 * r..][..2].copy_from_slice(&blk[..2]);
                 let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-                let v = &mut values[160 * b..][..160];
-                for k in 0..4 {
-                    v[32 * k + 4 * r..][..4].copy_from_slice(&blk[6 + 4 * k..][..4]);
+                let v: &mut [u8; 160] = (&mut values[160 * b..][..160])
+                    .try_into()
+                    .expect("160 bytes");
+                let mut top = 0u32;
+                // Two nibble words at a time (k and k + 1), eight bytes in a u64.
+                for pair in 0..2 {
+                    let at = 6 + 8 * pair;
+                    let nib = u64::from_le_bytes(blk[at..at + 8].try_into().expect("8 bytes"));
+                    // Byte i: value 8·pair + i in its low nibble, value 16 + 8·pair + i in its high one.
+                    let (low_fifth, high_fifth) =
+                        ((qh >> (8 * pair)) as u8, (qh >> (16 + 8 * pair)) as u8);
+                    let whole = (nib & 0x0F0F_0F0F_0F0F_0F0F) | (SPREAD8[low_fifth as usize] << 4);
+                    let high_low3 = ((nib >> 4) & 0x0707_0707_0707_0707) << 5;
+                    let bytes = (whole | high_low3).to_le_bytes();
+                    let k = 2 * pair;
+                    v[32 * k + 4 * r..][..4].copy_from_slice(&bytes[..4]);
+                    v[32 * (k + 1) + 4 * r..][..4].copy_from_slice(&bytes[4..]);
+                    // The high values' bit 3 (their nibble's top bit) and bit 4 (their fifth bit).
+                    let top2 =
+                        ((nib >> 7) & 0x0101_0101_0101_0101) | (SPREAD8[high_fifth as usize] << 1);
+                    top |= ((top2 as u32) << (2 * k)) | (((top2 >> 32) as u32) << (2 * k + 2));
                 }
-                // Byte k of `qh` holds the fifth bits of values 8k..8k + 8: groups 2k and 2k + 1.
-                let fifth = (0..4).fold(0u32, |h, k| {
-                    h | GATHER4[(qh >> (8 * k)) as u8 as usize] << (2 * k)
-                });
-                v[128 + 4 * r..][..4].copy_from_slice(&fifth.to_le_bytes());
+                v[128 + 4 * r..132 + 4 * r].copy_from_slice(&top.to_le_bytes());
             }
         }
     }
 }
 
-/// `GATHER4[q]`, for a byte `q` of a Q5_0 block's fifth bits (those of eight values, two four-value
-/// groups): byte `i` holds bit `i` of `q` in bit 0 and bit `i + 4` in bit 1, the two groups' bits of
-/// value `i` of a group; shifted by `2·k` for byte `k`, the bytes are [`interleave_q5_0`]'s. Four
-/// lookups a block where a loop took 32 steps: a load lays out every Q5_0 matrix.
-const GATHER4: [u32; 256] = {
-    let mut t = [0u32; 256];
+/// `SPREAD8[q]`: bit `i` of a byte `q` moved to bit 0 of byte `i`: eight values' fifth bits beside
+/// their bytes, one lookup where a loop took eight steps (a load lays out every Q5_0 matrix).
+const SPREAD8: [u64; 256] = {
+    let mut t = [0u64; 256];
     let mut q = 0;
     while q < 256 {
         let mut i = 0;
-        while i < 4 {
-            let two = ((q as u32 >> i) & 1) | (((q as u32 >> (i + 4)) & 1) << 1);
-            t[q] |= two << (8 * i);
+        while i < 8 {
+            t[q] |= ((q as u64 >> i) & 1) << (8 * i);
             i += 1;
         }
         q += 1;
-    }
-    t
-};
-
-/// `SPREAD4[h]`: bit `g` of `h` moved to bit `4·g`, for the fifth bits of [`deinterleave_q5_0`].
-const SPREAD4: [u32; 256] = {
-    let mut t = [0u32; 256];
-    let mut h = 0;
-    while h < 256 {
-        let mut g = 0;
-        while g < 8 {
-            t[h] |= ((h as u32 >> g) & 1) << (4 * g);
-            g += 1;
-        }
-        h += 1;
     }
     t
 };
@@ -1387,11 +1385,18 @@ pub fn deinterleave_q5_0(w: &[u8], rb: usize, first: usize, out: &mut [u8]) {
         for (b, blk) in row.chunks_exact_mut(B).enumerate() {
             let v = &values[160 * b..][..160];
             blk[..2].copy_from_slice(&scales[16 * b + 2 * r..][..2]);
-            let qh = (0..4).fold(0u32, |qh, i| qh | SPREAD4[v[128 + 4 * r + i] as usize] << i);
-            blk[2..6].copy_from_slice(&qh.to_le_bytes());
+            let mut qh = 0u32;
             for k in 0..4 {
-                blk[6 + 4 * k..][..4].copy_from_slice(&v[32 * k + 4 * r..][..4]);
+                for j in 0..4 {
+                    let (byte, top) = (v[32 * k + 4 * r + j], (v[128 + 4 * r + j] >> (2 * k)) & 3);
+                    let low = byte & 31;
+                    let high = (byte >> 5) | (top << 3);
+                    blk[6 + 4 * k + j] = (low & 15) | (high & 15) << 4;
+                    qh |= (u32::from(low >> 4) << (4 * k + j))
+                        | (u32::from(high >> 4) << (16 + 4 * k + j));
+                }
             }
+            blk[2..6].copy_from_slice(&qh.to_le_bytes());
         }
     }
 }
@@ -1715,15 +1720,19 @@ mod tests {
         let mut il = vec![0u8; interleaved_bytes(DType::Q5_0, rows, cols).unwrap()];
         assert_eq!(il.len(), 16 * rb);
         interleave_q5_0(&q, rb, &mut il);
-        // Row 9 is lane 1 of the second group. Its block 2: stored byte 6 (low nibble value 6, high
-        // nibble value 22) is byte 2 of nibble vector 1 in lane 1; value 22's fifth bit is bit 5 of byte
-        // 2 of lane 1 in the fifth-bit vector; value 3's is bit 0 of byte 3.
+        // Row 9 is lane 1 of the second group. Its block 2: value 6 (low nibble of stored byte 6, fifth
+        // bit 6 of qh) is byte 2 of vector 1 in lane 1, whole in bits 0..5; value 22 (the same byte's
+        // high nibble, fifth bit 22) has its low three bits in bits 5..8 of that byte and its top two
+        // in bits 2..4 of byte 2 of lane 1 in the last vector (k = 1).
         let (group, blk) = (8 * rb, 9 * rb + 22 * 2);
-        assert_eq!(il[group + 160 * 2 + 32 + 4 + 2], q[blk + 6 + 6]);
         let qh = u32::from_le_bytes(q[blk + 2..blk + 6].try_into().unwrap());
-        let fifth = |byte: usize, bit: u32| (il[group + 160 * 2 + 128 + 4 + byte] >> bit) & 1;
-        assert_eq!(fifth(2, 5) as u32, (qh >> 22) & 1);
-        assert_eq!(fifth(3, 0) as u32, (qh >> 3) & 1);
+        let stored = q[blk + 6 + 6];
+        let value6 = (stored & 15) | (((qh >> 6) & 1) as u8) << 4;
+        let value22 = (stored >> 4) | (((qh >> 22) & 1) as u8) << 4;
+        let byte = il[group + 160 * 2 + 32 + 4 + 2];
+        assert_eq!(byte & 31, value6);
+        assert_eq!(byte >> 5, value22 & 7);
+        assert_eq!((il[group + 160 * 2 + 128 + 4 + 2] >> 2) & 3, value22 >> 3);
         assert_eq!(il[group + 160 * nb + 16 * 2 + 2..][..2], q[blk..blk + 2]);
         let mut back = vec![0u8; 16 * rb];
         deinterleave_q5_0(&il, rb, 0, &mut back);

@@ -291,8 +291,18 @@ impl Rows8 for Q5_0 {
 
 /// Block `b` of a group of eight interleaved Q5_0 rows (see `quantized::interleave_q5_0`; `v` points at
 /// the block's 160 bytes of values) as a [`Panel`] holds it: values `4g..4g + 4` of row `r` in lane `r`
-/// of register `g`, unsigned as stored (0..=31). Per register a mask (and a shift for the high
-/// nibbles) for the low four bits, a shift and a mask for the fifth: the layout's point.
+/// of register `g`, unsigned as stored (0..=31). The first four registers are one mask each; the other
+/// four take their low three bits from the top of the same bytes (a shift and a mask) and their top two
+/// from the last vector, each pair moved into bits 3..5 by a table lookup (`vpshufb`) or a shift.
+///
+/// Why this layout: on a 2-core Zen 1 VM, where a 256-bit shift takes two cycles on one pipe, the
+/// decode's block loop is bound by its instruction count, not by memory; nibbles beside a vector of
+/// fifth bits took eleven shifts and 35 operations a block, this takes six and 24. The decode kernel on
+/// one thread, a 4864-row matrix in cache, fastest of 400 calls: 53.5 and 56.8 cycles a block of
+/// eight rows against 61.4 and 59.9. Whole `native` decodes of the default model (128 tokens, the two
+/// builds alternated): medians 1.031× and 1.016× (12 and 10 rounds); label scoring, whose prefill fills
+/// its panels through this function, 30 sentences, four alternations: mean latency 0.78–0.99× (all
+/// four faster).
 ///
 /// # Safety
 /// `v` points at 160 readable bytes; the CPU has AVX2.
@@ -300,32 +310,36 @@ impl Rows8 for Q5_0 {
 #[inline]
 pub(super) unsafe fn q5_0_group_values(v: *const u8) -> [__m256i; 8] {
     // SAFETY: the 160 bytes, by the caller's promise.
-    let (nib, hi) = unsafe {
+    let (whole, top) = unsafe {
         (
             [0, 1, 2, 3].map(|k| _mm256_loadu_si256(v.add(32 * k) as *const __m256i)),
             _mm256_loadu_si256(v.add(128) as *const __m256i),
         )
     };
-    let (m4, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+    // Index 0..4 (bits 0..2) and 0, 4, 8, 12 (bits 2..4) to the pair's value times eight.
+    let (times8_low, times8_next) = (
+        _mm256_setr_epi8(
+            0, 8, 16, 24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 16, 24, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0,
+        ),
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 8, 0, 0, 0, 16, 0, 0, 0, 24, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 16, 0, 0, 0,
+            24, 0, 0, 0,
+        ),
+    );
     std::array::from_fn(|g| {
-        let low = if g < 4 {
-            _mm256_and_si256(nib[g], m4)
-        } else {
-            _mm256_and_si256(_mm256_srli_epi16(nib[g - 4], 4), m4)
+        if g < 4 {
+            return _mm256_and_si256(whole[g], _mm256_set1_epi8(0x1F));
+        }
+        // 16-bit shifts: the bits a shift carries across a byte are masked off before or after.
+        let low3 = _mm256_and_si256(_mm256_srli_epi16(whole[g - 4], 5), _mm256_set1_epi8(7));
+        let top2 = match g {
+            4 => _mm256_shuffle_epi8(times8_low, _mm256_and_si256(top, _mm256_set1_epi8(0x03))),
+            5 => _mm256_shuffle_epi8(times8_next, _mm256_and_si256(top, _mm256_set1_epi8(0x0C))),
+            6 => _mm256_srli_epi16(_mm256_and_si256(top, _mm256_set1_epi8(0x30)), 1),
+            _ => _mm256_srli_epi16(_mm256_and_si256(top, _mm256_set1_epi8(0xC0u8 as i8)), 3),
         };
-        // Bit g of each byte to bit 4 (16-bit shifts: what crosses a byte never reaches bit 4 of the
-        // next).
-        let fifth = match g {
-            0 => _mm256_slli_epi16(hi, 4),
-            1 => _mm256_slli_epi16(hi, 3),
-            2 => _mm256_slli_epi16(hi, 2),
-            3 => _mm256_slli_epi16(hi, 1),
-            4 => hi,
-            5 => _mm256_srli_epi16(hi, 1),
-            6 => _mm256_srli_epi16(hi, 2),
-            _ => _mm256_srli_epi16(hi, 3),
-        };
-        _mm256_or_si256(low, _mm256_and_si256(fifth, bit4))
+        _mm256_or_si256(low3, top2)
     })
 }
 
