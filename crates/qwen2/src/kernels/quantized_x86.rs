@@ -690,25 +690,25 @@ macro_rules! instruction_set {
             }
 
             /// The i32 sums of one block of eight rows held as a panel holds them (`g`: values
-            /// `4k..4k + 4` of row `r` in lane `r` of register `k`, unsigned) times block `b` of the
-            /// activations: per four-value group the token's four values broadcast and `$step`,
-            /// flushed every `g16` groups.
+            /// `4k..4k + 4` of row `r` in lane `r` of register `k`, unsigned) times a block of the
+            /// activations: per four-value group `gi` the token's four values broadcast (`x(gi)`) and
+            /// `$step`, flushed every `g16` groups.
             ///
             /// # Safety
-            /// The activations hold block `b`; the CPU has `$features`.
+            /// The CPU has `$features`.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn block_sums8(g: &[__m256i; 8], a: ActPtr, b: usize, g16: usize) -> __m256i {
+            unsafe fn block_sums8(
+                g: &[__m256i; 8],
+                g16: usize,
+                x: impl Fn(usize) -> __m256i,
+            ) -> __m256i {
                 let mut a32 = _mm256_setzero_si256();
                 for c in 0..8 / g16 {
                     let mut a16 = _mm256_setzero_si256();
                     for k in 0..g16 {
                         let gi = c * g16 + k;
-                        // SAFETY: values 32b + 4gi .. + 4 of the activations.
-                        let $x = _mm256_set1_epi32(unsafe {
-                            (a.qs.add(32 * b + 4 * gi) as *const i32).read_unaligned()
-                        });
-                        let ($a16, $w) = (a16, g[gi]);
+                        let ($a16, $w, $x) = (a16, g[gi], x(gi));
                         a16 = $step;
                     }
                     let ($a32, $s16) = (a32, a16);
@@ -717,32 +717,17 @@ macro_rules! instruction_set {
                 a32
             }
 
-            /// [`block_sums8`] with the activations already broadcast: `wide` points at block `b`'s
-            /// eight registers (see `broadcast_acts`), which the multiplies read from memory.
+            /// Values `4gi..4gi + 4` of block `b` of the activations, broadcast to every lane.
             ///
             /// # Safety
-            /// `wide` points at eight readable registers; the CPU has `$features`.
+            /// The activations hold block `b`, `gi < 8`; the CPU has `$features`.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn block_sums8_wide(
-                g: &[__m256i; 8],
-                wide: *const __m256i,
-                g16: usize,
-            ) -> __m256i {
-                let mut a32 = _mm256_setzero_si256();
-                for c in 0..8 / g16 {
-                    let mut a16 = _mm256_setzero_si256();
-                    for k in 0..g16 {
-                        let gi = c * g16 + k;
-                        // SAFETY: register gi < 8 of the block.
-                        let $x = unsafe { _mm256_load_si256(wide.add(gi)) };
-                        let ($a16, $w) = (a16, g[gi]);
-                        a16 = $step;
-                    }
-                    let ($a32, $s16) = (a32, a16);
-                    a32 = $flush;
-                }
-                a32
+            unsafe fn group_broadcast(a: ActPtr, b: usize, gi: usize) -> __m256i {
+                // SAFETY: values 32b + 4gi .. + 4 of the activations, by the caller's promise.
+                _mm256_set1_epi32(unsafe {
+                    (a.qs.add(32 * b + 4 * gi) as *const i32).read_unaligned()
+                })
             }
 
             /// Decode of a [`Rows8`] format (Q5_0 in the file's layout; the native form holds it
@@ -803,7 +788,7 @@ macro_rules! instruction_set {
                             )
                         };
                         // SAFETY: block b of the activations.
-                        let a32 = unsafe { block_sums8(&g, a, b, g16) };
+                        let a32 = unsafe { block_sums8(&g, g16, |gi| group_broadcast(a, b, gi)) };
                         // SAFETY: block b's scale and sum.
                         let (d, sum) = unsafe {
                             (
@@ -937,12 +922,13 @@ macro_rules! instruction_set {
                         prefetch_group_line(v.wrapping_add(64), nta);
                         // SAFETY: block b's 160 bytes of values.
                         let q = unsafe { q5_0_group_values(v) };
-                        // SAFETY: block b of the activations, and with `WIDE` its eight registers.
+                        // SAFETY: block b of the activations, and with `WIDE` its eight registers
+                        // (`broadcast_acts`).
                         let a32 = unsafe {
                             if WIDE {
-                                block_sums8_wide(&q, wide.add(8 * b), g16)
+                                block_sums8(&q, g16, |gi| _mm256_load_si256(wide.add(8 * b + gi)))
                             } else {
-                                block_sums8(&q, a, b, g16)
+                                block_sums8(&q, g16, |gi| group_broadcast(a, b, gi))
                             }
                         };
                         prefetch_group_line(v.wrapping_add(128), nta);
