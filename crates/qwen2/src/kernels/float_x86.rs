@@ -80,24 +80,16 @@ pub(crate) fn decode_prefetch_nta() -> bool {
     })
 }
 
-/// Whether the interleaved quantized groups' decode streams ask for their lines non-temporally (`NTA`,
-/// 2 KiB ahead) rather than with `T1` and `T0` at two distances (see
-/// `quantized_x86::prefetch_group_line`): on AMD CPUs that report Zen 3's features (VAES), where `NTA`
-/// was chosen. A 2-core VM that reports a Zen 1 EPYC (family 23 model 1, AVX2 without VAES) decoded
-/// the default model 1.35× as fast without it (median of six rounds of 128 tokens alternated with the
-/// `NTA` build, 1.06–1.61×; `--dtype q8_0` 1.18×, 1.04–1.25× over five), while the F32 rows there kept
-/// `NTA` as the better hint (the two-hint F32 loop 0.94×): so the groups have a rule of their own.
-pub(crate) fn group_prefetch_nta() -> bool {
-    static NTA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *NTA.get_or_init(|| decode_prefetch_nta() && std::arch::is_x86_feature_detected!("vaes"))
-}
-
 /// Asks for the cache line at `at` ahead of decode's read of it: non-temporal where
 /// [`decode_prefetch_nta`] chose so (passed in, so that it is looked up once per kernel call, not once
-/// per line), else with `HINT`. The float tiles and `rows8` take `T0`; the interleaved quantized groups
-/// follow their own rule, [`group_prefetch_nta`], and otherwise ask for their lines further ahead, into
-/// L2, with [`pinned_prefetch_t1`] (see `quantized_x86::GROUP_PREFETCH_L2`), and nearer, into L1, with
-/// [`pinned_prefetch_t0`].
+/// per line), else with `HINT`. The float tiles and `rows8` take `T0`. The interleaved quantized groups
+/// do not follow this rule: on every CPU they ask for their lines far ahead into L2, with
+/// [`pinned_prefetch_t1`] (see `quantized_x86::GROUP_PREFETCH_L2`), and nearer into L1, with
+/// [`pinned_prefetch_t0`]. They had kept `NTA` on AMD CPUs with Zen 3's features (VAES) while a Zen 1
+/// VM went without it (1.35× its default-model decode); measured on a 2-core Zen 3 VM since, whole
+/// decodes alternated in one process (medians of six rounds of 128 tokens, a build with the rule
+/// switchable at run time), the two hints ran 1.19× as fast as `NTA` for the default model (1.12–1.28×,
+/// six of six faster) and 1.06× for `--dtype q8_0` (1.04–1.07×, six of six).
 /// The F32 decode's row prefetch with `T1` instead of `T0` ran 1.031× and 1.039× as fast in one
 /// process (12 of 12 rounds faster each) on a 2-core Xeon VM but 0.96–1.01× in `duet bench`
 /// alternated with the `T0` build, so it kept `T0`; written out in asm since, it asks for both, at two
@@ -114,21 +106,17 @@ pub(crate) fn decode_prefetch<const HINT: i32>(at: *const i8, nta: bool) {
     }
 }
 
-/// [`decode_prefetch`] with `T1` (or `NTA`), kept in its place: written as an `asm!` block that the
+/// A `T1` prefetch of `at`, kept in its place: written as an `asm!` block that the
 /// compiler must assume touches memory, so it can neither move the prefetch past the loads around it
 /// nor gather several into a bunch. Where the prefetch of a line sits beside that line's loads
 /// decides how fast a decode streams on Xeon (see `dot_bf16_avx512`): the compiler moved the four
 /// prefetches of an interleaved Q8_0 block to the end of the block before, side by side.
 #[inline(always)]
-pub(crate) fn pinned_prefetch_t1(at: *const u8, nta: bool) {
+pub(crate) fn pinned_prefetch_t1(at: *const u8) {
     // SAFETY: a prefetch is a hint: it reads nothing the program sees and never faults, wherever `at`
     // points. The block is left free to touch memory only to keep its place among the loads.
     unsafe {
-        if nta {
-            std::arch::asm!("prefetchnta [{0}]", in(reg) at, options(nostack, preserves_flags));
-        } else {
-            std::arch::asm!("prefetcht1 [{0}]", in(reg) at, options(nostack, preserves_flags));
-        }
+        std::arch::asm!("prefetcht1 [{0}]", in(reg) at, options(nostack, preserves_flags));
     }
 }
 
@@ -222,6 +210,12 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
 /// bf16` there, alternated with the build before three times: 33.1, 33.7, 33.5 against 31.4, 31.5,
 /// 31.5 tok/s (87 % of the bandwidth probe against 82-83 %).
 ///
+/// Except on AMD ([`decode_prefetch_nta`]), where it asks for the same place in the next row, `NTA`,
+/// as the F32 decode does there: on a 2-core Zen 3 VM, whole BF16 decodes of the default model
+/// alternated in one process (six rounds of 128 tokens, a build with the hint switchable at run time),
+/// `NTA` the next row ran 1.10× as fast as `T1` two rows ahead (1.07–1.12×, six of six faster); `T1`
+/// the next row 1.06×, `T0` the next row 1.05×, `NTA` two or three rows ahead 1.01×.
+///
 /// # Safety
 /// `w` and `x` point at `n` readable elements; the CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -235,14 +229,60 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
         0
     };
     if lines > 0 {
+        let next_row = w.wrapping_add(n) as *const u8;
         let two_rows_ahead = w.wrapping_add(2 * n) as *const u8;
         // SAFETY: `lines` whole lines of weights (32 values each) and their activations lie within the
         // rows (the caller's promise); AVX2, FMA and F16C are enabled for this function.
         (even, odd) = unsafe {
-            if W::BF16 {
-                half_line_loop!(bf16, w, x, two_rows_ahead, lines, even, odd)
-            } else {
-                half_line_loop!(f16, w, x, two_rows_ahead, lines, even, odd)
+            match (W::BF16, decode_prefetch_nta()) {
+                (true, true) => {
+                    half_line_loop!(
+                        bf16,
+                        "prefetchnta [{ahead} + {i}]",
+                        w,
+                        x,
+                        next_row,
+                        lines,
+                        even,
+                        odd
+                    )
+                }
+                (true, false) => {
+                    half_line_loop!(
+                        bf16,
+                        "prefetcht1 [{ahead} + {i}]",
+                        w,
+                        x,
+                        two_rows_ahead,
+                        lines,
+                        even,
+                        odd
+                    )
+                }
+                (false, true) => {
+                    half_line_loop!(
+                        f16,
+                        "prefetchnta [{ahead} + {i}]",
+                        w,
+                        x,
+                        next_row,
+                        lines,
+                        even,
+                        odd
+                    )
+                }
+                (false, false) => {
+                    half_line_loop!(
+                        f16,
+                        "prefetcht1 [{ahead} + {i}]",
+                        w,
+                        x,
+                        two_rows_ahead,
+                        lines,
+                        even,
+                        odd
+                    )
+                }
             }
         };
     }
@@ -280,7 +320,7 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
 
 /// The loop of [`dot_raw`] over 16-bit weights (`bf16`: zero-extended and shifted into the top half of
 /// an f32; `f16`: `vcvtph2ps`), written out a 64-byte line of weights a pass: ask for the line at
-/// the same place `$ahead` bytes on (`T1`), then four vectors of eight, the first and third into the
+/// the same place in the row at `$ahead` (with the prefetch instruction given), then four vectors of eight, the first and third into the
 /// `even` chain and the second and fourth into `odd` — the order of `dot_raw`'s vector loop, so the
 /// same sums. Evaluates to the new `(even, odd)`.
 ///
@@ -291,28 +331,28 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
 /// Its caller's safety: `$lines` > 0 lines of weights are readable at `$w`, and twice their bytes of
 /// activations at `$x`; the CPU has AVX2, FMA and F16C. The prefetch address may point anywhere.
 macro_rules! half_line_loop {
-    (bf16, $($args:tt)*) => {
-        half_line_loop!(@loop
+    (bf16, $prefetch:literal, $($args:tt)*) => {
+        half_line_loop!(@loop $prefetch,
             ["vpmovzxwd {t0}, xmmword ptr [{w} + {i}]", "vpslld {t0}, {t0}, 16"],
             ["vpmovzxwd {t1}, xmmword ptr [{w} + {i} + 0x10]", "vpslld {t1}, {t1}, 16"],
             ["vpmovzxwd {t0}, xmmword ptr [{w} + {i} + 0x20]", "vpslld {t0}, {t0}, 16"],
             ["vpmovzxwd {t1}, xmmword ptr [{w} + {i} + 0x30]", "vpslld {t1}, {t1}, 16"],
             $($args)*)
     };
-    (f16, $($args:tt)*) => {
-        half_line_loop!(@loop
+    (f16, $prefetch:literal, $($args:tt)*) => {
+        half_line_loop!(@loop $prefetch,
             ["vcvtph2ps {t0}, xmmword ptr [{w} + {i}]"],
             ["vcvtph2ps {t1}, xmmword ptr [{w} + {i} + 0x10]"],
             ["vcvtph2ps {t0}, xmmword ptr [{w} + {i} + 0x20]"],
             ["vcvtph2ps {t1}, xmmword ptr [{w} + {i} + 0x30]"],
             $($args)*)
     };
-    (@loop [$($a:literal),+], [$($b:literal),+], [$($c:literal),+], [$($d:literal),+],
+    (@loop $prefetch:literal, [$($a:literal),+], [$($b:literal),+], [$($c:literal),+], [$($d:literal),+],
      $w:expr, $x:expr, $ahead:expr, $lines:expr, $even:expr, $odd:expr) => {{
         let (mut even, mut odd): (__m256, __m256) = ($even, $odd);
         std::arch::asm!(
             "2:",
-            "prefetcht1 [{ahead} + {i}]",
+            $prefetch,
             $($a,)+
             "vfmadd231ps {even}, {t0}, ymmword ptr [{x} + 2*{i}]",
             $($b,)+

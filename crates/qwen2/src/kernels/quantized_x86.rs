@@ -27,8 +27,8 @@ use std::cell::RefCell;
 /// product at ~70 % of the read bandwidth on a 2-core Zen 3 VM, prefetching 2 KiB ahead brought it to ~95 %.
 const PREFETCH: usize = 2048;
 
-/// How far ahead an interleaved group's decode asks for its lines where they go into L2 (the `T1`
-/// hint, where `float_x86::group_prefetch_nta` is false): further than [`PREFETCH`].
+/// How far ahead an interleaved group's decode asks for its lines into L2 (the `T1` hint): further
+/// than [`PREFETCH`].
 /// On a 2-core Xeon VM, a build with the hint and the distance switchable at run time, whole decodes
 /// alternated in one process (medians of 12 rounds of 8 tokens, against `T0` 2 KiB ahead): the default
 /// model with `T1` 2, 4, 8, 16 and 24 KiB ahead 0.97×, 1.04×, 1.11–1.15× (four runs, 12 of 12 faster
@@ -529,19 +529,16 @@ fn hsum(v: __m256) -> f32 {
 /// each); adding a far `T1` to the Q4_K/Q6_K rows' near `T0` (`superblock`) 1.01–1.04× alone, 0.94×
 /// beside this change: not kept.
 #[inline(always)]
-fn prefetch_group_line(at: *const u8, nta: bool) {
-    let ahead = if nta { PREFETCH } else { GROUP_PREFETCH_L2 };
-    crate::kernels::float_x86::pinned_prefetch_t1(at.wrapping_add(ahead), nta);
-    if !nta {
-        crate::kernels::float_x86::pinned_prefetch_t0(at.wrapping_add(PREFETCH));
-    }
+fn prefetch_group_line(at: *const u8) {
+    crate::kernels::float_x86::pinned_prefetch_t1(at.wrapping_add(GROUP_PREFETCH_L2));
+    crate::kernels::float_x86::pinned_prefetch_t0(at.wrapping_add(PREFETCH));
 }
 
 /// Every fourth block, the next line of an interleaved group's scales, pinned as [`prefetch_group_line`].
 #[inline(always)]
-fn prefetch_group_scales(scales: *const u8, b: usize, nta: bool) {
+fn prefetch_group_scales(scales: *const u8, b: usize) {
     if b.is_multiple_of(4) {
-        crate::kernels::float_x86::pinned_prefetch_t1(scales.wrapping_add(16 * b + 512), nta);
+        crate::kernels::float_x86::pinned_prefetch_t1(scales.wrapping_add(16 * b + 512));
     }
 }
 
@@ -828,7 +825,6 @@ macro_rules! instruction_set {
                 out: *mut f32,
             ) {
                 let zero = _mm256_set1_ps($q8_zero);
-                let nta = crate::kernels::float_x86::group_prefetch_nta();
                 for g8 in 0..ngroups {
                     // SAFETY (for the offsets below): group g8 < ngroups of nb blocks.
                     let values = unsafe { w.add(g8 * nb * 272) };
@@ -837,12 +833,12 @@ macro_rules! instruction_set {
                     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                     for b in 0..nb {
                         let v = values.wrapping_add(256 * b);
-                        prefetch_group_scales(scales, b, nta);
+                        prefetch_group_scales(scales, b);
                         // Two chains of four multiply-adds, not one of eight.
                         let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                         for g in (0..8).step_by(2) {
                             // Each line's prefetch right before that line's loads.
-                            prefetch_group_line(v.wrapping_add(32 * g), nta);
+                            prefetch_group_line(v.wrapping_add(32 * g));
                             // SAFETY: groups g, g + 1 of block b, and values 4g .. 4g + 8 of block
                             // b of the activations.
                             let (w0, w1, x0, x1) = unsafe {
@@ -907,7 +903,6 @@ macro_rules! instruction_set {
             ) {
                 let g16 = Q5_0::PANEL_G;
                 let zero = _mm256_set1_ps(Q5_0::ZERO as f32);
-                let nta = crate::kernels::float_x86::group_prefetch_nta();
                 for g8 in 0..ngroups {
                     // SAFETY (for the offsets below): group g8 < ngroups of nb blocks.
                     let values = unsafe { w.add(g8 * nb * 8 * Q5_0::SB_BYTES) };
@@ -915,11 +910,11 @@ macro_rules! instruction_set {
                     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                     for b in 0..nb {
                         let v = values.wrapping_add(160 * b);
-                        prefetch_group_scales(scales, b, nta);
+                        prefetch_group_scales(scales, b);
                         // The block's 2.5 lines: two asked for before its loads, the third after
                         // its sums, so that the prefetches stay spread among the loads.
-                        prefetch_group_line(v, nta);
-                        prefetch_group_line(v.wrapping_add(64), nta);
+                        prefetch_group_line(v);
+                        prefetch_group_line(v.wrapping_add(64));
                         // SAFETY: block b's 160 bytes of values.
                         let q = unsafe { q5_0_group_values(v) };
                         // SAFETY: block b of the activations, and with `WIDE` its eight registers
@@ -931,7 +926,7 @@ macro_rules! instruction_set {
                                 block_sums8(&q, g16, |gi| group_broadcast(a, b, gi))
                             }
                         };
-                        prefetch_group_line(v.wrapping_add(128), nta);
+                        prefetch_group_line(v.wrapping_add(128));
                         // SAFETY: block b's eight scales; its activation scale and sum.
                         let (sc, d, sum) = unsafe {
                             (
