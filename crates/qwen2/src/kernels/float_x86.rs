@@ -229,60 +229,16 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
         0
     };
     if lines > 0 {
-        let next_row = w.wrapping_add(n) as *const u8;
-        let two_rows_ahead = w.wrapping_add(2 * n) as *const u8;
+        // Which line to ask for, and how: see the doc above.
+        let nta = decode_prefetch_nta();
+        let ahead = w.wrapping_add(if nta { n } else { 2 * n }) as *const u8;
         // SAFETY: `lines` whole lines of weights (32 values each) and their activations lie within the
         // rows (the caller's promise); AVX2, FMA and F16C are enabled for this function.
         (even, odd) = unsafe {
-            match (W::BF16, decode_prefetch_nta()) {
-                (true, true) => {
-                    half_line_loop!(
-                        bf16,
-                        "prefetchnta [{ahead} + {i}]",
-                        w,
-                        x,
-                        next_row,
-                        lines,
-                        even,
-                        odd
-                    )
-                }
-                (true, false) => {
-                    half_line_loop!(
-                        bf16,
-                        "prefetcht1 [{ahead} + {i}]",
-                        w,
-                        x,
-                        two_rows_ahead,
-                        lines,
-                        even,
-                        odd
-                    )
-                }
-                (false, true) => {
-                    half_line_loop!(
-                        f16,
-                        "prefetchnta [{ahead} + {i}]",
-                        w,
-                        x,
-                        next_row,
-                        lines,
-                        even,
-                        odd
-                    )
-                }
-                (false, false) => {
-                    half_line_loop!(
-                        f16,
-                        "prefetcht1 [{ahead} + {i}]",
-                        w,
-                        x,
-                        two_rows_ahead,
-                        lines,
-                        even,
-                        odd
-                    )
-                }
+            if W::BF16 {
+                half_line_loop!(bf16, w, x, ahead, nta, lines, even, odd)
+            } else {
+                half_line_loop!(f16, w, x, ahead, nta, lines, even, odd)
             }
         };
     }
@@ -320,9 +276,9 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
 
 /// The loop of [`dot_raw`] over 16-bit weights (`bf16`: zero-extended and shifted into the top half of
 /// an f32; `f16`: `vcvtph2ps`), written out a 64-byte line of weights a pass: ask for the line at
-/// the same place in the row at `$ahead` (with the prefetch instruction given), then four vectors of eight, the first and third into the
-/// `even` chain and the second and fourth into `odd` — the order of `dot_raw`'s vector loop, so the
-/// same sums. Evaluates to the new `(even, odd)`.
+/// the same place in the row at `$ahead` (`NTA` if `$nta`, else `T1`), then four vectors of eight,
+/// the first and third into the `even` chain and the second and fourth into `odd` — the order of
+/// `dot_raw`'s vector loop, so the same sums. Evaluates to the new `(even, odd)`.
 ///
 /// Compiled from intrinsics, the loop asked for its prefetch behind a test of the index and came out
 /// with two tests and jumps around every line, the shape that cost the F32 decode 1.12× (see
@@ -331,21 +287,31 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
 /// Its caller's safety: `$lines` > 0 lines of weights are readable at `$w`, and twice their bytes of
 /// activations at `$x`; the CPU has AVX2, FMA and F16C. The prefetch address may point anywhere.
 macro_rules! half_line_loop {
-    (bf16, $prefetch:literal, $($args:tt)*) => {
-        half_line_loop!(@loop $prefetch,
+    (bf16, $($args:tt)*) => {
+        half_line_loop!(@hint
             ["vpmovzxwd {t0}, xmmword ptr [{w} + {i}]", "vpslld {t0}, {t0}, 16"],
             ["vpmovzxwd {t1}, xmmword ptr [{w} + {i} + 0x10]", "vpslld {t1}, {t1}, 16"],
             ["vpmovzxwd {t0}, xmmword ptr [{w} + {i} + 0x20]", "vpslld {t0}, {t0}, 16"],
             ["vpmovzxwd {t1}, xmmword ptr [{w} + {i} + 0x30]", "vpslld {t1}, {t1}, 16"],
             $($args)*)
     };
-    (f16, $prefetch:literal, $($args:tt)*) => {
-        half_line_loop!(@loop $prefetch,
+    (f16, $($args:tt)*) => {
+        half_line_loop!(@hint
             ["vcvtph2ps {t0}, xmmword ptr [{w} + {i}]"],
             ["vcvtph2ps {t1}, xmmword ptr [{w} + {i} + 0x10]"],
             ["vcvtph2ps {t0}, xmmword ptr [{w} + {i} + 0x20]"],
             ["vcvtph2ps {t1}, xmmword ptr [{w} + {i} + 0x30]"],
             $($args)*)
+    };
+    (@hint [$($a:literal),+], [$($b:literal),+], [$($c:literal),+], [$($d:literal),+],
+     $w:expr, $x:expr, $ahead:expr, $nta:expr, $lines:expr, $even:expr, $odd:expr) => {
+        if $nta {
+            half_line_loop!(@loop "prefetchnta [{ahead} + {i}]", [$($a),+], [$($b),+], [$($c),+],
+                [$($d),+], $w, $x, $ahead, $lines, $even, $odd)
+        } else {
+            half_line_loop!(@loop "prefetcht1 [{ahead} + {i}]", [$($a),+], [$($b),+], [$($c),+],
+                [$($d),+], $w, $x, $ahead, $lines, $even, $odd)
+        }
     };
     (@loop $prefetch:literal, [$($a:literal),+], [$($b:literal),+], [$($c:literal),+], [$($d:literal),+],
      $w:expr, $x:expr, $ahead:expr, $lines:expr, $even:expr, $odd:expr) => {{
