@@ -71,12 +71,53 @@ fn hsum(v: __m256) -> f32 {
 /// 1.40× as fast with `T0` (medians of 12 rounds of 4 tokens, alternated in one process, host busy);
 /// `NTA` was the fastest of three variants (it, `T0`, `T0` with a second FMA chain) in 1 and 2 of the
 /// 12 rounds. The quantized eight-row decode kernel (`rows8`) follows the same rule, measured there too.
+/// The F32 row itself has since gone without a hint on Zen 3 and later ([`f32_row_hint`]).
 pub(crate) fn decode_prefetch_nta() -> bool {
     static NTA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *NTA.get_or_init(|| {
         // Leaf 0 names the vendor in ebx, edx, ecx: "AuthenticAMD" (ebx = "Auth").
         let leaf0 = __cpuid(0);
         leaf0.ebx.to_le_bytes() == *b"Auth" && leaf0.ecx.to_le_bytes() == *b"cAMD"
+    })
+}
+
+/// How the F32 decode row ([`dot_f32_decode`]) asks for the lines ahead of the one it reads.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum F32RowHint {
+    /// It does not: the hardware prefetchers alone. AMD Zen 3 and later (family 19h on).
+    None,
+    /// The same place in the next row, non-temporal. Earlier AMD CPUs ([`decode_prefetch_nta`]).
+    NextNta,
+    /// The same place in the next row into L1 (`T0`) and two rows ahead into L2 (`T1`). Elsewhere.
+    NextT0FarT1,
+}
+
+/// The [`F32RowHint`] for this CPU, looked up once.
+///
+/// On a 2-core Zen 3 VM (family 19h), whole F32 decodes of the default model alternated in one process
+/// (a build with the hint switchable at run time, 128 tokens a round): without a hint 1.196× as fast
+/// as with `NTA` on the next row over eight rounds (1.17–1.31×, eight of eight faster) and 1.27× over
+/// five more (five of five), where `T0` on the next row ran 1.09× and `T1` 1.06×; in `duet bench
+/// --dtype f32`, alternated twice, 89–91 % of the bandwidth probe against 69–71 %. The same host
+/// measured the opposite for the other decode streams, in the same session: the 16-bit rows without
+/// their `NTA` 0.935×, the interleaved quantized groups without their two hints 0.75×, the Q4_K/Q6_K
+/// rows without theirs 0.97×. On a Xeon the F32 row without a hint had run 0.66× (see
+/// [`dot_f32_decode`]); no Zen 1 or Zen 2 CPU has been measured without one, so they keep `NTA`.
+pub(crate) fn f32_row_hint() -> F32RowHint {
+    static HINT: std::sync::OnceLock<F32RowHint> = std::sync::OnceLock::new();
+    *HINT.get_or_init(|| {
+        if !decode_prefetch_nta() {
+            return F32RowHint::NextT0FarT1;
+        }
+        // Leaf 1's eax: the base family in bits 8–11, plus the extended family (bits 20–27) when the
+        // base is 0xF, as every AMD family since the K8 has it.
+        let eax = __cpuid(1).eax;
+        let family = ((eax >> 8) & 0xF) + ((eax >> 20) & 0xFF);
+        if family >= 0x19 {
+            F32RowHint::None
+        } else {
+            F32RowHint::NextNta
+        }
     })
 }
 
@@ -347,8 +388,8 @@ macro_rules! half_line_loop {
 use half_line_loop;
 
 /// `Σ_k w[k] · x[k]` over `n` f32 weights for decode: one row streamed from memory, each line read
-/// asking for two others ahead of it (see [`tile_raw`] for why rows ahead, and [`decode_prefetch`] for
-/// the hints).
+/// asking for the lines ahead of it that [`f32_row_hint`] chose for this CPU: two, one, or none (see
+/// [`tile_raw`] for why rows ahead, and [`decode_prefetch`] for the hints).
 ///
 /// The sums are [`tile_raw`]'s for one row and one token, in the same order and so the same bits: one
 /// chain of FMAs over the vectors of eight, then a scalar tail. What differs is the loop, written out
@@ -365,7 +406,8 @@ use half_line_loop;
 /// this one there: 512-bit loads in two chains four lines a pass 0.94×, `T1` 0.99–1.01×, no prefetch
 /// 0.66–0.67×.
 ///
-/// Two prefetches a line (not on AMD, which keeps its one `NTA` of the next row): the same place in
+/// Two prefetches a line (not on AMD: Zen 1 and 2 keep one `NTA` of the next row, Zen 3 and later
+/// none, see [`f32_row_hint`]): the same place in
 /// the next row into L1 (`T0`) and two rows ahead into L2 (`T1`), so the far one covers the memory's
 /// latency and the near one only L2's. `duet bench --dtype f32` on a 2-core Xeon VM, builds rotated
 /// in one run, against `T0` the next row alone: 1.04–1.11× in 9 of 9 rotations (16.5–18.3 tok/s;
@@ -385,12 +427,14 @@ unsafe fn dot_f32_decode(w: *const f32, x: *const f32, n: usize) -> f32 {
     if lines > 0 {
         // SAFETY: `lines` whole lines of 16 values lie within both rows (the caller's promise).
         acc = unsafe {
-            if decode_prefetch_nta() {
-                f32_line_loop!(w, x, lines, acc; "prefetchnta [{next} + {i}]"; next = next_row)
-            } else {
-                f32_line_loop!(w, x, lines, acc;
+            match f32_row_hint() {
+                F32RowHint::None => f32_line_loop!(w, x, lines, acc),
+                F32RowHint::NextNta => {
+                    f32_line_loop!(w, x, lines, acc; "prefetchnta [{next} + {i}]"; next = next_row)
+                }
+                F32RowHint::NextT0FarT1 => f32_line_loop!(w, x, lines, acc;
                     "prefetcht0 [{next} + {i}]", "prefetcht1 [{far} + {i}]";
-                    next = next_row, far = two_rows)
+                    next = next_row, far = two_rows),
             }
         };
     }
@@ -409,19 +453,19 @@ unsafe fn dot_f32_decode(w: *const f32, x: *const f32, n: usize) -> f32 {
 }
 
 /// The loop of [`dot_f32_decode`]: over `$lines` 64-byte lines of weights at `$w` and activations at
-/// `$x`, run the prefetch instructions `$prefetch` (each addressed `[{base} + {i}]`, `i` the line's
-/// offset, with its bases given as `$base = $at`), then `acc = w·x + acc` for the line's two vectors of
+/// `$x`, run the prefetch instructions `$prefetch`, if given (each addressed `[{base} + {i}]`, `i` the
+/// line's offset, with its bases given as `$base = $at`), then `acc = w·x + acc` for the line's two vectors of
 /// eight, in order. Evaluates to the new `acc`.
 ///
 /// Its caller's safety: `$lines` lines are readable at `$w` and `$x`, `$lines` > 0, the CPU has AVX2
 /// and FMA. The prefetch addresses may point anywhere: a prefetch never faults.
 macro_rules! f32_line_loop {
-    ($w:expr, $x:expr, $lines:expr, $acc:expr;
-     $($prefetch:literal),+; $($base:ident = $at:expr),+) => {{
+    ($w:expr, $x:expr, $lines:expr, $acc:expr
+     $(; $($prefetch:literal),+; $($base:ident = $at:expr),+)?) => {{
         let mut acc: __m256 = $acc;
         std::arch::asm!(
             "2:",
-            $($prefetch,)+
+            $($($prefetch,)+)?
             "vmovups {lo}, [{w} + {i}]",
             "vmovups {hi}, [{w} + {i} + 0x20]",
             "vfmadd231ps {acc}, {lo}, [{x} + {i}]",
@@ -429,7 +473,7 @@ macro_rules! f32_line_loop {
             "add {i}, 0x40",
             "cmp {i}, {end}",
             "jb 2b",
-            $($base = in(reg) $at,)+
+            $($($base = in(reg) $at,)+)?
             w = in(reg) $w,
             x = in(reg) $x,
             i = inout(reg) 0usize => _,
