@@ -419,7 +419,7 @@ use half_line_loop;
 /// # Safety
 /// `w` and `x` point at `n` readable values; the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32_decode(w: *const f32, x: *const f32, n: usize) -> f32 {
+unsafe fn dot_f32_decode(w: *const f32, x: *const f32, n: usize, hint: F32RowHint) -> f32 {
     let lines = n / 16;
     let next_row = w.wrapping_add(n) as *const u8;
     let two_rows = w.wrapping_add(2 * n) as *const u8;
@@ -427,7 +427,7 @@ unsafe fn dot_f32_decode(w: *const f32, x: *const f32, n: usize) -> f32 {
     if lines > 0 {
         // SAFETY: `lines` whole lines of 16 values lie within both rows (the caller's promise).
         acc = unsafe {
-            match f32_row_hint() {
+            match hint {
                 F32RowHint::None => f32_line_loop!(w, x, lines, acc),
                 F32RowHint::NextNta => {
                     f32_line_loop!(w, x, lines, acc; "prefetchnta [{next} + {i}]"; next = next_row)
@@ -529,7 +529,7 @@ pub fn decode_dot<W: super::matmul::WeightElem>(w: &[W], acts: &[f32]) -> f32 {
     assert!(has_avx2());
     if let Some(w) = W::as_f32(w) {
         // SAFETY: both hold acts.len() values and AVX2 and FMA are present (checked above).
-        return unsafe { dot_f32_decode(w.as_ptr(), acts.as_ptr(), acts.len()) };
+        return unsafe { dot_f32_decode(w.as_ptr(), acts.as_ptr(), acts.len(), f32_row_hint()) };
     }
     if splits_pairs::<W>(acts.len()) {
         // SAFETY: `W` is bf16 (`splits_pairs`), two bytes each like u16; both hold acts.len() values,
@@ -1635,6 +1635,16 @@ mod tests {
             assert_eq!(got.to_bits(), want.to_bits(), "n={n}: {got} vs {want}");
             let tiled = tile::<f32, 1, 1>([&w], [&x])[0][0];
             assert_eq!(got.to_bits(), tiled.to_bits(), "n={n}");
+            // Every CPU's loop, not only this one's: the hints change what is fetched, never the sums.
+            for hint in [
+                F32RowHint::None,
+                F32RowHint::NextNta,
+                F32RowHint::NextT0FarT1,
+            ] {
+                // SAFETY: both rows hold n values; AVX2 and FMA checked above.
+                let hinted = unsafe { dot_f32_decode(w.as_ptr(), x.as_ptr(), n, hint) };
+                assert_eq!(hinted.to_bits(), want.to_bits(), "n={n}, {hint:?}");
+            }
         }
     }
 
