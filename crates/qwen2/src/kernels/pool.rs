@@ -274,6 +274,16 @@ pub fn for_each_item<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
     });
 }
 
+/// [`for_each_item`] when `split`, else the items in order on this thread: for work whose size decides
+/// whether handing part of it to the other threads pays.
+pub fn for_each_item_if<T: Send>(split: bool, items: Vec<T>, f: impl Fn(T) + Sync) {
+    if split {
+        for_each_item(items, f)
+    } else {
+        items.into_iter().for_each(f)
+    }
+}
+
 /// A raw pointer the tasks of one step may share; each task derives only its own disjoint piece (here,
 /// and in the GEMM's output).
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);

@@ -161,6 +161,11 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
     quantize_block_scalar(x, q)
 }
 
+/// Activations of at least this many values (tokens × columns) are quantized, and laid out for the
+/// panels (`quantized_x86::PanelActs`), across the pool; fewer go faster on the calling thread alone
+/// than with the other threads woken for them.
+pub(crate) const SPLIT_ACTS_MIN: usize = 1 << 16;
+
 /// Quantizes `t` rows of `cols` values (`cols` a multiple of 32). Large inputs are split across threads.
 pub fn quantize_acts(x: &[f32], t: usize, cols: usize) -> QuantizedActs {
     assert!(cols.is_multiple_of(BLOCK) && x.len() == t * cols);
@@ -184,11 +189,7 @@ pub fn quantize_acts(x: &[f32], t: usize, cols: usize) -> QuantizedActs {
             (*d, *s) = quantize_block(x, q);
         }
     };
-    if t * cols >= 1 << 16 {
-        super::pool::for_each_item(runs, quantize_run);
-    } else {
-        runs.into_iter().for_each(quantize_run);
-    }
+    super::pool::for_each_item_if(t * cols >= SPLIT_ACTS_MIN, runs, quantize_run);
     QuantizedActs {
         t,
         cols,

@@ -1425,11 +1425,8 @@ impl<'a> PanelActs<'a> {
             .collect();
         // The leader made these alone while the other thread waited: 1.3 % of a 46-character label's
         // samples, mostly `ffn_down`'s (4864 values a token). Large products split them by span.
-        if t * acts.cols >= 1 << 16 {
-            super::pool::for_each_item(spans, fill_span);
-        } else {
-            spans.into_iter().for_each(fill_span);
-        }
+        let split = t * acts.cols >= super::quantized::SPLIT_ACTS_MIN;
+        super::pool::for_each_item_if(split, spans, fill_span);
         PanelActs {
             acts,
             units,
