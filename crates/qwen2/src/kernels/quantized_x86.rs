@@ -1048,8 +1048,9 @@ macro_rules! instruction_set {
             /// sums start at `-zero · Σ x` (`PanelActs::zero_sums`). Against taking off
             /// `zero · scale · (dx · Σ x)` after the scaling, as the mins still are (`m · (dx · Σ x)`),
             /// that is one fused multiply-add and two operands fewer per token and unit: with the
-            /// sums no longer spilled, 46-character labels ran 1.062× as fast (six of six, alternated
-            /// in batch mode on a 2-core Zen 3 VM), and the sums are exact until they are scaled.
+            /// sums no longer spilled, 46-character labels ran 1.072× as fast (seven of eight,
+            /// alternated in batch mode on a 2-core Zen 3 VM), and the sums are exact until they are
+            /// scaled.
             ///
             /// # Safety
             /// `p` describes a panel of `F` filled with `nb` pieces; the activations hold tokens
@@ -1376,8 +1377,9 @@ pub fn panel_format(dtype: DType) -> bool {
 const SPAN: usize = 4;
 
 /// One product's activations as the panel kernels read them, made once per product, with the tokens of
-/// each span of four side by side per block in each of three arrays: their 32 values, their scales `dx`,
-/// and each unit's sum `dx · Σ x` (a 32-value block's, or for Q6_K each 16-value half's).
+/// each span of four side by side per block in each of its arrays: their 32 values, their scales `dx`,
+/// and per unit (a 32-value block, or for Q6_K each 16-value half) what the format's zero point or
+/// mins need of the values' sum.
 ///
 /// Why: with each token in its own row, the kernel kept a pointer per token and array (twelve for four
 /// tokens) and recomputed or spilled them; a fifth of its instructions were address arithmetic. With the
@@ -1400,8 +1402,8 @@ pub struct PanelActs<'a> {
 
 impl<'a> PanelActs<'a> {
     pub fn new(acts: &'a QuantizedActs, dtype: DType) -> PanelActs<'a> {
-        // Units per piece: the format's `HALVES`, which `Panel::fill` follows too.
-        // The format's `HALVES`, `MINS` and `ZERO`, which `Panel::fill` and `panel_tile` follow too.
+        // Units per piece (the format's `HALVES`), and how its zero point or mins come off: as
+        // `Panel::fill` and `panel_tile` do.
         let (halves, mins, zero) = match dtype {
             DType::Q4K => (Q4K::HALVES, Q4K::MINS, Q4K::ZERO),
             DType::Q5_0 => (Q5_0::HALVES, Q5_0::MINS, Q5_0::ZERO),
