@@ -260,7 +260,12 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
 /// # Safety
 /// `w` and `x` point at `n` readable elements; the CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: usize) -> f32 {
+unsafe fn dot_raw<W: super::matmul::WeightElem>(
+    w: *const W,
+    x: *const f32,
+    n: usize,
+    nta: bool,
+) -> f32 {
     let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     // Whole 64-byte lines of 16-bit weights first, written out (see `half_line_loop`), then the
     // rest (and any other weights) by the loop below.
@@ -270,8 +275,7 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(w: *const W, x: *const f32, n: u
         0
     };
     if lines > 0 {
-        // Which line to ask for, and how: see the doc above.
-        let nta = decode_prefetch_nta();
+        // Which line to ask for, and how (`nta`: [`decode_prefetch_nta`]): see the doc above.
         let ahead = w.wrapping_add(if nta { n } else { 2 * n }) as *const u8;
         // SAFETY: `lines` whole lines of weights (32 values each) and their activations lie within the
         // rows (the caller's promise); AVX2, FMA and F16C are enabled for this function.
@@ -537,7 +541,7 @@ pub fn decode_dot<W: super::matmul::WeightElem>(w: &[W], acts: &[f32]) -> f32 {
         return unsafe { dot_bf16_avx512(w.as_ptr() as *const u16, acts.as_ptr(), acts.len()) };
     }
     // SAFETY: both hold acts.len() elements (checked above), and the features were just checked.
-    unsafe { dot_raw(w.as_ptr(), acts.as_ptr(), acts.len()) }
+    unsafe { dot_raw(w.as_ptr(), acts.as_ptr(), acts.len(), decode_prefetch_nta()) }
 }
 
 /// One row's decode product with the activations as given (label scoring's few rows): the same
@@ -1682,9 +1686,16 @@ mod tests {
                 for k in vectors..n {
                     want += w[k].to_f32() * x[k];
                 }
-                // SAFETY: both rows hold n values; AVX2, FMA and F16C were checked above.
-                let got = unsafe { dot_raw(w.as_ptr(), x.as_ptr(), n) };
-                assert_eq!(got.to_bits(), want.to_bits(), "n={n}: {got} vs {want}");
+                // Both hints' loops, whichever this CPU takes: the hint never changes the sums.
+                for nta in [false, true] {
+                    // SAFETY: both rows hold n values; AVX2, FMA and F16C were checked above.
+                    let got = unsafe { dot_raw(w.as_ptr(), x.as_ptr(), n, nta) };
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "n={n}, nta {nta}: {got} vs {want}"
+                    );
+                }
             }
         }
         check(bf16::from_f32);

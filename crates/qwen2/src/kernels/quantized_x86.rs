@@ -1428,8 +1428,7 @@ impl<'a> PanelActs<'a> {
                 for b in 0..nb {
                     qs[32 * (k * b + i)..][..32].copy_from_slice(&r.qs[32 * b..][..32]);
                     d[k * b + i] = r.d[b];
-                    let unit_len = 32 / units;
-                    for (u, unit) in r.qs[32 * b..][..32].chunks_exact(unit_len).enumerate() {
+                    for (u, unit) in r.qs[32 * b..][..32].chunks_exact(32 / units).enumerate() {
                         let q: i32 = unit.iter().map(|&q| q as i32).sum();
                         if mins {
                             sums[k * (units * b + u) + i] = r.d[b] * q as f32;
