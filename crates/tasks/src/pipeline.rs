@@ -9,9 +9,9 @@ use crate::trace::TraceEvent;
 use std::collections::BTreeMap;
 
 /// The texts the dual task is timed on, by `duet bench` and by the criterion benches, named by their
-/// length in characters: one near each end of the latency target's "under 50 characters", then a longer
-/// one. The label's time grows with the request's new tokens (each runs through every layer), so a short
-/// input alone would say little about a longer one.
+/// length in characters: one near each end of the latency target's "under 50 characters", then one of
+/// about 100 (the "~100-character input"). The label's time grows with the request's new tokens
+/// (each runs through every layer), so a short input alone would say little about a longer one.
 pub const BENCH_INPUTS: [(&str, &str); 3] = [
     ("15 chars", "今天的实验终于成功了，太棒了！"),
     (
@@ -19,8 +19,8 @@ pub const BENCH_INPUTS: [(&str, &str); 3] = [
         "我上周在你们店买的蓝牙耳机用了不到一周左边就没有声音了，联系客服三天都没人回复，真让人失望！",
     ),
     (
-        "79 chars",
-        "我上周在你们店里买的洗衣机今天送到了，可是安装师傅迟到了三个小时，而且装好以后机器一直漏水，打了好几次客服电话都没人接，真的很失望，希望尽快给我一个解决方案。",
+        "99 chars",
+        "我上周在你们店里买的洗衣机今天送到了，可是安装师傅迟到了三个小时，而且装好以后机器一直漏水，厨房地板都泡坏了。打了好几次客服电话都没人接，在线留言也没有人回复，真的很失望，希望尽快给我一个解决方案。",
     ),
 ];
 
