@@ -229,3 +229,18 @@ impl Default for RunOptions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Each timing input's name is its length in characters (a name once said "~100" of 79), and the
+    /// first two are under the latency target's 50.
+    #[test]
+    fn bench_inputs_are_named_by_their_length() {
+        for (name, text) in super::BENCH_INPUTS {
+            assert_eq!(name, format!("{} chars", text.chars().count()));
+        }
+        assert!(super::BENCH_INPUTS[..2]
+            .iter()
+            .all(|(_, t)| t.chars().count() < 50));
+    }
+}
