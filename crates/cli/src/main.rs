@@ -64,6 +64,15 @@ fn main() -> ExitCode {
         eprintln!("duet: error: {msg}");
         return ExitCode::from(1);
     }
+    let cores = qwen2::kernels::pool::physical_cores();
+    if let Some(n) = cli.global.threads().filter(|&n| n > cores) {
+        // Honoured as asked, but the compute threads wait for one another by spinning: more of them than
+        // cores share the cores and slow every step.
+        eprintln!(
+            "duet: warning: --threads {n} is more than this machine's {cores} physical cores; \
+             the extra threads only share them"
+        );
+    }
     qwen2::kernels::pool::init(cli.global.threads());
     interrupt::install();
     let g = &cli.global;

@@ -140,6 +140,30 @@ fn tokenize_json() {
     assert_eq!(u32s(&v["ids"]), u32s(&r["prompt_ids"]));
 }
 
+/// More compute threads than physical cores are honoured, with a warning; as many as the cores, none.
+#[test]
+fn threads_beyond_the_cores_are_warned_of() {
+    let cores = qwen2::kernels::pool::physical_cores();
+    let m = tiny();
+    for (n, warned) in [(cores + 1, true), (cores, false)] {
+        let n = n.to_string();
+        let o = duet(
+            &[
+                "--threads",
+                &n,
+                "--model",
+                m.to_str().unwrap(),
+                "tokenize",
+                "hi",
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let warning = format!("duet: warning: --threads {n} is more than this machine's {cores}");
+        assert_eq!(stderr(&o).contains(&warning), warned, "{}", stderr(&o));
+    }
+}
+
 #[test]
 fn tasks_lists_tasks_and_pipelines() {
     let o = duet(&["tasks", "--json"], None);
