@@ -65,15 +65,16 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     let cores = qwen2::kernels::pool::physical_cores();
-    if let Some(n) = cli.global.threads().filter(|&n| n > cores) {
+    let threads = cli.global.threads().unwrap_or(cores);
+    if threads > cores {
         // Honoured as asked, but the compute threads wait for one another by spinning: more of them than
         // cores share the cores and slow every step.
         eprintln!(
-            "duet: warning: --threads {n} is more than this machine's {cores} physical cores; \
+            "duet: warning: --threads {threads} is more than this machine's {cores} physical cores; \
              the extra threads only share them"
         );
     }
-    qwen2::kernels::pool::init(cli.global.threads());
+    qwen2::kernels::pool::init(Some(threads));
     interrupt::install();
     let g = &cli.global;
     let result = match &cli.command {
