@@ -64,17 +64,18 @@ fn main() -> ExitCode {
         eprintln!("duet: error: {msg}");
         return ExitCode::from(1);
     }
-    let cores = qwen2::kernels::pool::physical_cores();
-    let threads = cli.global.threads().unwrap_or(cores);
-    if threads > cores {
+    if let Some(threads) = cli.global.threads() {
         // Honoured as asked, but the compute threads wait for one another by spinning: more of them than
-        // cores share the cores and slow every step.
-        eprintln!(
-            "duet: warning: --threads {threads} is more than this machine's {cores} physical cores; \
-             the extra threads only share them"
-        );
+        // cores share the cores and slow every step. (Without --threads the pool takes the cores.)
+        let cores = qwen2::kernels::pool::physical_cores();
+        if threads > cores {
+            eprintln!(
+                "duet: warning: --threads {threads} is more than this machine's {cores} physical \
+                 cores; the extra threads only share them"
+            );
+        }
     }
-    qwen2::kernels::pool::init(Some(threads));
+    qwen2::kernels::pool::init(cli.global.threads());
     interrupt::install();
     let g = &cli.global;
     let result = match &cli.command {
