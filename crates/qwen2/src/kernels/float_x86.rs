@@ -109,14 +109,54 @@ pub(crate) fn f32_row_hint() -> F32RowHint {
         if !decode_prefetch_nta() {
             return F32RowHint::NextT0FarT1;
         }
-        // Leaf 1's eax: the base family in bits 8–11, plus the extended family (bits 20–27) when the
-        // base is 0xF, as every AMD family since the K8 has it.
-        let eax = __cpuid(1).eax;
-        let family = ((eax >> 8) & 0xF) + ((eax >> 20) & 0xFF);
-        if family >= 0x19 {
+        if amd_zen3_or_later() {
             F32RowHint::None
         } else {
             F32RowHint::NextNta
+        }
+    })
+}
+
+/// An AMD CPU of family 19h or later (Zen 3 on); called only where [`decode_prefetch_nta`] holds.
+fn amd_zen3_or_later() -> bool {
+    // Leaf 1's eax: the base family in bits 8–11, plus the extended family (bits 20–27) when the
+    // base is 0xF, as every AMD family since the K8 has it.
+    let eax = __cpuid(1).eax;
+    let family = ((eax >> 8) & 0xF) + ((eax >> 20) & 0xFF);
+    family >= 0x19
+}
+
+/// How the AVX2 decode row of 16-bit weights ([`dot_raw`]) walks its row and asks for the next.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum HalfRowLoop {
+    /// Written out in asm a 64-byte line a pass ([`half_line_loop`]), asking for the line two rows
+    /// ahead into L2 (`T1`). Everywhere but on AMD.
+    WrittenFarT1,
+    /// The same loop asking for the same place in the next row, `NTA`. AMD before Zen 3.
+    WrittenNextNta,
+    /// Compiled from intrinsics, sixteen values a pass, asking for the same place in the next row
+    /// (`NTA`) once a line. AMD Zen 3 and later.
+    CompiledNextNta,
+}
+
+/// The [`HalfRowLoop`] for this CPU, looked up once.
+///
+/// On a 2-core Zen 3 VM, whole BF16 decodes of the default model (128 tokens) alternated in one
+/// process, a build with both switchable at run time, against the written-out loop with the
+/// activations as they came: the compiled loop with them 64-byte aligned ([`decode_acts`]) 1.090×
+/// (8 of 8 rounds faster), 1.061× (6 of 6) and 1.034× (10 of 12), where the aligned activations
+/// alone ran 1.035× and 1.015×; in a faster hour both read level (1.00×). The two loops are the same
+/// instructions in another order and grouping; why the compiled one keeps more of the memory's
+/// pace there is not known. Not measured on Zen 1 or 2, which keep the written-out loop.
+pub(crate) fn half_row_loop() -> HalfRowLoop {
+    static LOOP: std::sync::OnceLock<HalfRowLoop> = std::sync::OnceLock::new();
+    *LOOP.get_or_init(|| {
+        if !decode_prefetch_nta() {
+            HalfRowLoop::WrittenFarT1
+        } else if amd_zen3_or_later() {
+            HalfRowLoop::CompiledNextNta
+        } else {
+            HalfRowLoop::WrittenNextNta
         }
     })
 }
@@ -255,7 +295,9 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
 /// as the F32 decode does there: on a 2-core Zen 3 VM, whole BF16 decodes of the default model
 /// alternated in one process (six rounds of 128 tokens, a build with the hint switchable at run time),
 /// `NTA` the next row ran 1.10× as fast as `T1` two rows ahead (1.07–1.12×, six of six faster); `T1`
-/// the next row 1.06×, `T0` the next row 1.05×, `NTA` two or three rows ahead 1.01×.
+/// the next row 1.06×, `T0` the next row 1.05×, `NTA` two or three rows ahead 1.01×. And on Zen 3
+/// and later, the written-out loop is not used at all: the compiled loop below, sixteen values a
+/// pass with the same hint once a line, ran faster there ([`half_row_loop`]). `walk` says which.
 ///
 /// # Safety
 /// `w` and `x` point at `n` readable elements; the CPU has AVX2, FMA and F16C.
@@ -264,12 +306,14 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(
     w: *const W,
     x: *const f32,
     n: usize,
-    nta: bool,
+    walk: HalfRowLoop,
 ) -> f32 {
     let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let nta = walk != HalfRowLoop::WrittenFarT1;
     // Whole 64-byte lines of 16-bit weights first, written out (see `half_line_loop`), then the
-    // rest (and any other weights) by the loop below.
-    let lines = if std::mem::size_of::<W>() == 2 {
+    // rest (and any other weights) by the loop below; where the compiled loop was measured faster,
+    // all of them by that loop.
+    let lines = if std::mem::size_of::<W>() == 2 && walk != HalfRowLoop::CompiledNextNta {
         n / 32
     } else {
         0
@@ -290,9 +334,9 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(
     let mut i = lines * 32;
     let line = 64 / std::mem::size_of::<W>();
     while i + 16 <= n {
-        // The same place in the next row, as in `tile_raw`.
+        // The same place in the next row, as in `tile_raw` (non-temporal on AMD).
         if i % line == 0 {
-            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i + n) as *const i8);
+            decode_prefetch::<_MM_HINT_T0>(w.wrapping_add(i + n) as *const i8, nta);
         }
         // SAFETY: i + 16 <= n.
         unsafe {
@@ -503,8 +547,9 @@ fn splits_pairs<W: Elem>(n: usize) -> bool {
 
 /// Each 32 activations reordered as [`dot_bf16_avx512`] multiplies them: the 16 of even index, then
 /// the 16 of odd index.
-pub fn pair_split(x: &[f32]) -> Vec<f32> {
-    let mut out = x.to_vec();
+/// Into `out`, as long as `x`.
+fn pair_split(x: &[f32], out: &mut [f32]) {
+    out.copy_from_slice(x);
     for (o, b) in out.chunks_exact_mut(PAIRED).zip(x.chunks_exact(PAIRED)) {
         let (even, odd) = o.split_at_mut(PAIRED / 2);
         for (j, pair) in b.chunks_exact(2).enumerate() {
@@ -512,16 +557,49 @@ pub fn pair_split(x: &[f32]) -> Vec<f32> {
             odd[j] = pair[1];
         }
     }
-    out
 }
 
-/// The activations of a decode product as [`decode_dot`] reads them for rows of `W`: reordered once
-/// per product where the rows go through [`dot_bf16_avx512`], else as they are.
-pub fn decode_acts<W: super::matmul::WeightElem>(x: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+/// A decode product's activations as [`decode_dot`] reads them, starting on a 64-byte boundary.
+///
+/// Why a copy: the caller's buffer comes from the allocator, 16-byte aligned, and a row's loop reads
+/// 32 bytes of activations per vector, so at a 16-byte offset every other read spans two cache
+/// lines. The copy is a few KiB per product, beside megabytes of weights. On a 2-core Zen 3 VM
+/// (where 64–74 % of a BF16 decode's products had their activations at such an offset), whole
+/// decodes of the default model alternated in one process with the activations as they came: BF16
+/// 1.015× (11 of 12 rounds faster), F32 1.030× (5 of 6); see benches/RESULTS.md.
+pub struct DecodeActs {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for DecodeActs {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+/// The activations of a decode product as [`decode_dot`] reads them for rows of `W`, 64-byte aligned
+/// ([`DecodeActs`]): reordered once per product where the rows go through [`dot_bf16_avx512`], else
+/// as they are.
+pub fn decode_acts<W: super::matmul::WeightElem>(x: &[f32]) -> DecodeActs {
+    // Sixteen values of slack: enough to reach a 64-byte boundary from any 4-byte aligned start.
+    let mut buf = vec![0f32; x.len() + 16];
+    let start = match buf.as_ptr().align_offset(64) {
+        off if off < 16 => off,
+        _ => 0,
+    };
+    let out = &mut buf[start..start + x.len()];
     if splits_pairs::<W>(x.len()) {
-        std::borrow::Cow::Owned(pair_split(x))
+        pair_split(x, out);
     } else {
-        std::borrow::Cow::Borrowed(x)
+        out.copy_from_slice(x);
+    }
+    DecodeActs {
+        buf,
+        start,
+        len: x.len(),
     }
 }
 
@@ -541,7 +619,7 @@ pub fn decode_dot<W: super::matmul::WeightElem>(w: &[W], acts: &[f32]) -> f32 {
         return unsafe { dot_bf16_avx512(w.as_ptr() as *const u16, acts.as_ptr(), acts.len()) };
     }
     // SAFETY: both hold acts.len() elements (checked above), and the features were just checked.
-    unsafe { dot_raw(w.as_ptr(), acts.as_ptr(), acts.len(), decode_prefetch_nta()) }
+    unsafe { dot_raw(w.as_ptr(), acts.as_ptr(), acts.len(), half_row_loop()) }
 }
 
 /// One row's decode product with the activations as given (label scoring's few rows): the same
@@ -1581,10 +1659,33 @@ mod tests {
         }
     }
 
+    /// The activations every decode row reads start on a 64-byte boundary and hold `x` (pair split
+    /// where the AVX-512 bf16 kernel takes them), whatever the offset of `x` itself.
+    #[test]
+    fn decode_acts_are_aligned_copies() {
+        let x: Vec<f32> = (0..4864 + 16).map(|i| i as f32 * 0.5).collect();
+        for off in 0..16 {
+            let x = &x[off..off + 4864];
+            let plain = decode_acts::<f32>(x);
+            assert_eq!(plain.as_ptr() as usize % 64, 0, "offset {off}");
+            assert_eq!(&plain[..], x);
+            let half = decode_acts::<bf16>(x);
+            assert_eq!(half.as_ptr() as usize % 64, 0, "offset {off}");
+            if splits_pairs::<bf16>(x.len()) {
+                let mut want = vec![0.0; x.len()];
+                pair_split(x, &mut want);
+                assert_eq!(&half[..], &want[..]);
+            } else {
+                assert_eq!(&half[..], x);
+            }
+        }
+    }
+
     #[test]
     fn pair_split_puts_evens_then_odds() {
         let x: Vec<f32> = (0..70).map(|i| i as f32).collect();
-        let s = pair_split(&x);
+        let mut s = vec![f32::NAN; x.len()];
+        pair_split(&x, &mut s);
         let block = |b: usize| -> Vec<f32> {
             let evens = (0..16).map(|j| (b + 2 * j) as f32);
             evens
@@ -1686,14 +1787,19 @@ mod tests {
                 for k in vectors..n {
                     want += w[k].to_f32() * x[k];
                 }
-                // Both hints' loops, whichever this CPU takes: the hint never changes the sums.
-                for nta in [false, true] {
+                // Every CPU's loop, whichever this one takes: neither the loop nor its hint
+                // changes the sums.
+                for walk in [
+                    HalfRowLoop::WrittenFarT1,
+                    HalfRowLoop::WrittenNextNta,
+                    HalfRowLoop::CompiledNextNta,
+                ] {
                     // SAFETY: both rows hold n values; AVX2, FMA and F16C were checked above.
-                    let got = unsafe { dot_raw(w.as_ptr(), x.as_ptr(), n, nta) };
+                    let got = unsafe { dot_raw(w.as_ptr(), x.as_ptr(), n, walk) };
                     assert_eq!(
                         got.to_bits(),
                         want.to_bits(),
-                        "n={n}, nta {nta}: {got} vs {want}"
+                        "n={n}, {walk:?}: {got} vs {want}"
                     );
                 }
             }
