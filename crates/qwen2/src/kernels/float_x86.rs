@@ -568,15 +568,15 @@ fn pair_split(x: &[f32], out: &mut [f32]) {
 /// decodes of the default model alternated in one process with the activations as they came: BF16
 /// 1.015× (11 of 12 rounds faster), F32 1.030× (5 of 6); see benches/RESULTS.md.
 pub struct DecodeActs {
+    /// The values from `start` to the end.
     buf: Vec<f32>,
     start: usize,
-    len: usize,
 }
 
 impl std::ops::Deref for DecodeActs {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        &self.buf[self.start..self.start + self.len]
+        &self.buf[self.start..]
     }
 }
 
@@ -590,17 +590,14 @@ pub fn decode_acts<W: super::matmul::WeightElem>(x: &[f32]) -> DecodeActs {
         off if off < 16 => off,
         _ => 0,
     };
-    let out = &mut buf[start..start + x.len()];
+    buf.truncate(start + x.len());
+    let out = &mut buf[start..];
     if splits_pairs::<W>(x.len()) {
         pair_split(x, out);
     } else {
         out.copy_from_slice(x);
     }
-    DecodeActs {
-        buf,
-        start,
-        len: x.len(),
-    }
+    DecodeActs { buf, start }
 }
 
 /// The decode kernel for one weight row, `acts` from [`decode_acts`]: [`dot_bf16_avx512`] for bf16
