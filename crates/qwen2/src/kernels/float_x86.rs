@@ -92,7 +92,7 @@ pub(crate) enum F32RowHint {
     NextT0FarT1,
 }
 
-/// The [`F32RowHint`] for this CPU, looked up once.
+/// The [`F32RowHint`] for this CPU ([`decode_cpu`]).
 ///
 /// On a 2-core Zen 3 VM (family 19h), whole F32 decodes of the default model alternated in one process
 /// (a build with the hint switchable at run time, 128 tokens a round): without a hint 1.196× as fast
@@ -104,26 +104,41 @@ pub(crate) enum F32RowHint {
 /// rows without theirs 0.97×. On a Xeon the F32 row without a hint had run 0.66× (see
 /// [`dot_f32_decode`]); no Zen 1 or Zen 2 CPU has been measured without one, so they keep `NTA`.
 pub(crate) fn f32_row_hint() -> F32RowHint {
-    static HINT: std::sync::OnceLock<F32RowHint> = std::sync::OnceLock::new();
-    *HINT.get_or_init(|| {
-        if !decode_prefetch_nta() {
-            return F32RowHint::NextT0FarT1;
-        }
-        if amd_zen3_or_later() {
-            F32RowHint::None
-        } else {
-            F32RowHint::NextNta
-        }
-    })
+    match decode_cpu() {
+        DecodeCpu::NotAmd => F32RowHint::NextT0FarT1,
+        DecodeCpu::AmdBeforeZen3 => F32RowHint::NextNta,
+        DecodeCpu::AmdZen3On => F32RowHint::None,
+    }
 }
 
-/// An AMD CPU of family 19h or later (Zen 3 on); called only where [`decode_prefetch_nta`] holds.
-fn amd_zen3_or_later() -> bool {
-    // Leaf 1's eax: the base family in bits 8–11, plus the extended family (bits 20–27) when the
-    // base is 0xF, as every AMD family since the K8 has it.
-    let eax = __cpuid(1).eax;
-    let family = ((eax >> 8) & 0xF) + ((eax >> 20) & 0xFF);
-    family >= 0x19
+/// The kinds of CPU the decode rows' rules ([`f32_row_hint`], [`half_row_loop`]) tell apart.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DecodeCpu {
+    /// Not AMD ([`decode_prefetch_nta`] false).
+    NotAmd,
+    /// AMD before family 19h (Zen 1 and 2).
+    AmdBeforeZen3,
+    /// AMD family 19h or later (Zen 3 on).
+    AmdZen3On,
+}
+
+/// This CPU's [`DecodeCpu`], looked up once.
+fn decode_cpu() -> DecodeCpu {
+    static CPU: std::sync::OnceLock<DecodeCpu> = std::sync::OnceLock::new();
+    *CPU.get_or_init(|| {
+        if !decode_prefetch_nta() {
+            return DecodeCpu::NotAmd;
+        }
+        // Leaf 1's eax: the base family in bits 8–11, plus the extended family (bits 20–27) when
+        // the base is 0xF, as every AMD family since the K8 has it.
+        let eax = __cpuid(1).eax;
+        let family = ((eax >> 8) & 0xF) + ((eax >> 20) & 0xFF);
+        if family >= 0x19 {
+            DecodeCpu::AmdZen3On
+        } else {
+            DecodeCpu::AmdBeforeZen3
+        }
+    })
 }
 
 /// How the AVX2 decode row of 16-bit weights ([`dot_raw`]) walks its row and asks for the next.
@@ -139,7 +154,7 @@ pub(crate) enum HalfRowLoop {
     CompiledNextNta,
 }
 
-/// The [`HalfRowLoop`] for this CPU, looked up once.
+/// The [`HalfRowLoop`] for this CPU ([`decode_cpu`]).
 ///
 /// On a 2-core Zen 3 VM, whole BF16 decodes of the default model (128 tokens) alternated in one
 /// process, a build with both switchable at run time, against the written-out loop with the
@@ -149,16 +164,11 @@ pub(crate) enum HalfRowLoop {
 /// instructions in another order and grouping; why the compiled one keeps more of the memory's
 /// pace there is not known. Not measured on Zen 1 or 2, which keep the written-out loop.
 pub(crate) fn half_row_loop() -> HalfRowLoop {
-    static LOOP: std::sync::OnceLock<HalfRowLoop> = std::sync::OnceLock::new();
-    *LOOP.get_or_init(|| {
-        if !decode_prefetch_nta() {
-            HalfRowLoop::WrittenFarT1
-        } else if amd_zen3_or_later() {
-            HalfRowLoop::CompiledNextNta
-        } else {
-            HalfRowLoop::WrittenNextNta
-        }
-    })
+    match decode_cpu() {
+        DecodeCpu::NotAmd => HalfRowLoop::WrittenFarT1,
+        DecodeCpu::AmdBeforeZen3 => HalfRowLoop::WrittenNextNta,
+        DecodeCpu::AmdZen3On => HalfRowLoop::CompiledNextNta,
+    }
 }
 
 /// Asks for the cache line at `at` ahead of decode's read of it: non-temporal where
