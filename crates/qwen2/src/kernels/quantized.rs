@@ -482,17 +482,29 @@ pub(crate) const TASKS_PER_THREAD: usize = 8;
 pub(crate) const DECODE_TASKS_PER_THREAD: usize = 2;
 
 /// Tasks per thread for a prefill of up to [`SHORT_PREFILL_TOKENS`] tokens (the dual task's requests):
-/// fewer than [`TASKS_PER_THREAD`], as the AMX path takes them (`amx_many`), so each task's start (its
-/// first panel filled before the prefetch of the next runs ahead) is paid fewer times. The 46-character
-/// label on a 2-core Zen 3 VM (30 timed labels a run, medians): with the count switchable in one
-/// build, 1.057× (four of four runs faster) and 1.029× (seven of eight) against eight a thread, two
-/// 1.024×, six 1.037× (five of eight each); this build against the one before, alternated, 1.008× and,
-/// in the other order, 1.052× (seven of eight each). The 15-character label 1.011× (six of six). Prompts
-/// of 73 and 142 tokens, which keep eight, measured 1.009× and 0.996× with four. Hosts with AVX-512
-/// VNNI take the same rule, not measured there.
-pub(crate) const SHORT_PREFILL_TASKS_PER_THREAD: usize = 4;
-/// See [`SHORT_PREFILL_TASKS_PER_THREAD`].
-pub(crate) const SHORT_PREFILL_TOKENS: usize = 32;
+/// fewer than [`TASKS_PER_THREAD`], so each task's start (its first rows read before the prefetch runs
+/// ahead; on AMX, configuring the tiles too) is paid fewer times. On AMX (a Xeon VM), measured faster at
+/// 13 and 32 tokens, not at 64 (benches/RESULTS.md). The panel kernels' 46-character label on a 2-core
+/// Zen 3 VM (30 timed labels a run, medians): with the count switchable in one build, 1.057× (four of
+/// four runs faster) and 1.029× (seven of eight) against eight a thread, two 1.024×, six 1.037× (five
+/// of eight each); the build against the one before, alternated, 1.008× and, in the other order, 1.052×
+/// (seven of eight each). The 15-character label 1.011× (six of six). Prompts of 73 and 142 tokens,
+/// which keep eight, measured 1.009× and 0.996× with four. Hosts with AVX-512 VNNI take the same rule,
+/// not measured there.
+const SHORT_PREFILL_TASKS_PER_THREAD: usize = 4;
+/// See [`SHORT_PREFILL_TASKS_PER_THREAD`]: one group of AMX token tiles, where that path measured it.
+const SHORT_PREFILL_TOKENS: usize = 32;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(SHORT_PREFILL_TOKENS == super::amx::GROUP_TOKENS);
+
+/// Tasks per thread for a product of `t` tokens: decode's, a short prefill's, or a longer one's.
+fn tasks_per_thread(t: usize) -> usize {
+    match t {
+        1 => DECODE_TASKS_PER_THREAD,
+        2..=SHORT_PREFILL_TOKENS => SHORT_PREFILL_TASKS_PER_THREAD,
+        _ => TASKS_PER_THREAD,
+    }
+}
 
 /// Checks shapes and returns the bytes of one row (in an interleaved layout: a group's bytes / 8).
 fn check(w: &QuantSlice, rows: usize, cols: usize) -> usize {
@@ -605,16 +617,8 @@ fn amx_many(products: &mut [Product], cols: usize, x: &[f32], t: usize) {
         .map(|p| {
             let rb = check(&p.w, p.rows, cols);
             assert!(p.out.len() == t * p.rows);
-            // A short product (one group of token tiles: the dual task's requests) goes in four tasks
-            // a thread rather than eight: measured faster at 13 and 32 tokens, not at 64
-            // (benches/RESULTS.md); likely each task's start (configuring the tiles, its first rows
-            // read before the prefetch runs ahead) paid fewer times.
-            let per_thread = if t <= super::amx::GROUP_TOKENS {
-                4
-            } else {
-                TASKS_PER_THREAD
-            };
-            let per = rows_per_task(p.rows, rb, t, per_thread).next_multiple_of(super::amx::ROWS);
+            let per = rows_per_task(p.rows, rb, t, tasks_per_thread(t))
+                .next_multiple_of(super::amx::ROWS);
             (p.w, rb, per)
         })
         .collect();
@@ -685,14 +689,9 @@ pub fn matmul_acts_many(
             let rb = check(&p.w, p.rows, cols);
             assert!(p.out.len() == t * p.rows);
             // Interleaved rows go in whole groups of eight.
-            let per_thread = match t {
-                1 => DECODE_TASKS_PER_THREAD,
-                2..=SHORT_PREFILL_TOKENS => SHORT_PREFILL_TASKS_PER_THREAD,
-                _ => TASKS_PER_THREAD,
-            };
             let per =
                 p.w.layout
-                    .stored_rows(rows_per_task(p.rows, rb, t, per_thread));
+                    .stored_rows(rows_per_task(p.rows, rb, t, tasks_per_thread(t)));
             (p.w, rb, per)
         })
         .collect();
