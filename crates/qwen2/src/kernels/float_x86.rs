@@ -149,25 +149,27 @@ pub(crate) enum HalfRowLoop {
     WrittenFarT1,
     /// The same loop asking for the same place in the next row, `NTA`. AMD before Zen 3.
     WrittenNextNta,
-    /// Compiled from intrinsics, sixteen values a pass, asking for the same place in the next row
-    /// (`NTA`) once a line. AMD Zen 3 and later.
-    CompiledNextNta,
+    /// Written out in asm two vectors (sixteen values) a pass ([`half_pair_loop`]), asking for the
+    /// same place in the next row (`NTA`) every other pass. AMD Zen 3 and later.
+    WrittenPairsNextNta,
 }
 
 /// The [`HalfRowLoop`] for this CPU ([`decode_cpu`]).
 ///
 /// On a 2-core Zen 3 VM, whole BF16 decodes of the default model (128 tokens) alternated in one
 /// process, a build with both switchable at run time, against the written-out loop with the
-/// activations as they came: the compiled loop with them 64-byte aligned ([`decode_acts`]) 1.090×
-/// (8 of 8 rounds faster), 1.061× (6 of 6) and 1.034× (10 of 12), where the aligned activations
-/// alone ran 1.035× and 1.015×; in a faster hour both read level (1.00×). The two loops are the same
-/// instructions in another order and grouping; why the compiled one keeps more of the memory's
-/// pace there is not known. Not measured on Zen 1 or 2, which keep the written-out loop.
+/// activations as they came: the compiled loop (sixteen values a pass from intrinsics, the hint
+/// behind a test of the index) with them 64-byte aligned ([`decode_acts`]) 1.090× (8 of 8 rounds
+/// faster), 1.061× (6 of 6) and 1.034× (10 of 12), where the aligned activations alone ran 1.035× and
+/// 1.015×. That compiled loop was then written out as [`half_pair_loop`], in the shape a C compiler
+/// gave the same loop, which kept the memory's pace in a harness where the compiled one did not (see
+/// [`half_pair_loop`]); whole decodes, build against build: 1.055× (8 of 8), and 1.054× with the
+/// order reversed (8 of 8). Not measured on Zen 1 or 2, which keep the one-line-a-pass loop.
 pub(crate) fn half_row_loop() -> HalfRowLoop {
     match decode_cpu() {
         DecodeCpu::NotAmd => HalfRowLoop::WrittenFarT1,
         DecodeCpu::AmdBeforeZen3 => HalfRowLoop::WrittenNextNta,
-        DecodeCpu::AmdZen3On => HalfRowLoop::CompiledNextNta,
+        DecodeCpu::AmdZen3On => HalfRowLoop::WrittenPairsNextNta,
     }
 }
 
@@ -306,8 +308,8 @@ unsafe fn tile_raw<W: super::matmul::WeightElem, const R: usize, const T: usize>
 /// alternated in one process (six rounds of 128 tokens, a build with the hint switchable at run time),
 /// `NTA` the next row ran 1.10× as fast as `T1` two rows ahead (1.07–1.12×, six of six faster); `T1`
 /// the next row 1.06×, `T0` the next row 1.05×, `NTA` two or three rows ahead 1.01×. And on Zen 3
-/// and later, the written-out loop is not used at all: the compiled loop below, sixteen values a
-/// pass with the same hint once a line, ran faster there ([`half_row_loop`]). `walk` says which.
+/// and later, a loop of sixteen values a pass with the same hint once a line ran faster there
+/// ([`half_pair_loop`], [`half_row_loop`]). `walk` says which.
 ///
 /// # Safety
 /// `w` and `x` point at `n` readable elements; the CPU has AVX2, FMA and F16C.
@@ -320,10 +322,11 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(
 ) -> f32 {
     let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let nta = walk != HalfRowLoop::WrittenFarT1;
-    // Whole 64-byte lines of 16-bit weights first, written out (see `half_line_loop`), then the
-    // rest (and any other weights) by the loop below; where the compiled loop was measured faster,
-    // all of them by that loop.
-    let lines = if std::mem::size_of::<W>() == 2 && walk != HalfRowLoop::CompiledNextNta {
+    // Whole 64-byte lines of 16-bit weights first, written out (see `half_line_loop`), or on Zen 3
+    // and later whole runs of sixteen values (see `half_pair_loop`); then the rest (and any other
+    // weights) by the compiled loop below.
+    let half = std::mem::size_of::<W>() == 2;
+    let lines = if half && walk != HalfRowLoop::WrittenPairsNextNta {
         n / 32
     } else {
         0
@@ -342,6 +345,23 @@ unsafe fn dot_raw<W: super::matmul::WeightElem>(
         };
     }
     let mut i = lines * 32;
+    // The loop counts values in 32 bits (see `half_pair_loop`): rows of 2³¹ values or more, which no
+    // model has, go through the compiled loop below.
+    if half && walk == HalfRowLoop::WrittenPairsNextNta && (16..1 << 31).contains(&n) {
+        let pairs = n / 16;
+        // The same place in the next row.
+        let ahead = w.wrapping_add(n) as *const u8;
+        // SAFETY: `pairs` runs of 16 values of weights and activations lie within the rows (the
+        // caller's promise), 0 < 16 · pairs < 2³¹; AVX2, FMA and F16C are enabled for this function.
+        (even, odd) = unsafe {
+            if W::BF16 {
+                half_pair_loop!(bf16, w, x, ahead, pairs, even, odd)
+            } else {
+                half_pair_loop!(f16, w, x, ahead, pairs, even, odd)
+            }
+        };
+        i = pairs * 16;
+    }
     let line = 64 / std::mem::size_of::<W>();
     while i + 16 <= n {
         // The same place in the next row, as in `tile_raw` (non-temporal on AMD).
@@ -444,6 +464,76 @@ macro_rules! half_line_loop {
     }};
 }
 use half_line_loop;
+
+/// The loop of [`dot_raw`] over 16-bit weights on AMD Zen 3 and later ([`HalfRowLoop`]), written out:
+/// two vectors of eight a pass, the first into the `even` chain and the second into `odd` (the order
+/// of `dot_raw`'s vector loop, so the same sums), and every other pass (each 64-byte line of weights)
+/// an `NTA` hint for the line at `$ahead`, through a pointer of its own that steps with the row.
+///
+/// Why this exact shape: on a 2-core Zen 3 VM, in a harness (two threads streaming 1 GiB of bf16 rows
+/// in huge pages, a spin barrier every four tasks), the loop as rustc compiled it from intrinsics (the
+/// same instructions, the hint addressed as base plus index) read 0.88–0.94 of a loop that only loads
+/// the bytes; the same loop as a C compiler emitted it, written out here, read 0.99–1.01 of it. Small
+/// changes to this shape gave some of that back: without the separate value counter 0.93–0.96, the
+/// hint addressed as base plus index 0.96, the first load at a negative offset 0.94, a hint every pass
+/// 0.95, a whole line a pass ([`half_line_loop`]'s shape) 0.89. Why is not known: measured, not
+/// reasoned.
+///
+/// Its caller's safety: `0 < 16 · $pairs < 2³¹` values of weights are readable at `$w` and of
+/// activations at `$x`; the CPU has AVX2, FMA and F16C. The hint's address may point anywhere.
+macro_rules! half_pair_loop {
+    (bf16, $($args:tt)*) => {
+        half_pair_loop!(@loop
+            ["vpmovzxwd {t0}, xmmword ptr [{w} + {j}]", "vpmovzxwd {t1}, xmmword ptr [{j} + {w} + 0x10]"],
+            ["vpslld {t0}, {t0}, 16", "vpslld {t1}, {t1}, 16"],
+            $($args)*)
+    };
+    (f16, $($args:tt)*) => {
+        half_pair_loop!(@loop
+            ["vcvtph2ps {t0}, xmmword ptr [{w} + {j}]", "vcvtph2ps {t1}, xmmword ptr [{j} + {w} + 0x10]"],
+            [],
+            $($args)*)
+    };
+    (@loop [$($load:literal),+], [$($widen:literal),*],
+     $w:expr, $x:expr, $ahead:expr, $pairs:expr, $even:expr, $odd:expr) => {{
+        let (mut even, mut odd): (__m256, __m256) = ($even, $odd);
+        std::arch::asm!(
+            "xor {j:e}, {j:e}",
+            "xor {c:e}, {c:e}",
+            "jmp 4f",
+            "3:",
+            "prefetchnta [{pf}]",
+            "2:",
+            $($load,)+
+            "add {c:e}, 16",
+            "add {pf}, 32",
+            $($widen,)*
+            "vfmadd231ps {even}, {t0}, ymmword ptr [{x} + 2*{j}]",
+            "vfmadd231ps {odd}, {t1}, ymmword ptr [{x} + 2*{j} + 0x20]",
+            "add {j}, 32",
+            "cmp {c:e}, {n:e}",
+            "jae 5f",
+            "4:",
+            "test {c:l}, 31",
+            "jne 2b",
+            "jmp 3b",
+            "5:",
+            w = in(reg) $w,
+            x = in(reg) $x,
+            n = in(reg) 16 * $pairs,
+            pf = inout(reg) $ahead => _,
+            j = out(reg) _,
+            c = out(reg) _,
+            even = inout(ymm_reg) even,
+            odd = inout(ymm_reg) odd,
+            t0 = out(ymm_reg) _,
+            t1 = out(ymm_reg) _,
+            options(nostack, readonly),
+        );
+        (even, odd)
+    }};
+}
+use half_pair_loop;
 
 /// `Σ_k w[k] · x[k]` over `n` f32 weights for decode: one row streamed from memory, each line read
 /// asking for the lines ahead of it that [`f32_row_hint`] chose for this CPU: two, one, or none (see
@@ -1799,7 +1889,7 @@ mod tests {
                 for walk in [
                     HalfRowLoop::WrittenFarT1,
                     HalfRowLoop::WrittenNextNta,
-                    HalfRowLoop::CompiledNextNta,
+                    HalfRowLoop::WrittenPairsNextNta,
                 ] {
                     // SAFETY: both rows hold n values; AVX2, FMA and F16C were checked above.
                     let got = unsafe { dot_raw(w.as_ptr(), x.as_ptr(), n, walk) };
