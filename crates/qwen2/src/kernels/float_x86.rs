@@ -141,6 +141,12 @@ fn decode_cpu() -> DecodeCpu {
     })
 }
 
+/// Whether this CPU is AMD Zen 3 or later ([`decode_cpu`]), where the decode's written-out loops were
+/// measured (`quantized_x86::q8_0_groups_written`).
+pub(crate) fn amd_zen3_on() -> bool {
+    decode_cpu() == DecodeCpu::AmdZen3On
+}
+
 /// How the AVX2 decode row of 16-bit weights ([`dot_raw`]) walks its row and asks for the next.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum HalfRowLoop {
