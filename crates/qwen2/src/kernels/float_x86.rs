@@ -111,7 +111,8 @@ pub(crate) fn f32_row_hint() -> F32RowHint {
     }
 }
 
-/// The kinds of CPU the decode rows' rules ([`f32_row_hint`], [`half_row_loop`]) tell apart.
+/// The kinds of CPU the decode rows' rules ([`f32_row_hint`], [`half_row_loop`], [`amd_zen3_on`])
+/// tell apart.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum DecodeCpu {
     /// Not AMD ([`decode_prefetch_nta`] false).
