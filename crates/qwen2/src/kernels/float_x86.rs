@@ -171,7 +171,8 @@ pub(crate) enum HalfRowLoop {
 /// 1.015×. That compiled loop was then written out as [`half_pair_loop`], in the shape a C compiler
 /// gave the same loop, which kept the memory's pace in a harness where the compiled one did not (see
 /// [`half_pair_loop`]); whole decodes, build against build: 1.055× (8 of 8), and 1.054× with the
-/// order reversed (8 of 8). Not measured on Zen 1 or 2, which keep the one-line-a-pass loop.
+/// order reversed (8 of 8), though level an hour later (1.003×, 1.004×). Not measured on Zen 1 or 2,
+/// which keep the one-line-a-pass loop.
 pub(crate) fn half_row_loop() -> HalfRowLoop {
     match decode_cpu() {
         DecodeCpu::NotAmd => HalfRowLoop::WrittenFarT1,
