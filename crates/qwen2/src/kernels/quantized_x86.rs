@@ -1294,9 +1294,9 @@ pub fn rows(
     }
 }
 
-/// Decode of interleaved Q8_0 on AVX2 where [`float_x86::amd_zen3_on`]: the same sums as
-/// `avx2::rows_interleaved`, bit for bit, each group's blocks written out in asm in the shape a C
-/// compiler gave the same loop (below).
+/// Decode of interleaved Q8_0 on AVX2 where [`amd_zen3_on`](crate::kernels::float_x86::amd_zen3_on):
+/// the same sums as `avx2::rows_interleaved`, bit for bit, each group's blocks written out in asm in
+/// the shape a C compiler gave the same loop (below).
 ///
 /// Why: on a 2-core Zen 3 VM, in a harness (two threads streaming 1 GiB of interleaved Q8_0 groups of
 /// 896-value rows in huge pages, a spin barrier every four tasks), the kernel as rustc compiled it read
