@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::kernels::quantized::{rows_per_task, DECODE_TASKS_PER_THREAD};
+use crate::kernels::quantized::for_each_decode_rows;
 use crate::model::Model;
 use crate::weights::arena::{Arena, ArenaBuf};
 use rayon::prelude::*;
@@ -106,8 +106,8 @@ struct Stream<'a> {
 
 /// The weight stream: GB/s at which the pool reads the bytes of a decode step of `model` when it does
 /// nothing with them but add them up — in the decode's order ([`Model::decode_steps`]), step by step
-/// with a barrier after each, each step's matrices cut into tasks of whole rows as the decode cuts them
-/// (`rows_per_task`, for quantized and float weights alike). No decode can read its weights
+/// with a barrier after each, each step's rows split between the threads as the decode splits them
+/// ([`for_each_decode_rows`], for quantized and float weights alike). No decode can read its weights
 /// much faster, so its share of this is what its arithmetic loses; the stream's share of
 /// [`read_bandwidth_gbs`] is what the order and the barriers cost. Best of `reps`.
 pub fn weight_stream_gbs(model: &Model, reps: usize) -> f64 {
@@ -140,20 +140,19 @@ fn weight_stream_sum(steps: &[Vec<Stream>]) -> u64 {
     let total = AtomicU64::new(0);
     crate::kernels::pool::install(|| {
         for step in steps {
-            let mut tasks = Vec::new();
-            for m in step {
-                let row_bytes = (m.bytes.len() / m.rows.max(1)).max(1);
-                let task_bytes =
-                    rows_per_task(m.rows, row_bytes, 1, DECODE_TASKS_PER_THREAD) * row_bytes;
-                tasks.extend(
-                    m.bytes
-                        .chunks(task_bytes)
-                        .enumerate()
-                        .map(|(i, b)| (b, i * task_bytes)),
-                );
-            }
-            crate::kernels::pool::for_each_item(tasks, |(b, offset)| {
-                total.fetch_add(sum_words_at(b, offset), Ordering::Relaxed);
+            let rows_of: Vec<usize> = step.iter().map(|m| m.rows).collect();
+            let row_bytes = |m: &Stream| (m.bytes.len() / m.rows.max(1)).max(1);
+            let first = step.first().map_or(1, row_bytes);
+            for_each_decode_rows(&rows_of, first, |i, rows| {
+                let (m, rb) = (&step[i], row_bytes(&step[i]));
+                // The last row takes whatever bytes are left over.
+                let end = if rows.end == m.rows {
+                    m.bytes.len()
+                } else {
+                    rows.end * rb
+                };
+                let b = &m.bytes[rows.start * rb..end];
+                total.fetch_add(sum_words_at(b, rows.start * rb), Ordering::Relaxed);
             });
         }
     });

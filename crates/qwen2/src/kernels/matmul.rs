@@ -340,22 +340,18 @@ fn matvec_many<W: WeightElem>(products: &mut [(&[W], usize, &mut [f32])], cols: 
     use super::quantized;
     assert!(x.len() == cols);
     let row_bytes = cols * std::mem::size_of::<W>();
-    let mut tasks = Vec::new();
+    let mut ws = Vec::with_capacity(products.len());
+    let mut outs = Vec::with_capacity(products.len());
     for (w, rows, out) in products.iter_mut() {
-        let (w, rows) = (*w, *rows);
-        assert!(w.len() >= rows * cols && out.len() == rows);
-        // The quantized decode's split, which the weight stream (`bench::weight_stream_gbs`) measures.
-        let per = quantized::rows_per_task(rows, row_bytes, 1, quantized::DECODE_TASKS_PER_THREAD);
-        tasks.extend(
-            out.chunks_mut(per)
-                .enumerate()
-                .map(|(c, o)| (&w[c * per * cols..], o)),
-        );
+        assert!(w.len() >= *rows * cols && out.len() == *rows);
+        ws.push(*w);
+        outs.push(&mut **out);
     }
     let acts = super::float_x86::decode_acts::<W>(x);
-    pool::for_each_item(tasks, |(w, o)| {
-        for (k, y) in o.iter_mut().enumerate() {
-            *y = super::float_x86::decode_dot(&w[k * cols..(k + 1) * cols], &acts);
+    // The quantized decode's split, which the weight stream (`bench::weight_stream_gbs`) measures.
+    quantized::for_each_decode_run(&mut outs, row_bytes, |m, r0, o| {
+        for (k, y) in (r0..).zip(o.iter_mut()) {
+            *y = super::float_x86::decode_dot(&ws[m][k * cols..(k + 1) * cols], &acts);
         }
     });
 }

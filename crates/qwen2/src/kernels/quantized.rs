@@ -472,14 +472,73 @@ pub(crate) fn rows_per_task(rows: usize, row_bytes: usize, t: usize, per_thread:
 /// the other taking more of them.
 pub(crate) const TASKS_PER_THREAD: usize = 8;
 
-/// Tasks per thread for a decode product's rows (quantized and float alike): fewer and longer than
-/// [`TASKS_PER_THREAD`]. Each task starts a new stream from DRAM, and with eight a thread a 3 MB
-/// product's tasks were ~190 KB, short enough that the streams' starts showed: whole decodes alternated
-/// in one process on a 2-core Xeon VM (medians of 12 rounds, two against eight) ran 1.040× as fast in
-/// the native form, 1.045× Q8_0, 1.024× and 1.026× F32, 1.057× BF16 (11–12 of 12 faster each). One a
-/// thread measured about the same (1.026–1.063×) but leaves nothing to even out a thread the host
-/// slows.
-pub(crate) const DECODE_TASKS_PER_THREAD: usize = 2;
+/// How a decode step's products are split between the threads (quantized and float alike): in units of
+/// eight rows (a group of an interleaved layout), numbered across the step's products, handed out by
+/// [`super::pool::for_each_run`] in runs of about this many weight bytes: each thread streams one contiguous
+/// part of the step, and one that finishes first takes runs from the back of the other's part.
+///
+/// Before, each product was cut into two tasks a thread, claimed in turn (fewer and longer than a
+/// prefill's eight: each task starts a new stream from DRAM, and with eight a thread a 3 MB product's
+/// tasks were ~190 KB; two against eight measured 1.02–1.06× on a 2-core Xeon VM). On a 2-core Zen 3 VM
+/// the leader then waited for the helper's last task 1.0–1.5 ms of a 29 ms BF16 token, 0.3–0.4 ms
+/// with runs. Whole decodes of the default model, switchable in one build, alternated in one process
+/// (six rounds of 128 tokens): BF16 1.026× (five of six faster) and 1.042× (six of six), F32 1.022×
+/// (four of five), `native` 1.027× (five of six), Q8_0 0.997× and 1.004× (level: its threads had
+/// already finished within 0.2–0.6 ms of each other). Runs of 1 MiB measured about the same
+/// (1.006–1.034×), of 64 KiB no better. Each row's value is the same whichever thread computes it.
+pub(crate) const DECODE_RUN_BYTES: usize = 256 << 10;
+const DECODE_UNIT_ROWS: usize = 8;
+
+/// `f(m, rows)` for every row of a decode step's products (`rows_of[m]` rows each, of about `row_bytes`
+/// bytes), each row in exactly one call, in parallel: the split [`DECODE_RUN_BYTES`] describes.
+pub(crate) fn for_each_decode_rows(
+    rows_of: &[usize],
+    row_bytes: usize,
+    f: impl Fn(usize, std::ops::Range<usize>) + Sync,
+) {
+    // Where each product's units begin, and where the last one ends.
+    let mut starts = Vec::with_capacity(rows_of.len() + 1);
+    starts.push(0);
+    for rows in rows_of {
+        starts.push(starts[starts.len() - 1] + rows.div_ceil(DECODE_UNIT_ROWS));
+    }
+    let units = starts[rows_of.len()];
+    let grain = (DECODE_RUN_BYTES / (DECODE_UNIT_ROWS * row_bytes).max(1)).max(1);
+    super::pool::for_each_run(units, grain, |run| {
+        // A run may span the end of one product and the start of the next.
+        let mut u = run.start;
+        while u < run.end {
+            let m = starts.partition_point(|&s| s <= u) - 1;
+            let end = run.end.min(starts[m + 1]);
+            let first = DECODE_UNIT_ROWS * (u - starts[m]);
+            f(
+                m,
+                first..(DECODE_UNIT_ROWS * (end - starts[m])).min(rows_of[m]),
+            );
+            u = end;
+        }
+    });
+}
+
+/// [`for_each_decode_rows`] over the products' outputs: `f(m, r0, out)` gets rows `r0..r0 + out.len()`
+/// of product `m` and that part of its output.
+pub(crate) fn for_each_decode_run(
+    outs: &mut [&mut [f32]],
+    row_bytes: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    let rows_of: Vec<usize> = outs.iter().map(|o| o.len()).collect();
+    let bases: Vec<super::pool::SendPtr<f32>> = outs
+        .iter_mut()
+        .map(|o| super::pool::SendPtr(o.as_mut_ptr()))
+        .collect();
+    for_each_decode_rows(&rows_of, row_bytes, |m, rows| {
+        // SAFETY: `for_each_decode_rows` passes each row of product m to one call only, within its
+        // `rows_of[m]` outputs, and `outs` stays mutably borrowed until it returns.
+        let out = unsafe { std::slice::from_raw_parts_mut(bases[m].at(rows.start), rows.len()) };
+        f(m, rows.start, out)
+    });
+}
 
 /// Tasks per thread for a prefill of up to [`SHORT_PREFILL_TOKENS`] tokens (the dual task's requests):
 /// fewer than [`TASKS_PER_THREAD`], so each task's start (its first rows read before the prefetch runs
@@ -497,10 +556,10 @@ const SHORT_PREFILL_TOKENS: usize = 32;
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(SHORT_PREFILL_TOKENS == super::amx::GROUP_TOKENS);
 
-/// Tasks per thread for a product of `t` tokens: decode's, a short prefill's, or a longer one's.
+/// Tasks per thread for a prefill of `t` tokens: a short one's or a longer one's (a decode's products
+/// are split by [`for_each_decode_run`] instead).
 fn tasks_per_thread(t: usize) -> usize {
     match t {
-        1 => DECODE_TASKS_PER_THREAD,
         2..=SHORT_PREFILL_TOKENS => SHORT_PREFILL_TASKS_PER_THREAD,
         _ => TASKS_PER_THREAD,
     }
@@ -710,17 +769,8 @@ pub fn matmul_acts_many(
             }
             return;
         }
-        let mut tasks = Vec::new();
-        for (p, &w) in products.iter_mut().zip(&ws) {
-            let per = w.2;
-            tasks.extend(
-                p.out
-                    .chunks_mut(per)
-                    .enumerate()
-                    .map(|(c, o)| (w, c * per, o)),
-            );
-        }
-        super::pool::for_each_item(tasks, |(w, r0, o)| run(w, r0, o));
+        let mut outs: Vec<&mut [f32]> = products.iter_mut().map(|p| &mut *p.out).collect();
+        for_each_decode_run(&mut outs, ws[0].1, |m, r0, o| run(ws[m], r0, o));
         return;
     }
     // Prefill: each task owns a block of rows and writes them, for every token, straight into the
