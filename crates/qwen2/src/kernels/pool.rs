@@ -298,10 +298,10 @@ pub fn for_each_run(units: usize, grain: usize, f: impl Fn(std::ops::Range<usize
     // A part's unclaimed units, `front..back`, in one word: its owner and a thief each claim with a
     // single compare-and-swap, from either end.
     let pack = |front: usize, back: usize| (front as u64) << 32 | back as u64;
-    let parts: Vec<AtomicU64> = (0..n)
-        .map(|i| AtomicU64::new(pack(units * i / n, units * (i + 1) / n)))
+    let parts: Vec<Part> = (0..n)
+        .map(|i| Part(AtomicU64::new(pack(units * i / n, units * (i + 1) / n))))
         .collect();
-    let claim = |part: &AtomicU64, from_back: bool| {
+    let claim = |Part(part): &Part, from_back: bool| {
         let mut s = part.load(Ordering::Relaxed);
         loop {
             let (front, back) = ((s >> 32) as usize, (s & 0xffff_ffff) as usize);
@@ -331,6 +331,13 @@ pub fn for_each_run(units: usize, grain: usize, f: impl Fn(std::ops::Range<usize
         }
     });
 }
+
+/// A part of [`for_each_run`]'s range, on a cache line of its own (two, as a core may fetch lines in
+/// pairs), so that a thread's claims from its own part do not take the line from the other thread.
+/// In one line, that first load held 0.9 % of a Q8_0 decode's samples, 0.4 % apart (whole decodes
+/// level within the noise).
+#[repr(align(128))]
+struct Part(AtomicU64);
 
 /// A raw pointer the tasks of one step may share; each task derives only its own disjoint piece (here,
 /// and in the GEMM's output).
