@@ -3,7 +3,7 @@
 //!
 //! Inside a forward pass ([`install`]) the pool's threads work as a team that spins between parallel
 //! steps instead of sleeping, and the kernels split their work with [`for_each`],
-//! [`for_each_chunk_mut`] and [`for_each_item`].
+//! [`for_each_chunk_mut`], [`for_each_item`] and [`for_each_run`].
 
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
@@ -288,10 +288,9 @@ pub fn for_each_item_if<T: Send>(split: bool, items: Vec<T>, f: impl Fn(T) + Syn
 /// the range is cut into one contiguous part per thread, each thread runs its own part front to back,
 /// and a thread whose part is done takes runs from the back of the others' parts until none is left.
 ///
-/// Why, for a decode's products (units of weight rows, see `matmul::DECODE_RUN_BYTES`): each thread
-/// reads one sequential stream per step, and the threads still finish within a run of each other. A
-/// step of equal tasks claimed in turn (two a thread) left the leader waiting for the helper's last
-/// task 1.0–1.5 ms of a 29 ms BF16 token on a 2-core Zen 3 VM; with this split, 0.3–0.4 ms.
+/// Why, for a decode's products (units of weight rows; measured at `quantized::DECODE_RUN_BYTES`):
+/// each thread reads one sequential stream per step, and the threads still finish within a run of each
+/// other.
 pub fn for_each_run(units: usize, grain: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
     assert!(grain > 0 && u32::try_from(units).is_ok(), "{units} units");
     let n = threads().max(1).min(units.max(1));

@@ -472,20 +472,20 @@ pub(crate) fn rows_per_task(rows: usize, row_bytes: usize, t: usize, per_thread:
 /// the other taking more of them.
 pub(crate) const TASKS_PER_THREAD: usize = 8;
 
-/// How a decode step's products are split between the threads (quantized and float alike): in units of
-/// eight rows (a group of an interleaved layout), numbered across the step's products, handed out by
-/// [`super::pool::for_each_run`] in runs of about this many weight bytes: each thread streams one contiguous
-/// part of the step, and one that finishes first takes runs from the back of the other's part.
+/// How a decode step's products are split between the threads (quantized and float alike): in units
+/// of eight rows (a group of an interleaved layout), numbered across the step's products, handed out by
+/// [`super::pool::for_each_run`] in runs of about this many weight bytes: each thread streams one
+/// contiguous part of the step, and one that finishes first takes runs from the back of the other's.
 ///
 /// Before, each product was cut into two tasks a thread, claimed in turn (fewer and longer than a
-/// prefill's eight: each task starts a new stream from DRAM, and with eight a thread a 3 MB product's
-/// tasks were ~190 KB; two against eight measured 1.02–1.06× on a 2-core Xeon VM). On a 2-core Zen 3 VM
-/// the leader then waited for the helper's last task 1.0–1.5 ms of a 29 ms BF16 token, 0.3–0.4 ms
-/// with runs. Whole decodes of the default model, switchable in one build, alternated in one process
-/// (six rounds of 128 tokens): BF16 1.026× (five of six faster) and 1.042× (six of six), F32 1.022×
-/// (four of five), `native` 1.027× (five of six), Q8_0 0.997× and 1.004× (level: its threads had
-/// already finished within 0.2–0.6 ms of each other). Runs of 1 MiB measured about the same
-/// (1.006–1.034×), of 64 KiB no better. Each row's value is the same whichever thread computes it.
+/// prefill's eight: each task starts a new stream from DRAM; two against eight measured 1.02–1.06× on a
+/// 2-core Xeon VM). On a 2-core Zen 3 VM the leader then waited for the helper's last task 1.0–1.5 ms
+/// of a 29 ms BF16 token, 0.3–0.4 ms with runs; one thread alone decoded at the one-thread probe's pace,
+/// and two single-thread processes side by side outran the pool's two threads by 1.09–1.15×. This
+/// build against the one before, processes alternated (six rounds of 128 tokens): BF16 1.069× and,
+/// reversed, 1.088×; `native` 1.028×; Q8_0 1.036× (six of six faster); F32 1.018× (four of four).
+/// Switchable in one build, runs of 1 MiB measured about the same as 256 KiB (1.006–1.034× against
+/// the tasks), of 64 KiB no better. Each row's value is the same whichever thread computes it.
 pub(crate) const DECODE_RUN_BYTES: usize = 256 << 10;
 const DECODE_UNIT_ROWS: usize = 8;
 
