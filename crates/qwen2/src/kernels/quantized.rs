@@ -1375,7 +1375,7 @@ pub fn deinterleave(dtype: DType, w: &[u8], rb: usize, first: usize, out: &mut [
 /// three bits of its value `16 + 4·k + i` in bits 5..8; then 32 bytes whose byte `4·r + i` holds the
 /// top two bits of value `16 + 4·k + i` in bits `2·k..2·k + 2`. So the first four four-value groups
 /// are a mask away and the other four a shift, two masks and a table lookup or a shift
-/// ([`super::quantized_x86`]'s `q5_0_group_values`), where nibbles and a vector of fifth bits took a
+/// (`quantized_x86::q5_0_group_values`), where nibbles and a vector of fifth bits took a
 /// shift per group more. Still exactly the eight rows' bytes, and the vectors stay 32-byte aligned.
 pub fn interleave_q5_0(rows: &[u8], rb: usize, out: &mut [u8]) {
     const B: usize = Q5_0_BLOCK_BYTES;
