@@ -331,10 +331,11 @@ fn matmul_tiled<W: WeightElem>(
 }
 
 /// Decode of several matrices of the same activations (q, k and v; gate and up) in one parallel step:
-/// each thread takes runs of consecutive rows ([`super::quantized::for_each_decode_run`]), one row at a time —
-/// a single sequential stream per thread, with a later row prefetched (see `float_x86::decode_dot`). Four rows per pass (four streams) read
-/// a 151936-row bf16 product from DRAM at ~11 GB/s on a 2-core Zen 3 VM; one row reached ~15 GB/s
-/// (f32 about level), A/B in one process.
+/// each thread takes runs of consecutive rows ([`super::quantized::for_each_decode_run`]), one row
+/// at a time — a single sequential stream per thread, with a later row prefetched (see
+/// `float_x86::decode_dot`). Four rows per pass (four streams) read a 151936-row bf16 product from
+/// DRAM at ~11 GB/s on a 2-core Zen 3 VM; one row reached ~15 GB/s (f32 about level), A/B in one
+/// process.
 #[cfg(target_arch = "x86_64")]
 fn matvec_many<W: WeightElem>(products: &mut [(&[W], usize, &mut [f32])], cols: usize, x: &[f32]) {
     use super::quantized;
