@@ -104,9 +104,10 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     let decode_tok_s = decode_n as f64 / median(decode_times);
     eprintln!("decode: {decode_tok_s:.1} tok/s");
     // Right after the decode, under the same conditions: the same bytes in the same order, only summed.
-    eprintln!("measuring the weight stream …");
+    eprintln!("measuring the weight stream and the products alone …");
     let stream_gbs = qb::weight_stream_gbs(&model, reps.max(3));
     let stream_tok_s = stream_gbs * 1e9 / bytes_per_token;
+    let products_gbs = qb::products_gbs(&model, reps.max(3));
     // Every weight has now been read: what of it the system maps in huge pages.
     let huge_pages = qb::huge_page_bytes();
 
@@ -209,7 +210,8 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
             "fraction_of_peak": gf / peak})).collect::<Vec<_>>(),
         "decode": {"tokens": decode_n, "tok_s": decode_tok_s, "effective_gbs": eff_bw, "fraction_of_bandwidth": eff_bw / bw,
                    "weight_stream_gbs": stream_gbs, "fraction_of_weight_stream": eff_bw / stream_gbs,
-                   "weight_stream_tok_s": stream_tok_s},
+                   "weight_stream_tok_s": stream_tok_s, "products_gbs": products_gbs,
+                   "products_fraction_of_weight_stream": products_gbs / stream_gbs},
         "decode_after_context": after_context.map(|(prefill_tok_s, tok_s)| serde_json::json!({"context": context,
             "prefill_tok_s": prefill_tok_s, "tokens": decode_n, "tok_s": tok_s})),
         "dual_task": dual.iter().map(|(n, l, f, t)| serde_json::json!({"input": n, "sentiment_ms": l, "first_token_ms": f, "total_ms": t})).chain(skipped).collect::<Vec<_>>(),
@@ -252,6 +254,11 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     println!(
         "  weight stream       {stream_tok_s:>8.1} tok/s  {stream_gbs:>6.1} GB/s ({:.0} % of bandwidth: the decode's bytes in its order, only summed)",
         stream_gbs / bw * 100.0
+    );
+    println!(
+        "  products alone      {:>8.1} tok/s  {products_gbs:>6.1} GB/s ({:.0} % of the weight stream: the decode's products with nothing between them)",
+        products_gbs * 1e9 / bytes_per_token,
+        products_gbs / stream_gbs * 100.0
     );
     if let Some((file, anon)) = huge_pages {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;

@@ -884,6 +884,14 @@ fn bench_json_has_every_figure() {
         (f("fraction_of_weight_stream") * f("weight_stream_gbs") / f("effective_gbs") - 1.0).abs()
             < 1e-9
     );
+    // The products alone, against the weight stream in the same units.
+    assert!(f("products_gbs") > 0.0);
+    assert!(
+        (f("products_fraction_of_weight_stream") * f("weight_stream_gbs") / f("products_gbs")
+            - 1.0)
+            .abs()
+            < 1e-9
+    );
     // Three inputs: 15, 46 and 99 characters. The tiny model's 512-token context cannot hold the two
     // longer ones' prompts with the few-shot prefix: reported after the measured ones, not fatal.
     let dual = v["dual_task"].as_array().unwrap();
