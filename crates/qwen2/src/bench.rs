@@ -137,8 +137,8 @@ pub fn weight_stream_gbs(model: &Model, reps: usize) -> f64 {
 /// fixed vector of activations, with the decode's kernels, in its order and parallel steps
 /// ([`Model::decode_steps`]), and nothing between the steps: no norms, attention, activation function,
 /// logits buffer or sampling. It sits between the weight stream and the decode and tells their gap's
-/// two parts apart: the stream's share of it is what the kernels lose to their bytes, its share of the
-/// decode what the rest of a forward pass costs. Best of `reps`.
+/// two parts apart: its share of the stream is what the kernels keep of the memory's pace, the
+/// decode's share of it what the rest of a forward pass leaves. Best of `reps`, as the stream.
 ///
 /// On a 2-core Zen 3 VM (medians of 60 alternations in one process) the BF16 products read 0.85–0.95
 /// of the weight stream and the decode 0.94–1.01 of the products: the loss is in the kernels (F32
