@@ -123,11 +123,17 @@ pub fn weight_stream_gbs(model: &Model, reps: usize) -> f64 {
                 .collect()
         })
         .collect();
-    let bytes = model.weight_bytes_per_token();
+    best_gbs(model.weight_bytes_per_token(), reps, || {
+        std::hint::black_box(weight_stream_sum(&steps));
+    })
+}
+
+/// GB/s of the best of `reps` runs of `pass`, each reading `bytes`.
+fn best_gbs(bytes: usize, reps: usize, mut pass: impl FnMut()) -> f64 {
     let mut best = 0.0f64;
     for _ in 0..reps {
         let start = Instant::now();
-        std::hint::black_box(weight_stream_sum(&steps));
+        pass();
         best = best.max(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
     }
     best
@@ -152,10 +158,7 @@ pub fn products_gbs(model: &Model, reps: usize) -> f64 {
         .iter()
         .map(|step| step.iter().map(|m| vec![0.0; m.rows]).collect())
         .collect();
-    let bytes = model.weight_bytes_per_token();
-    let mut best = 0.0f64;
-    for _ in 0..reps {
-        let start = Instant::now();
+    let gbs = best_gbs(model.weight_bytes_per_token(), reps, || {
         crate::kernels::pool::install(|| {
             for (step, outs) in steps.iter().zip(outs.iter_mut()) {
                 let cols = step.first().map_or(0, |m| m.cols);
@@ -166,11 +169,10 @@ pub fn products_gbs(model: &Model, reps: usize) -> f64 {
                     .collect();
                 crate::kernels::matmul::matmul_many(&mut products, cols, &x[..cols], 1);
             }
-        });
-        best = best.max(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
-    }
+        })
+    });
     std::hint::black_box(&outs);
-    best
+    gbs
 }
 
 /// One pass of the weight stream. Returns the wrapping sum of each matrix's little-endian 8-byte words
