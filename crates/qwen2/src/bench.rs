@@ -107,9 +107,10 @@ struct Stream<'a> {
 /// The weight stream: GB/s at which the pool reads the bytes of a decode step of `model` when it does
 /// nothing with them but add them up — in the decode's order ([`Model::decode_steps`]), step by step
 /// with a barrier after each, each step's rows split between the threads as the decode splits them
-/// (`kernels::quantized::for_each_decode_rows`, for quantized and float weights alike). No decode can read its weights
-/// much faster, so its share of this is what its arithmetic loses; the stream's share of
-/// [`read_bandwidth_gbs`] is what the order and the barriers cost. Best of `reps`.
+/// (`kernels::quantized::for_each_decode_rows`, for quantized and float weights alike). No decode can
+/// read its weights much faster, so its share of this is what its arithmetic and the rest of its pass
+/// lose ([`products_gbs`] tells the two apart); the stream's share of [`read_bandwidth_gbs`] is what
+/// the order and the barriers cost. Best of `reps`.
 pub fn weight_stream_gbs(model: &Model, reps: usize) -> f64 {
     let steps: Vec<Vec<Stream>> = model
         .decode_steps()
