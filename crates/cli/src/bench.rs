@@ -103,7 +103,9 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let decode_tok_s = decode_n as f64 / median(decode_times);
     eprintln!("decode: {decode_tok_s:.1} tok/s");
-    // Right after the decode, under the same conditions: the same bytes in the same order, only summed.
+    // Right after the decode, under the same conditions: the same bytes in the same order, only summed
+    // (the weight stream), then multiplied by the decode's kernels with nothing between the steps (the
+    // products alone).
     eprintln!("measuring the weight stream and the products alone …");
     let stream_gbs = qb::weight_stream_gbs(&model, reps.max(3));
     let stream_tok_s = stream_gbs * 1e9 / bytes_per_token;
