@@ -492,6 +492,38 @@ fn errors_are_one_line() {
         ),
         "shape",
     );
+    // A damaged checkpoint: its final norm's weights NaN, so every logit is NaN. Generation and label
+    // scoring say so rather than answer with noise (the vocabulary's first token, or either label).
+    let nan = t.join("nan");
+    std::fs::create_dir(&nan).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(tiny().join(f), nan.join(f)).unwrap();
+    }
+    let mut st = std::fs::read(tiny().join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&st[8..8 + header_len]).unwrap();
+    let norm = &header["model.norm.weight"];
+    assert_eq!(norm["dtype"], "F32");
+    let offsets = u32s(&norm["data_offsets"]);
+    let data = 8 + header_len;
+    st[data + offsets[0] as usize..data + offsets[1] as usize]
+        .chunks_exact_mut(4)
+        .for_each(|v| v.copy_from_slice(&f32::NAN.to_le_bytes()));
+    std::fs::write(nan.join("model.safetensors"), &st).unwrap();
+    let nan_model = nan.to_str().unwrap();
+    assert_clean_error(
+        &duet(&["--model", nan_model, "generate", "--prompt", "hi"], None),
+        "the score of new token 1 is not a finite number",
+    );
+    assert_clean_error(
+        &duet(&["--model", nan_model, "analyze", "hi", "--no-reply"], None),
+        "is not a finite number (NaN or infinity): the model's weights may be damaged",
+    );
     // A file that is neither GGUF nor a directory.
     let junk = t.join("junk.bin");
     std::fs::write(&junk, b"hello").unwrap();

@@ -29,6 +29,10 @@ pub enum Error {
     ContextOverflow { needed: usize, max: usize },
     #[error("{0}")]
     Invalid(String),
+    /// What the model computed is NaN or infinite: a sane checkpoint never gives that, so its weights
+    /// are damaged (a NaN in any weight reaches every later value).
+    #[error("{0} is not a finite number (NaN or infinity): the model's weights may be damaged")]
+    NotFinite(String),
     #[error("fetch: {0}")]
     Fetch(String),
 }

@@ -129,6 +129,14 @@ pub fn generate(
             Vec::new()
         };
         let id = sampler.sample(&mut logits, &history);
+        // Every logit of a damaged model is NaN, and the sampler would still pick a token from them
+        // (greedy decoding the first of the vocabulary), so the answer would be noise: say so instead.
+        if !logits[id as usize].is_finite() {
+            return Err(Error::NotFinite(format!(
+                "the score of new token {}",
+                ids.len() + 1
+            )));
+        }
         if ids.is_empty() {
             first_token = start.elapsed();
         }

@@ -268,6 +268,12 @@ impl Runner {
                 prob: 0.0,
             });
         }
+        // A damaged model scores every label NaN, and one of them would still win, with no word of why.
+        if let Some(s) = scores.iter().find(|s| !s.logprob.is_finite()) {
+            return Err(
+                qwen2::Error::NotFinite(format!("the score of label {}", s.display)).into(),
+            );
+        }
         let max = scores
             .iter()
             .map(|s| s.logprob)
