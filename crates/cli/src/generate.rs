@@ -27,13 +27,14 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Sampling temperature (0 = greedy, the default).
-    #[arg(long, default_value_t = 0.0)]
+    // Negative numbers are taken as values (not as flags), so that they reach the range check below.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -524,6 +524,23 @@ fn errors_are_one_line() {
         &duet(&["--model", nan_model, "analyze", "hi", "--no-reply"], None),
         "is not a finite number (NaN or infinity): the model's weights may be damaged",
     );
+    // Sampling options out of range, a negative one included (not taken for a flag).
+    for bad in [
+        ["--temperature", "-1"],
+        ["--top-p", "2"],
+        ["--repetition-penalty", "-0.5"],
+    ] {
+        let model = tiny();
+        let mut args = vec![
+            "--model",
+            model.to_str().unwrap(),
+            "generate",
+            "--prompt",
+            "hi",
+        ];
+        args.extend(bad);
+        assert_clean_error(&duet(&args, None), "sampling options out of range");
+    }
     // A file that is neither GGUF nor a directory.
     let junk = t.join("junk.bin");
     std::fs::write(&junk, b"hello").unwrap();
