@@ -114,10 +114,13 @@ fn turn(
                     eprintln!("duet: error: {arg:?} is not a text task (see duet tasks)");
                 }
             }
-            "trace" => {
-                st.trace = arg == "on";
-                eprintln!("(trace {})", if st.trace { "on" } else { "off" });
-            }
+            "trace" => match arg {
+                "on" | "off" => {
+                    st.trace = arg == "on";
+                    eprintln!("(trace {arg})");
+                }
+                _ => eprintln!("duet: error: /trace takes on or off, not {arg:?}"),
+            },
             _ => eprintln!("duet: error: unknown command /{name} (/reset, /system TEXT, /task NAME, /trace on|off, /quit)"),
         }
         return Ok(Flow::Continue);

@@ -299,7 +299,7 @@ fn chat_through_a_pipe() {
             "--max-new-tokens",
             "3",
         ],
-        Some(b"hello there\n/trace on\nsecond turn\n/reset\n/bogus\n/quit\nnever read\n"),
+        Some(b"hello there\n/trace maybe\n/trace on\nsecond turn\n/reset\n/bogus\n/quit\nnever read\n"),
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
@@ -312,7 +312,8 @@ fn chat_through_a_pipe() {
     assert!(
         err.contains("[trace] prompt::build")
             && err.contains("(conversation cleared)")
-            && err.contains("unknown command /bogus"),
+            && err.contains("unknown command /bogus")
+            && err.contains("/trace takes on or off, not \"maybe\""),
         "{err}"
     );
 }
