@@ -18,6 +18,23 @@ fn tiny() -> PathBuf {
     root().join("tests/data/tiny/qwen25-gqa-untied-f32")
 }
 
+/// A new directory `dir` holding copies of the tiny model's `files`, for a test to damage one.
+fn tiny_copy(dir: &std::path::Path, files: &[&str]) -> PathBuf {
+    std::fs::create_dir(dir).unwrap();
+    for f in files {
+        std::fs::copy(tiny().join(f), dir.join(f)).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// The tiny model's files besides its weights.
+const TINY_NOT_WEIGHTS: [&str; 4] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+];
+
 fn duet(args: &[&str], stdin: Option<&[u8]>) -> Output {
     duet_with(args, stdin, "")
 }
@@ -392,16 +409,7 @@ fn errors_are_one_line() {
         "invalid JSON",
     );
     // A truncated safetensors file.
-    let trunc = t.join("trunc");
-    std::fs::create_dir(&trunc).unwrap();
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
-        std::fs::copy(tiny().join(f), trunc.join(f)).unwrap();
-    }
+    let trunc = tiny_copy(&t.join("trunc"), &TINY_NOT_WEIGHTS);
     let st = std::fs::read(tiny().join("model.safetensors")).unwrap();
     std::fs::write(trunc.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
     assert_clean_error(
@@ -418,11 +426,7 @@ fn errors_are_one_line() {
         "safetensors",
     );
     // A missing, then a broken tokenizer.json (the weights are fine): the path once, the cause once.
-    let notok = t.join("notok");
-    std::fs::create_dir(&notok).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(tiny().join(f), notok.join(f)).unwrap();
-    }
+    let notok = tiny_copy(&t.join("notok"), &["config.json", "model.safetensors"]);
     let o = duet(
         &["--model", notok.to_str().unwrap(), "tokenize", "hi"],
         None,
@@ -465,16 +469,15 @@ fn errors_are_one_line() {
         );
     }
     // A shape that disagrees with the config.
-    let shape = t.join("shape");
-    std::fs::create_dir(&shape).unwrap();
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-        "model.safetensors",
-    ] {
-        std::fs::copy(tiny().join(f), shape.join(f)).unwrap();
-    }
+    let shape = tiny_copy(
+        &t.join("shape"),
+        &[
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "model.safetensors",
+        ],
+    );
     let cfg = std::fs::read_to_string(tiny().join("config.json"))
         .unwrap()
         .replace("\"intermediate_size\": 176", "\"intermediate_size\": 177");
@@ -495,16 +498,7 @@ fn errors_are_one_line() {
     );
     // A damaged checkpoint: its final norm's weights NaN, so every logit is NaN. Generation and label
     // scoring say so rather than answer with noise (the vocabulary's first token, or either label).
-    let nan = t.join("nan");
-    std::fs::create_dir(&nan).unwrap();
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
-        std::fs::copy(tiny().join(f), nan.join(f)).unwrap();
-    }
+    let nan = tiny_copy(&t.join("nan"), &TINY_NOT_WEIGHTS);
     let mut st = std::fs::read(tiny().join("model.safetensors")).unwrap();
     let header_len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
     let header: Value = serde_json::from_slice(&st[8..8 + header_len]).unwrap();
