@@ -139,6 +139,66 @@ fn gguf_path_matches_transformers() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Phrases to avoid on the exact path: where the text comes to contain one, generation goes back to the
+/// token it began in and takes the next choice there, which must be transformers' second choice at that
+/// step of the greedy path (a case where it says "It's great to hear that you're feeling lonely!"); the
+/// tokens before it stay, and the streamed text is the final text (nothing shown is taken back).
+#[test]
+fn an_avoided_phrase_takes_transformers_second_choice() {
+    let m = gguf_model();
+    let golden = read_json(&data_dir().join("golden/chat_cases.json"));
+    let case = golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "empathy_en_no_system")
+        .unwrap();
+    let prompt = ids(&case["prompt_ids"]);
+    let greedy = ids(&case["greedy_ids"]);
+    let text = |ids: &[u32]| m.tokenizer.decode(ids, true).unwrap();
+    assert!(text(&greedy).starts_with("It's great to hear"));
+    // The phrase, the step where it begins (first token of "It's", then of " great").
+    for (phrase, step) in [("it's great", 0), ("great to hear", 2)] {
+        let top = case["steps"][step]["top5"].as_array().unwrap();
+        let logit = |i: usize| top[i]["logit"].as_f64().unwrap();
+        assert!(
+            logit(1) - logit(2) > 0.1,
+            "{phrase}: no near-tie for second place"
+        );
+        let second = top[1]["id"].as_u64().unwrap() as u32;
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            eos_ids: vec![151645, 151643],
+            avoid: vec![phrase.to_string()],
+            ..Default::default()
+        };
+        let mut cache = KvCache::new(&m.model.config, prompt.len() + 40).unwrap();
+        let (mut shown, mut back) = (String::new(), Vec::new());
+        let g = qwen2::generate(
+            &m.model,
+            &m.tokenizer,
+            &mut cache,
+            &prompt,
+            &opts,
+            &mut |ev| {
+                shown.push_str(ev.text);
+                back.extend(ev.avoided.map(|a| (a.token, a.id)));
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(back.first(), Some(&(step, greedy[step])), "{phrase}");
+        assert_eq!(g.ids[..step], greedy[..step], "{phrase}");
+        assert_eq!(g.ids[step], second, "{phrase}: {:?}", g.text);
+        assert!(
+            !g.text.to_ascii_lowercase().contains(phrase),
+            "{:?}",
+            g.text
+        );
+        assert_eq!(shown, g.text, "{phrase}");
+    }
+}
+
 #[test]
 fn converted_dirs_match_transformers() {
     let dir = tempfile::tempdir().unwrap();

@@ -94,6 +94,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         eos_ids: m.model.config.eos_token_ids.clone(),
         top_candidates: if g.trace { 5 } else { a.top_logits },
         prefill_progress: prefill_progress(),
+        avoid: Vec::new(),
     };
     let mut out = std::io::stdout();
     let tok = m.tokenizer.clone();

@@ -1,9 +1,11 @@
 //! The decode loop: prefill the prompt (in runs, with progress, when it is long), then one token at a
-//! time until an eos id or `max_new_tokens`, streaming whole-UTF-8 text pieces to a callback.
+//! time until an eos id or `max_new_tokens`, streaming whole-UTF-8 text pieces to a callback. Phrases to
+//! avoid send it back to where one began ([`crate::phrase_guard`]).
 
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{Logits, Model, PREFILL_CHUNK};
+use crate::phrase_guard::PhraseGuard;
 use crate::sampler::{top_k, Sampler, SamplingParams};
 use crate::tokenizer::{TextStream, Tokenizer};
 use std::time::{Duration, Instant};
@@ -20,6 +22,9 @@ pub struct GenerateOptions {
     pub top_candidates: usize,
     /// Told how far a long prompt's prefill has got (see [`Model::prefill`]).
     pub prefill_progress: Option<PrefillProgress>,
+    /// Phrases the text must not contain (ASCII case ignored): where one appears, generation goes back
+    /// to the token it began in and takes the best other token there ([`crate::phrase_guard`]).
+    pub avoid: Vec<String>,
 }
 
 /// A caller's view of a long prompt's prefill: called with (tokens done, tokens in all) after each run.
@@ -50,6 +55,7 @@ impl Default for GenerateOptions {
             eos_ids: Vec::new(),
             top_candidates: 0,
             prefill_progress: None,
+            avoid: Vec::new(),
         }
     }
 }
@@ -79,6 +85,18 @@ pub struct TokenEvent<'a> {
     pub text: &'a str,
     /// The best candidates at this step, best first (empty unless asked for).
     pub candidates: &'a [(u32, f32)],
+    /// This token completed a phrase to avoid: generation goes back and replaces generated token
+    /// `token` (its text was never shown).
+    pub avoided: Option<Avoided<'a>>,
+}
+
+/// A phrase to avoid that the text came to contain, and where generation went back to.
+#[derive(Debug, Clone, Copy)]
+pub struct Avoided<'a> {
+    pub phrase: &'a str,
+    /// The index among the generated tokens of the one replaced, and its id, now ruled out there.
+    pub token: usize,
+    pub id: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +111,8 @@ pub struct Generation {
     /// Time from the start until the first token was chosen.
     pub first_token: Duration,
     pub decode: Duration,
+    /// Times a phrase to avoid sent generation back.
+    pub rewinds: usize,
 }
 
 /// Appends `prompt` to `cache` (which may already hold a cached prefix) and generates.
@@ -113,16 +133,24 @@ pub fn generate(
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut stream = TextStream::new();
     let mut ids = Vec::new();
+    // The text's length after each generated token, and how much of it the callback has been given.
+    let mut ends: Vec<usize> = Vec::new();
+    let mut shown = 0;
+    let mut guard = PhraseGuard::new(&opts.avoid);
+    let prompt_end = cache.len() + prompt.len();
 
     let report = |done, total| PrefillProgress::report(&opts.prefill_progress, done, total);
     let mut logits = model.prefill(prompt, cache, Logits::Last, PREFILL_CHUNK, &report)?;
     let prefill = start.elapsed();
     let first_top = top_k(&logits, opts.top_candidates.max(1));
+    // Going back to the first token needs the prompt's logits again.
+    let first_logits = guard.is_active().then(|| logits.clone());
     let mut first_token = Duration::ZERO;
     let decode_start = Instant::now();
     let mut stop_reason = StopReason::Length;
 
     while ids.len() < opts.max_new_tokens {
+        guard.rule_out(ids.len(), &mut logits);
         let candidates = if opts.top_candidates > 0 {
             top_k(&logits, opts.top_candidates)
         } else {
@@ -146,17 +174,62 @@ pub fn generate(
                 id,
                 text: "",
                 candidates: &candidates,
+                avoided: None,
             });
             stop_reason = StopReason::Eos;
             break;
         }
         ids.push(id);
         history.push(id);
-        let piece = stream.push(tokenizer, id)?;
+        stream.push(tokenizer, id)?;
+        ends.push(stream.text().len());
+
+        if let Some(found) = guard.find(stream.text(), shown, &ends) {
+            // Back to the token the phrase began in, with the logits that chose it and that choice
+            // ruled out. Nothing from it on was shown: `safe_len` held it back.
+            let back = found.token;
+            let avoided = Avoided {
+                phrase: &found.phrase,
+                token: back,
+                id: ids[back],
+            };
+            if !on_token(TokenEvent {
+                id,
+                text: "",
+                candidates: &candidates,
+                avoided: Some(avoided),
+            }) {
+                stop_reason = StopReason::Cancelled;
+                break;
+            }
+            guard.go_back(back, ids[back]);
+            ids.truncate(back);
+            history.truncate(prompt.len() + back);
+            ends.truncate(back);
+            stream = TextStream::new();
+            for &t in &ids {
+                stream.push(tokenizer, t)?;
+            }
+            logits = match (back, &first_logits) {
+                (0, Some(first)) => {
+                    cache.truncate(prompt_end);
+                    first.clone()
+                }
+                _ => {
+                    cache.truncate(prompt_end + back - 1);
+                    model.forward(&[ids[back - 1]], cache, Logits::Last)?
+                }
+            };
+            continue;
+        }
+        let safe = guard.safe_len(stream.text(), shown, &ends);
+        let piece = stream.text()[shown..safe].to_string();
+        shown = safe;
         if !on_token(TokenEvent {
             id,
             text: &piece,
             candidates: &candidates,
+            avoided: None,
         }) {
             stop_reason = StopReason::Cancelled;
             break;
@@ -171,12 +244,14 @@ pub fn generate(
         }
         logits = model.forward(&[id], cache, Logits::Last)?;
     }
-    let tail = stream.finish(tokenizer)?;
-    if !tail.is_empty() {
+    // What was held back (no phrase can be completed now), and an incomplete last character.
+    stream.finish(tokenizer)?;
+    if shown < stream.text().len() {
         on_token(TokenEvent {
             id: u32::MAX,
-            text: &tail,
+            text: &stream.text()[shown..],
             candidates: &[],
+            avoided: None,
         });
     }
     Ok(Generation {
@@ -188,5 +263,6 @@ pub fn generate(
         prefill,
         first_token,
         decode: decode_start.elapsed(),
+        rewinds: guard.rewinds(),
     })
 }

@@ -2,7 +2,7 @@
 //!
 //! Read in this order: `config` (the model's shape) → `weights` (bytes from safetensors or GGUF) →
 //! `matrix` and `kernels` (the math over slices) → `model` (the forward pass) → `kv_cache` →
-//! `tokenizer` (text, ids, chat template) → `sampler` → `generate` (the decode loop) → `load`.
+//! `tokenizer` (text, ids, chat template) → `sampler` → `generate` (the decode loop, with `phrase_guard`) → `load`.
 
 pub mod bench;
 pub mod config;
@@ -16,6 +16,7 @@ pub mod kv_cache;
 pub mod load;
 pub mod matrix;
 pub mod model;
+pub mod phrase_guard;
 pub mod sampler;
 pub mod tokenizer;
 mod tokenizer_json;
@@ -24,7 +25,7 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use generate::{
-    generate, GenerateOptions, Generation, PrefillProgress, StopReason, TokenEvent,
+    generate, Avoided, GenerateOptions, Generation, PrefillProgress, StopReason, TokenEvent,
 };
 pub use kv_cache::KvCache;
 pub use load::{load, LoadedModel};

@@ -369,3 +369,94 @@ fn prefill_in_runs_gives_the_bits_of_one_pass() {
         }
     }
 }
+
+/// A phrase to avoid (`GenerateOptions::avoid`) on the Qwen2.5-shape fixture. Its greedy continuation's
+/// fourth token is "The"; avoiding "the" (ASCII case ignored) must go back there and take transformers'
+/// second choice at that step (from its decode-step logits), keep the three before, show only text that
+/// stays, and continue as a fresh greedy run from that point would: the KV cache is cut back exactly.
+#[test]
+fn an_avoided_phrase_takes_transformers_second_choice_where_it_began() {
+    let name = "qwen25-gqa-untied-f32";
+    let m = qwen2::load(&dir(name)).unwrap();
+    let r = reference(name);
+    let (prompt, greedy) = (ids(&r["prompt_ids"]), ids(&r["greedy_ids"]));
+    assert_eq!(
+        m.tokenizer.piece(greedy[3]),
+        "The",
+        "the fixture's fourth token"
+    );
+    // transformers' logits for the fourth token: decode step 2 (input: the third greedy token).
+    let step = &r["decode"][2];
+    assert_eq!(step["input_id"].as_u64(), Some(greedy[2] as u64));
+    let logits = floats(&step["logits"]);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    assert_eq!(order[0] as u32, greedy[3]);
+    assert!(
+        logits[order[1]] - logits[order[2]] > 1e-2,
+        "no near-tie for second place"
+    );
+    let second = order[1] as u32;
+
+    let n = 12;
+    let opts = qwen2::GenerateOptions {
+        max_new_tokens: n,
+        ignore_eos: true,
+        avoid: vec!["the".into()],
+        ..Default::default()
+    };
+    let mut cache = KvCache::new(&m.model.config, 64).unwrap();
+    let (mut shown, mut events) = (String::new(), Vec::new());
+    let g = qwen2::generate(
+        &m.model,
+        &m.tokenizer,
+        &mut cache,
+        &prompt,
+        &opts,
+        &mut |ev| {
+            shown.push_str(ev.text);
+            if let Some(a) = ev.avoided {
+                events.push((a.phrase.to_string(), a.token, a.id));
+            }
+            true
+        },
+    )
+    .unwrap();
+    assert_eq!(events.first(), Some(&("the".to_string(), 3, greedy[3])));
+    assert_eq!(g.rewinds, events.len());
+    assert_eq!(g.ids[..3], greedy[..3]);
+    assert_eq!(
+        g.ids[3], second,
+        "transformers' second choice at the fourth token"
+    );
+    assert!(!g.text.to_ascii_lowercase().contains("the"), "{:?}", g.text);
+    assert_eq!(
+        shown, g.text,
+        "what was shown is the text: nothing shown was taken back"
+    );
+
+    // The same from scratch: the prompt and the first four tokens, then greedy without the guard (which
+    // did not step in again here).
+    assert_eq!(events.len(), 1, "{events:?}");
+    let mut fresh = KvCache::new(&m.model.config, 64).unwrap();
+    let opts = qwen2::GenerateOptions {
+        max_new_tokens: n - 4,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let start = [prompt.as_slice(), &g.ids[..4]].concat();
+    let rest = qwen2::generate(
+        &m.model,
+        &m.tokenizer,
+        &mut fresh,
+        &start,
+        &opts,
+        &mut |_| true,
+    )
+    .unwrap();
+    assert_eq!(
+        g.ids[4..],
+        rest.ids[..],
+        "after going back, as if never gone forward"
+    );
+}
