@@ -235,6 +235,9 @@ pub fn print_trace(e: &tasks::TraceEvent) {
             let c: Vec<String> = candidates.iter().map(|(p, l)| format!("{p:?}={l:.2}")).collect();
             eprintln!("[trace] Sampler::sample → {id:>7} {piece:?}   top: {}", c.join(" "));
         }
+        T::Avoided { phrase, token, piece } => eprintln!(
+            "[trace] PhraseGuard → {phrase:?} avoided: back to new token {token}, {piece:?} ruled out there"
+        ),
         T::Timing { stage, ms } => eprintln!("[trace] {stage}: {ms:.1} ms"),
     }
 }

@@ -98,6 +98,11 @@ pub struct Task {
     /// Values for `{placeholders}` in the system prompt when nothing else provides them.
     #[serde(default)]
     pub defaults: BTreeMap<String, Localized>,
+    /// Phrases a text task's output must not contain, in any language (ASCII case ignored): where one
+    /// appears, generation goes back to the token it began in and takes the best other token there
+    /// (`qwen2::phrase_guard`). Write each from the point where the text should turn.
+    #[serde(default)]
+    pub avoid: Vec<String>,
 }
 
 fn default_max_tokens() -> usize {
@@ -119,6 +124,9 @@ impl Task {
         }
         if self.kind == OutputKind::Labels && self.labels.len() < 2 {
             return Err("a labels task needs at least two labels".into());
+        }
+        if self.avoid.iter().any(|p| p.trim().is_empty()) {
+            return Err("avoid: a phrase is empty".into());
         }
         if self.max_tokens == 0 || self.max_tokens > 8192 {
             return Err("max_tokens must be between 1 and 8192".into());
@@ -598,6 +606,23 @@ mod tests {
                 "other"
             ]
         );
+    }
+
+    #[test]
+    fn phrases_to_avoid_are_read_and_an_empty_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = |avoid: &str| {
+            format!("name='t'\nkind='text'\navoid={avoid}\n[system]\nzh='A'\nen='A'\n")
+        };
+        std::fs::write(dir.path().join("t.toml"), task("['but I', '我无法']")).unwrap();
+        let (lib, errors) = Library::load(&[dir.path().to_path_buf()]).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(lib.tasks["t"].avoid, ["but I", "我无法"]);
+        std::fs::write(dir.path().join("t.toml"), task("['x', ' ']")).unwrap();
+        let (lib, errors) = Library::load(&[dir.path().to_path_buf()]).unwrap();
+        assert!(!lib.tasks.contains_key("t"));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("avoid: a phrase is empty"), "{errors:?}");
     }
 
     #[test]

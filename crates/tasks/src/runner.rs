@@ -336,6 +336,7 @@ impl Runner {
             eos_ids: self.model.config.eos_token_ids.clone(),
             top_candidates: 5,
             prefill_progress: self.prefill_progress.clone(),
+            avoid: task.avoid.clone(),
             ..Default::default()
         };
         let tok = self.tokenizer.clone();
@@ -355,6 +356,13 @@ impl Runner {
                             .iter()
                             .map(|(i, l)| (tok.piece(*i), *l))
                             .collect(),
+                    });
+                }
+                if let Some(av) = ev.avoided {
+                    trace(TraceEvent::Avoided {
+                        phrase: av.phrase.to_string(),
+                        token: av.token + 1,
+                        piece: tok.piece(av.id),
                     });
                 }
                 ev.text.is_empty() || on_text(ev.text)

@@ -34,6 +34,13 @@ pub enum TraceEvent {
         piece: String,
         candidates: Vec<(String, f32)>,
     },
+    /// `PhraseGuard`: the text came to contain a phrase to avoid; generation went back to new token
+    /// `token` (counted from 1) and ruled out `piece` there.
+    Avoided {
+        phrase: String,
+        token: usize,
+        piece: String,
+    },
     /// Time spent in a stage.
     Timing { stage: String, ms: f64 },
 }
