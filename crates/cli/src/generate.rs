@@ -38,11 +38,18 @@ pub struct Args {
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A phrase the text must not contain (ASCII case ignored; repeat for more): where it appears,
+    /// generation goes back to the token it began in and takes the best other token there.
+    #[arg(long, value_name = "PHRASE")]
+    pub avoid: Vec<String>,
 }
 
 pub fn run(g: &Global, a: &Args) -> Result<()> {
     if a.prompt.is_none() && a.user.is_none() {
         bail!("give --prompt TEXT, or --user TEXT (optionally with --system TEXT)");
+    }
+    if a.avoid.iter().any(|p| p.is_empty()) {
+        bail!("--avoid needs a phrase, not an empty string");
     }
     if !(a.temperature >= 0.0 && a.top_p > 0.0 && a.top_p <= 1.0 && a.repetition_penalty > 0.0) {
         bail!(
@@ -94,7 +101,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         eos_ids: m.model.config.eos_token_ids.clone(),
         top_candidates: if g.trace { 5 } else { a.top_logits },
         prefill_progress: prefill_progress(),
-        avoid: Vec::new(),
+        avoid: a.avoid.clone(),
     };
     let mut out = std::io::stdout();
     let tok = m.tokenizer.clone();
@@ -118,6 +125,14 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
                     c.join(" ")
                 );
             }
+            if let (true, Some(av)) = (g.trace, ev.avoided) {
+                eprintln!(
+                    "[trace] PhraseGuard → {:?} avoided: back to new token {}, {:?} ruled out there",
+                    av.phrase,
+                    av.token + 1,
+                    tok.piece(av.id)
+                );
+            }
             if !a.json {
                 stream(&mut out, ev.text.as_bytes());
             }
@@ -138,6 +153,7 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
             "ids": gen.ids,
             "text": gen.text,
             "stop_reason": gen.stop_reason.as_str(),
+            "rewinds": gen.rewinds,
             "top_logits": top,
             "timings": {
                 "load_ms": ms(m.load_time),

@@ -91,6 +91,46 @@ fn u32s(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// `generate --avoid`: the tiny model's fourth greedy token is "The"; avoiding "the" goes back once and
+/// takes another token there (the choice itself is checked against transformers in qwen2's tests). An
+/// empty phrase is a clear error.
+#[test]
+fn generate_avoid_goes_back_where_the_phrase_began() {
+    let r = reference();
+    let m = tiny();
+    let run = |avoid: &str| {
+        duet(
+            &[
+                "--model",
+                m.to_str().unwrap(),
+                "generate",
+                "--prompt",
+                r["prompt_text"].as_str().unwrap(),
+                "--max-new-tokens",
+                "8",
+                "--ignore-eos",
+                "--json",
+                "--avoid",
+                avoid,
+            ],
+            None,
+        )
+    };
+    let o = run("the");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let (got, greedy) = (u32s(&v["ids"]), u32s(&r["greedy_ids"]));
+    assert_eq!(v["rewinds"], 1);
+    assert_eq!(got[..3], greedy[..3]);
+    assert_ne!(got[3], greedy[3]);
+    assert!(!v["text"]
+        .as_str()
+        .unwrap()
+        .to_ascii_lowercase()
+        .contains("the"));
+    assert_clean_error(&run(""), "--avoid needs a phrase");
+}
+
 #[test]
 fn generate_json_matches_transformers_on_tiny_model() {
     let r = reference();
