@@ -122,7 +122,10 @@ fn real_model_tasks() {
 /// The reply step answers complaints the way its prompt asks: in the message's language, acknowledging
 /// the feeling, and never with a refusal. Before the reply task had worked examples, the default model
 /// refused the first and fourth of these ("I'm sorry, but I can't assist with that request.",
-/// "抱歉，我无法帮助您。") and answered the third with a bare instruction.
+/// "抱歉，我无法帮助您。") and answered the third with a bare instruction. With them, before the task
+/// listed phrases to avoid, the `native` form refused the last four ("I'm sorry, but I can't assist with
+/// that.", "抱歉，我无法帮助您完成这个请求。", "抱歉，我不能帮助您。", "抱歉，我无法帮助您。"), and
+/// this test, on the exact path, failed on the fifth.
 #[test]
 fn replies_to_complaints_acknowledge_and_never_refuse() {
     let mut r = runner(256 << 20);
@@ -134,12 +137,18 @@ fn replies_to_complaints_acknowledge_and_never_refuse() {
         "无法帮助",
         "不能帮助",
         "无法协助",
+        "我不能",
+        "我无法",
     ];
     for text in [
         "The delivery was late and the box was damaged.",
         "I was charged twice for the same subscription this month.",
         "快递太慢了，包装也破了。",
         "客服态度太差了，问了三遍都不回答。",
+        "The agent hung up on me mid-sentence.",
+        "客服机器人只会重复同一句话，根本找不到人工。",
+        "服务员把汤洒在我身上，连句道歉都没有。",
+        "这家店的服务太差了，等了一个小时还没上菜",
     ] {
         let lang = Lang::detect(text);
         let c = r

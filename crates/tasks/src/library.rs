@@ -623,6 +623,11 @@ mod tests {
         assert!(!lib.tasks.contains_key("t"));
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].contains("avoid: a phrase is empty"), "{errors:?}");
+        let (shipped, _) = Library::load_with_shipped(&[]).unwrap();
+        let reply = &shipped.tasks["reply"].avoid;
+        assert!(
+            reply.iter().any(|p| p == ", but I can't") && reply.iter().any(|p| p == "，我无法")
+        );
     }
 
     #[test]
