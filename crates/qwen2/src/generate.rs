@@ -185,13 +185,21 @@ pub fn generate(
         ends.push(stream.text().len());
 
         if let Some(found) = guard.find(stream.text(), shown, &ends) {
-            // Back to the token the phrase began in, with the logits that chose it and that choice
-            // ruled out. Nothing from it on was shown: `safe_len` held it back.
-            let back = found.token;
+            // Back to the token the phrase began in, that choice ruled out there. Nothing from it on
+            // was shown: `safe_len` held it back.
+            let (back, replaced) = (found.token, ids[found.token]);
+            guard.go_back(back, replaced);
+            ids.truncate(back);
+            history.truncate(prompt.len() + back);
+            ends.truncate(back);
+            stream = TextStream::new();
+            for &t in &ids {
+                stream.push(tokenizer, t)?;
+            }
             let avoided = Avoided {
                 phrase: &found.phrase,
                 token: back,
-                id: ids[back],
+                id: replaced,
             };
             if !on_token(TokenEvent {
                 id,
@@ -202,23 +210,15 @@ pub fn generate(
                 stop_reason = StopReason::Cancelled;
                 break;
             }
-            guard.go_back(back, ids[back]);
-            ids.truncate(back);
-            history.truncate(prompt.len() + back);
-            ends.truncate(back);
-            stream = TextStream::new();
-            for &t in &ids {
-                stream.push(tokenizer, t)?;
-            }
-            logits = match (back, &first_logits) {
-                (0, Some(first)) => {
-                    cache.truncate(prompt_end);
-                    first.clone()
-                }
-                _ => {
-                    cache.truncate(prompt_end + back - 1);
-                    model.forward(&[ids[back - 1]], cache, Logits::Last)?
-                }
+            // The logits that chose the replaced token: the prompt's, or the step's again.
+            logits = if back == 0 {
+                cache.truncate(prompt_end);
+                first_logits
+                    .clone()
+                    .expect("kept while the guard can find a phrase")
+            } else {
+                cache.truncate(prompt_end + back - 1);
+                model.forward(&[ids[back - 1]], cache, Logits::Last)?
             };
             continue;
         }

@@ -439,7 +439,7 @@ fn an_avoided_phrase_takes_transformers_second_choice_where_it_began() {
     // did not step in again here).
     assert_eq!(events.len(), 1, "{events:?}");
     let mut fresh = KvCache::new(&m.model.config, 64).unwrap();
-    let opts = qwen2::GenerateOptions {
+    let plain = qwen2::GenerateOptions {
         max_new_tokens: n - 4,
         ignore_eos: true,
         ..Default::default()
@@ -450,7 +450,7 @@ fn an_avoided_phrase_takes_transformers_second_choice_where_it_began() {
         &m.tokenizer,
         &mut fresh,
         &start,
-        &opts,
+        &plain,
         &mut |_| true,
     )
     .unwrap();
@@ -458,5 +458,30 @@ fn an_avoided_phrase_takes_transformers_second_choice_where_it_began() {
         g.ids[4..],
         rest.ids[..],
         "after going back, as if never gone forward"
+    );
+
+    // Stopped by the callback when told of the return: the text ends before the phrase.
+    let mut cache = KvCache::new(&m.model.config, 64).unwrap();
+    let mut shown = String::new();
+    let g = qwen2::generate(
+        &m.model,
+        &m.tokenizer,
+        &mut cache,
+        &prompt,
+        &opts,
+        &mut |ev| {
+            shown.push_str(ev.text);
+            ev.avoided.is_none()
+        },
+    )
+    .unwrap();
+    assert_eq!(g.stop_reason, qwen2::StopReason::Cancelled);
+    assert_eq!(g.ids, greedy[..3]);
+    assert_eq!(
+        (shown.as_str(), g.text.as_str()),
+        (
+            g.text.as_str(),
+            m.tokenizer.decode(&greedy[..3], true).unwrap().as_str()
+        )
     );
 }
