@@ -3,7 +3,7 @@
 //! F32) and a sharded checkpoint. Logits at every prompt position, 8 incremental decode steps, the greedy
 //! continuation, and prefill-then-decode against recomputing from scratch.
 
-use qwen2::{KvCache, Logits};
+use qwen2::{KvCache, Logits, TokenEvent};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -398,6 +398,13 @@ fn an_avoided_phrase_takes_transformers_second_choice_where_it_began() {
     );
     let second = order[1] as u32;
 
+    // Each run from a fresh cache.
+    let run = |prompt: &[u32],
+               opts: &qwen2::GenerateOptions,
+               on_token: &mut dyn FnMut(TokenEvent) -> bool| {
+        let mut cache = KvCache::new(&m.model.config, 64).unwrap();
+        qwen2::generate(&m.model, &m.tokenizer, &mut cache, prompt, opts, on_token).unwrap()
+    };
     let n = 12;
     let opts = qwen2::GenerateOptions {
         max_new_tokens: n,
@@ -405,23 +412,14 @@ fn an_avoided_phrase_takes_transformers_second_choice_where_it_began() {
         avoid: vec!["the".into()],
         ..Default::default()
     };
-    let mut cache = KvCache::new(&m.model.config, 64).unwrap();
     let (mut shown, mut events) = (String::new(), Vec::new());
-    let g = qwen2::generate(
-        &m.model,
-        &m.tokenizer,
-        &mut cache,
-        &prompt,
-        &opts,
-        &mut |ev| {
-            shown.push_str(ev.text);
-            if let Some(a) = ev.avoided {
-                events.push((a.phrase.to_string(), a.token, a.id));
-            }
-            true
-        },
-    )
-    .unwrap();
+    let g = run(&prompt, &opts, &mut |ev| {
+        shown.push_str(ev.text);
+        if let Some(a) = ev.avoided {
+            events.push((a.phrase.to_string(), a.token, a.id));
+        }
+        true
+    });
     assert_eq!(events.first(), Some(&("the".to_string(), 3, greedy[3])));
     assert_eq!(g.rewinds, events.len());
     assert_eq!(g.ids[..3], greedy[..3]);
@@ -438,22 +436,16 @@ fn an_avoided_phrase_takes_transformers_second_choice_where_it_began() {
     // The same from scratch: the prompt and the first four tokens, then greedy without the guard (which
     // did not step in again here).
     assert_eq!(events.len(), 1, "{events:?}");
-    let mut fresh = KvCache::new(&m.model.config, 64).unwrap();
     let plain = qwen2::GenerateOptions {
         max_new_tokens: n - 4,
         ignore_eos: true,
         ..Default::default()
     };
-    let start = [prompt.as_slice(), &g.ids[..4]].concat();
-    let rest = qwen2::generate(
-        &m.model,
-        &m.tokenizer,
-        &mut fresh,
-        &start,
+    let rest = run(
+        &[prompt.as_slice(), &g.ids[..4]].concat(),
         &plain,
         &mut |_| true,
-    )
-    .unwrap();
+    );
     assert_eq!(
         g.ids[4..],
         rest.ids[..],
@@ -461,20 +453,11 @@ fn an_avoided_phrase_takes_transformers_second_choice_where_it_began() {
     );
 
     // Stopped by the callback when told of the return: the text ends before the phrase.
-    let mut cache = KvCache::new(&m.model.config, 64).unwrap();
     let mut shown = String::new();
-    let g = qwen2::generate(
-        &m.model,
-        &m.tokenizer,
-        &mut cache,
-        &prompt,
-        &opts,
-        &mut |ev| {
-            shown.push_str(ev.text);
-            ev.avoided.is_none()
-        },
-    )
-    .unwrap();
+    let g = run(&prompt, &opts, &mut |ev| {
+        shown.push_str(ev.text);
+        ev.avoided.is_none()
+    });
     assert_eq!(g.stop_reason, qwen2::StopReason::Cancelled);
     assert_eq!(g.ids, greedy[..3]);
     assert_eq!(
