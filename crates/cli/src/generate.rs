@@ -1,6 +1,6 @@
 //! `duet generate`: one prompt in, streamed text out.
 
-use crate::common::{load_model, ms, prefill_progress, stream, Global};
+use crate::common::{load_model, ms, prefill_progress, print_trace, stream, Global};
 use anyhow::{bail, Result};
 use qwen2::{GenerateOptions, KvCache, Message, SamplingParams};
 
@@ -126,12 +126,11 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
                 );
             }
             if let (true, Some(av)) = (g.trace, ev.avoided) {
-                eprintln!(
-                    "[trace] PhraseGuard → {:?} avoided: back to new token {}, {:?} ruled out there",
-                    av.phrase,
-                    av.token + 1,
-                    tok.piece(av.id)
-                );
+                print_trace(&tasks::TraceEvent::Avoided {
+                    phrase: av.phrase.to_string(),
+                    token: av.token + 1,
+                    piece: tok.piece(av.id),
+                });
             }
             if !a.json {
                 stream(&mut out, ev.text.as_bytes());

@@ -15,8 +15,9 @@ pub const MAX_REWINDS: usize = 8;
 
 #[derive(Debug, Clone, Default)]
 pub struct PhraseGuard {
-    /// The phrases with ASCII letters lowercased: matching ignores ASCII case ("I can't" = "i can't").
-    phrases: Vec<String>,
+    /// The phrases as given, and with ASCII letters lowercased: matching ignores ASCII case ("I can't"
+    /// = "i can't").
+    phrases: Vec<(String, String)>,
     /// Tokens ruled out: (index among the generated tokens, id).
     ruled_out: Vec<(usize, u32)>,
     rewinds: usize,
@@ -25,6 +26,7 @@ pub struct PhraseGuard {
 /// A phrase found in the text, and the generated token it began in: the one to replace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
+    /// As given.
     pub phrase: String,
     pub token: usize,
 }
@@ -36,7 +38,7 @@ impl PhraseGuard {
             phrases: phrases
                 .iter()
                 .filter(|p| !p.is_empty())
-                .map(|p| p.to_ascii_lowercase())
+                .map(|p| (p.clone(), p.to_ascii_lowercase()))
                 .collect(),
             ..Default::default()
         }
@@ -59,10 +61,10 @@ impl PhraseGuard {
             return None;
         }
         let rest = text[from..].to_ascii_lowercase();
-        let (at, phrase) = self
+        let (at, (phrase, _)) = self
             .phrases
             .iter()
-            .filter_map(|p| rest.find(p.as_str()).map(|at| (at, p)))
+            .filter_map(|p| rest.find(p.1.as_str()).map(|at| (at, p)))
             .min_by_key(|&(at, _)| at)?;
         Some(Found {
             phrase: phrase.clone(),
@@ -82,7 +84,7 @@ impl PhraseGuard {
             if self
                 .phrases
                 .iter()
-                .any(|p| p.len() > tail.len() && p.starts_with(tail))
+                .any(|(_, p)| p.len() > tail.len() && p.starts_with(tail))
             {
                 return token_start(ends, token_at(ends, from + at)).max(from);
             }
@@ -153,12 +155,12 @@ mod tests {
 
     #[test]
     fn a_phrase_is_found_in_the_token_where_it_begins() {
-        let g = guard(&[", but i can't"]);
+        let g = guard(&[", but I CAN'T"]);
         let (text, e) = ends(&["I'm", " sorry", ",", " but", " I", " can", "'t"]);
         assert_eq!(
             g.find(&text, 0, &e),
             Some(Found {
-                phrase: ", but i can't".into(),
+                phrase: ", but I CAN'T".into(),
                 token: 2
             })
         );

@@ -125,7 +125,7 @@ impl Task {
         if self.kind == OutputKind::Labels && self.labels.len() < 2 {
             return Err("a labels task needs at least two labels".into());
         }
-        if self.avoid.iter().any(|p| p.trim().is_empty()) {
+        if self.avoid.iter().any(|p| p.is_empty()) {
             return Err("avoid: a phrase is empty".into());
         }
         if self.max_tokens == 0 || self.max_tokens > 8192 {
@@ -614,11 +614,15 @@ mod tests {
         let task = |avoid: &str| {
             format!("name='t'\nkind='text'\navoid={avoid}\n[system]\nzh='A'\nen='A'\n")
         };
-        std::fs::write(dir.path().join("t.toml"), task("['but I', '我无法']")).unwrap();
+        std::fs::write(
+            dir.path().join("t.toml"),
+            task(r#"['but I', '我无法', "\n\n"]"#),
+        )
+        .unwrap();
         let (lib, errors) = Library::load(&[dir.path().to_path_buf()]).unwrap();
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(lib.tasks["t"].avoid, ["but I", "我无法"]);
-        std::fs::write(dir.path().join("t.toml"), task("['x', ' ']")).unwrap();
+        assert_eq!(lib.tasks["t"].avoid, ["but I", "我无法", "\n\n"]);
+        std::fs::write(dir.path().join("t.toml"), task("['x', '']")).unwrap();
         let (lib, errors) = Library::load(&[dir.path().to_path_buf()]).unwrap();
         assert!(!lib.tasks.contains_key("t"));
         assert_eq!(errors.len(), 1, "{errors:?}");
