@@ -9,6 +9,10 @@ use qwen2::{GenerateOptions, KvCache, Logits, Message};
 use serde_json::Value;
 use std::sync::OnceLock;
 
+/// The end-of-sequence ids transformers generated with when the golden data were made (`<|im_end|>`,
+/// `<|endoftext|>`; tests/reference/make_golden.py).
+const EOS_IDS: [u32; 2] = [151645, 151643];
+
 fn gguf_model() -> &'static qwen2::LoadedModel {
     static M: OnceLock<qwen2::LoadedModel> = OnceLock::new();
     M.get_or_init(|| qwen2::load(&default_model_path()).expect("load the default model"))
@@ -68,7 +72,7 @@ fn check_chat_cases(m: &qwen2::LoadedModel, golden: &Value, label: &str) -> Vec<
         let mut cache = KvCache::new(&m.model.config, prompt.len() + 40).unwrap();
         let opts = GenerateOptions {
             max_new_tokens: want.len().max(1),
-            eos_ids: vec![151645, 151643],
+            eos_ids: EOS_IDS.to_vec(),
             ..Default::default()
         };
         let g = qwen2::generate(
@@ -87,8 +91,8 @@ fn check_chat_cases(m: &qwen2::LoadedModel, golden: &Value, label: &str) -> Vec<
             got.push(
                 *want
                     .last()
-                    .filter(|&&id| id == 151645 || id == 151643)
-                    .unwrap_or(&151645),
+                    .filter(|id| EOS_IDS.contains(id))
+                    .unwrap_or(&EOS_IDS[0]),
             );
         }
         let upto = case["first_near_tie_step"]
@@ -168,7 +172,7 @@ fn an_avoided_phrase_takes_transformers_second_choice() {
         let second = top[1]["id"].as_u64().unwrap() as u32;
         let opts = GenerateOptions {
             max_new_tokens: 12,
-            eos_ids: vec![151645, 151643],
+            eos_ids: EOS_IDS.to_vec(),
             avoid: vec![phrase.to_string()],
             ..Default::default()
         };
@@ -260,7 +264,7 @@ fn long_prompts_match_transformers() {
         while got.len() < want.len() {
             let next = qwen2::sampler::argmax(&logits) as u32;
             got.push(next);
-            if next == 151645 || next == 151643 {
+            if EOS_IDS.contains(&next) {
                 break;
             }
             logits = m.model.forward(&[next], &mut cache, Logits::Last).unwrap();
