@@ -11,6 +11,7 @@ use tasks::Lang;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Every figure as one JSON object (progress still goes to stderr).
     #[arg(long)]
     pub json: bool,
     /// Repetitions per measurement (the median is reported).

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// The GGUF file to read.
     pub gguf: PathBuf,
+    /// The directory to write into (created if missing; it must not hold a model.safetensors yet).
     pub out_dir: PathBuf,
 }
 

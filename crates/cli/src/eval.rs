@@ -16,6 +16,7 @@ pub struct Args {
     /// Only label scoring (skip generation mode).
     #[arg(long)]
     pub scoring_only: bool,
+    /// The report as one JSON object.
     #[arg(long)]
     pub json: bool,
 }

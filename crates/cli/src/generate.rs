@@ -15,6 +15,7 @@ pub struct Args {
     /// User message (chat mode): rendered with the model's chat template.
     #[arg(long)]
     pub user: Option<String>,
+    /// Stop after this many new tokens.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Do not stop at end-of-sequence tokens.
@@ -30,12 +31,22 @@ pub struct Args {
     // Negative numbers are taken as values (not as flags), so that they reach the range check below.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 0)]
+    /// Sample only among the K most likely tokens (0 = no limit).
+    #[arg(long, value_name = "K", default_value_t = 0)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    /// Sample only among the most likely tokens whose probabilities add up to P (1 = no limit).
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     pub top_p: f32,
+    /// Make tokens already in the prompt or the output less likely by this factor, as transformers does
+    /// (a positive logit divided by it, a negative one multiplied; 1 = off).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
+    /// Seed of the sampler's random numbers: the same seed gives the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// A phrase the text must not contain (ASCII case ignored; repeat for more): where it appears,

@@ -98,3 +98,27 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// `duet CMD --help` is the manual a user reads first: a flag listed there without a line saying
+    /// what it does leaves them guessing (or reading the source).
+    #[test]
+    fn every_flag_and_argument_says_what_it_does() {
+        let cli = Cli::command();
+        let mut silent = Vec::new();
+        let commands = std::iter::once(&cli).chain(cli.get_subcommands());
+        for cmd in commands {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    silent.push(format!("duet {} --{id}", cmd.get_name()));
+                }
+            }
+        }
+        assert!(silent.is_empty(), "without a help line: {silent:?}");
+    }
+}

@@ -15,14 +15,17 @@ pub struct Args {
     /// Let the router choose the task or pipeline.
     #[arg(long)]
     pub route: bool,
+    /// One JSON object per input (steps, outputs, timings) instead of streamed text.
     #[arg(long)]
     pub json: bool,
+    /// Bound the length of each generated output.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_new_tokens: Option<u32>,
 }
 
 #[derive(clap::Args)]
 pub struct ListArgs {
+    /// The tasks and pipelines as one JSON object.
     #[arg(long)]
     pub json: bool,
 }
