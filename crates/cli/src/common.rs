@@ -79,11 +79,23 @@ pub fn load_model(g: &Global) -> Result<qwen2::LoadedModel> {
 
 /// The model plus the task library: what the task commands work with.
 pub fn load_runner(g: &Global) -> Result<tasks::Runner> {
+    let library = load_library(g)?;
+    runner_with(g, library)
+}
+
+/// The shipped task library with `--tasks-dir` over it; files that fail to load are reported and left
+/// out. Reading it needs no model, so a command can check its input against it before the model loads.
+pub fn load_library(g: &Global) -> Result<tasks::Library> {
     let user_dirs: Vec<_> = g.tasks_dir.iter().cloned().collect();
     let (library, errors) = tasks::Library::load_with_shipped(&user_dirs)?;
     for e in errors {
         eprintln!("duet: warning: {e}");
     }
+    Ok(library)
+}
+
+/// The model loaded, and a runner over it with `library`.
+pub fn runner_with(g: &Global, library: tasks::Library) -> Result<tasks::Runner> {
     let m = load_model(g)?;
     let mut runner = tasks::Runner::new(m.model, m.tokenizer, library);
     if let Some((dir, key)) = prefix_cache_dir(&m.path, g.form().name()) {

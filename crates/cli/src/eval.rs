@@ -1,14 +1,15 @@
 //! `duet eval FILE`: accuracy, confusion and latency of a labels task over a labeled TSV file, label
 //! scoring and generation mode side by side.
 
-use crate::common::{load_runner, Counter, Global};
+use crate::common::{load_library, runner_with, Counter, Global};
 use anyhow::{Context, Result};
 use tasks::eval::{evaluate, read_tsv, ModeReport};
 use tasks::ClassifyMode;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// `label<TAB>text` per line.
+    /// One example a line: `label<TAB>text`, or `text<TAB>label`; a header line naming a `label`
+    /// column is skipped.
     pub file: std::path::PathBuf,
     /// The labels task to evaluate.
     #[arg(long, default_value = "sentiment")]
@@ -25,9 +26,11 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
     let content = std::fs::read(&a.file).with_context(|| a.file.display().to_string())?;
     let content = String::from_utf8(content)
         .map_err(|_| anyhow::anyhow!("{}: not valid UTF-8", a.file.display()))?;
-    let mut runner = load_runner(g)?;
-    let task = runner.library.task(&a.task)?.clone();
-    let examples = read_tsv(&content, &task).with_context(|| a.file.display().to_string())?;
+    // The file is checked before the model loads: a typo costs no wait.
+    let library = load_library(g)?;
+    let examples =
+        read_tsv(&content, library.task(&a.task)?).with_context(|| a.file.display().to_string())?;
+    let mut runner = runner_with(g, library)?;
     let lang = g.lang.as_deref().and_then(tasks::Lang::parse);
     let mut modes = vec![ClassifyMode::Scoring];
     if !a.scoring_only {

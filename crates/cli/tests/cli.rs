@@ -777,7 +777,7 @@ fn eval_reports_both_modes() {
     let f = tmp.path().join("set.tsv");
     std::fs::write(
         &f,
-        "# comment\npositive\tgreat job\nnegative\t太差了\n正面\t很好\nnegative\tawful\n",
+        "# comment\nlabel\ttext\npositive\tgreat job\nnegative\t太差了\n正面\t很好\nawful\tnegative\n",
     )
     .unwrap();
     let o = duet(
@@ -820,18 +820,14 @@ fn eval_reports_both_modes() {
         modes[0]["unparsed"], 0,
         "label scoring always answers with a label"
     );
+    // The file is read before the model loads: its error comes first, even with no model there.
     std::fs::write(&f, "positive\tok\nmaybe\tunsure\n").unwrap();
     assert_clean_error(
         &duet(
-            &[
-                "--model",
-                tiny().to_str().unwrap(),
-                "eval",
-                f.to_str().unwrap(),
-            ],
+            &["--model", "/nonexistent.gguf", "eval", f.to_str().unwrap()],
             None,
         ),
-        "line 2: unknown label",
+        "line 2: no label in the first or the last column",
     );
     assert_clean_error(
         &duet(
