@@ -6,13 +6,14 @@ use qwen2::{GenerateOptions, KvCache, Message, SamplingParams};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Raw prompt text, used as is (no chat template).
+    /// Raw prompt text, used as is (no chat template); `-` reads it from stdin, to the last byte.
     #[arg(long, conflicts_with_all = ["system", "user"])]
     pub prompt: Option<String>,
     /// System message (chat mode; default: the model template's own default).
     #[arg(long)]
     pub system: Option<String>,
-    /// User message (chat mode): rendered with the model's chat template.
+    /// User message (chat mode): rendered with the model's chat template; `-` reads it from stdin
+    /// (without its final line breaks).
     #[arg(long)]
     pub user: Option<String>,
     /// Stop after this many new tokens.
@@ -55,6 +56,17 @@ pub struct Args {
     pub avoid: Vec<String>,
 }
 
+/// `arg` itself, or for `-` all of stdin.
+fn text_or_stdin(arg: &str) -> Result<String> {
+    if arg != "-" {
+        return Ok(arg.to_string());
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+        .map_err(|e| anyhow::anyhow!("reading the prompt from stdin: {e}"))?;
+    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("the prompt on stdin is not valid UTF-8"))
+}
+
 pub fn run(g: &Global, a: &Args) -> Result<()> {
     if a.prompt.is_none() && a.user.is_none() {
         bail!("give --prompt TEXT, or --user TEXT (optionally with --system TEXT)");
@@ -67,15 +79,22 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
             "sampling options out of range: temperature ≥ 0, 0 < top-p ≤ 1, repetition-penalty > 0"
         );
     }
+    // A long prompt can exceed what one command-line argument may hold (128 KiB on Linux): `-` reads it
+    // from stdin, before the model loads.
+    // A raw prompt is used to the byte (its last line break may be part of it); a user message drops
+    // the line breaks a file or `echo` ends with, as `--user "$(cat FILE)"` would.
+    let prompt = a.prompt.as_deref().map(text_or_stdin).transpose()?;
+    let user = a.user.as_deref().map(text_or_stdin).transpose()?;
+    let user = user.map(|u| u.trim_end_matches(['\n', '\r']).to_string());
     let m = load_model(g)?;
-    let text = match &a.prompt {
-        Some(p) => p.clone(),
+    let text = match prompt {
+        Some(p) => p,
         None => {
             let mut msgs = Vec::new();
             if let Some(s) = &a.system {
                 msgs.push(Message::system(s));
             }
-            msgs.push(Message::user(a.user.as_deref().unwrap_or_default()));
+            msgs.push(Message::user(user.as_deref().unwrap_or_default()));
             m.tokenizer.render_chat(&msgs, true)?
         }
     };

@@ -179,6 +179,36 @@ fn generate_json_matches_transformers_on_tiny_model() {
     }
 }
 
+/// `--prompt -` reads the prompt from stdin to the last byte (the reference prompt ends with a line
+/// break, token 198): the same prompt tokens as transformers'. `--user -` drops the line break `echo`
+/// adds, so it renders the same chat prompt as the message given in place.
+#[test]
+fn generate_reads_a_prompt_from_stdin() {
+    let r = reference();
+    let m = tiny();
+    let prompt_ids = |args: &[&str], stdin: &str| {
+        let mut all = vec!["--model", m.to_str().unwrap(), "generate"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--max-new-tokens", "1", "--json"]);
+        let o = duet(&all, Some(stdin.as_bytes()));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        u32s(&v["prompt_ids"])
+    };
+    let text = r["prompt_text"].as_str().unwrap();
+    assert_eq!(text.chars().last(), Some('\n'));
+    assert_eq!(prompt_ids(&["--prompt", "-"], text), u32s(&r["prompt_ids"]));
+    assert_eq!(
+        prompt_ids(&["--user", "-"], "How are you?\n"),
+        prompt_ids(&["--user", "How are you?"], "")
+    );
+    let bad = duet(
+        &["--model", m.to_str().unwrap(), "generate", "--user", "-"],
+        Some(b"\xff\xfe"),
+    );
+    assert_clean_error(&bad, "not valid UTF-8");
+}
+
 #[test]
 fn tokenize_json() {
     let r = reference();
