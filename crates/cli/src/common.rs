@@ -240,7 +240,8 @@ pub fn print_trace(e: &tasks::TraceEvent) {
         }
         T::Labels { scores } => {
             for s in scores {
-                eprintln!("[trace] Runner::classify → {:<10} score = {:>8.4}  p = {:.4}", s.display, s.logprob, s.prob);
+                let bias = if s.bias == 0.0 { String::new() } else { format!(" {:+.2} (bias)", s.bias) };
+                eprintln!("[trace] Runner::classify → {:<10} score = {:>8.4}{bias}  p = {:.4}", s.display, s.logprob, s.prob);
             }
         }
         T::Token { id, piece, candidates } => {

@@ -49,6 +49,10 @@ pub struct Label {
     pub en: String,
     #[serde(default)]
     pub emoji: String,
+    /// Added to this label's log-probability before the labels are compared (0 by default): corrects a
+    /// model's measured lean towards another label (see sentiment.toml).
+    #[serde(default)]
+    pub bias: f32,
 }
 
 impl Label {
@@ -124,6 +128,9 @@ impl Task {
         }
         if self.kind == OutputKind::Labels && self.labels.len() < 2 {
             return Err("a labels task needs at least two labels".into());
+        }
+        if let Some(l) = self.labels.iter().find(|l| !l.bias.is_finite()) {
+            return Err(format!("label {:?}: bias must be a finite number", l.id));
         }
         if self.avoid.iter().any(|p| p.is_empty()) {
             return Err("avoid: a phrase is empty".into());

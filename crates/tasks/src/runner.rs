@@ -28,7 +28,9 @@ pub struct LabelScore {
     /// log P(label tokens | prompt), up to a constant shared by all labels (the first position's
     /// normaliser, which label scoring never computes).
     pub logprob: f32,
-    /// Normalised over the labels.
+    /// The label's bias from its task file, added to `logprob` before the labels are compared.
+    pub bias: f32,
+    /// `logprob + bias` normalised over the labels; the label with the largest wins.
     pub prob: f32,
 }
 
@@ -265,6 +267,7 @@ impl Runner {
                 label: l.id.clone(),
                 display: l.display(lang).to_string(),
                 logprob: lp,
+                bias: l.bias,
                 prob: 0.0,
             });
         }
@@ -274,13 +277,9 @@ impl Runner {
                 qwen2::Error::NotFinite(format!("the score of label {}", s.display)).into(),
             );
         }
-        let max = scores
-            .iter()
-            .map(|s| s.logprob)
-            .fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = scores.iter().map(|s| (s.logprob - max).exp()).sum();
-        for s in &mut scores {
-            s.prob = (s.logprob - max).exp() / sum;
+        let probs = label_probs(&scores);
+        for (s, p) in scores.iter_mut().zip(probs) {
+            s.prob = p;
         }
         trace(TraceEvent::Labels {
             scores: scores.clone(),
@@ -292,7 +291,7 @@ impl Runner {
         let best = scores
             .iter()
             .enumerate()
-            .max_by(|a, b| a.1.logprob.total_cmp(&b.1.logprob))
+            .max_by(|a, b| (a.1.logprob + a.1.bias).total_cmp(&(b.1.logprob + b.1.bias)))
             .map(|(i, _)| i)
             .unwrap_or(0);
         let l = &task.labels[best];
@@ -406,6 +405,14 @@ pub fn find_label<'a>(task: &'a Task, text: &str) -> Option<&'a crate::library::
         .map(|(_, l)| l)
 }
 
+/// Each label's probability among the labels: the softmax of `logprob + bias`.
+fn label_probs(scores: &[LabelScore]) -> Vec<f32> {
+    let biased: Vec<f32> = scores.iter().map(|s| s.logprob + s.bias).collect();
+    let max = biased.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = biased.iter().map(|b| (b - max).exp()).sum();
+    biased.iter().map(|b| (b - max).exp() / sum).collect()
+}
+
 pub fn log_softmax(x: &[f32]) -> Vec<f32> {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
@@ -425,4 +432,35 @@ pub fn split_list(text: &str) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(String::from)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{label_probs, LabelScore};
+
+    fn score(logprob: f32, bias: f32) -> LabelScore {
+        LabelScore {
+            label: String::new(),
+            display: String::new(),
+            logprob,
+            bias,
+            prob: 0.0,
+        }
+    }
+
+    /// Worked by hand: scores 2.0 and 1.5 without bias give e^0.5 / (1 + e^0.5) = 0.622459 to the first;
+    /// a bias of 0.55 on the second makes it 2.05 against 2.0, e^0.05 / (1 + e^0.05) = 0.512497.
+    #[test]
+    fn a_bias_shifts_the_labels_probabilities() {
+        let p = label_probs(&[score(2.0, 0.0), score(1.5, 0.0)]);
+        assert!(
+            (p[0] - 0.622459).abs() < 1e-6 && (p[1] - 0.377541).abs() < 1e-6,
+            "{p:?}"
+        );
+        let p = label_probs(&[score(2.0, 0.0), score(1.5, 0.55)]);
+        assert!(
+            (p[1] - 0.512497).abs() < 1e-6 && (p[0] - 0.487503).abs() < 1e-6,
+            "{p:?}"
+        );
+    }
 }
