@@ -642,6 +642,32 @@ mod tests {
     }
 
     #[test]
+    fn a_label_bias_is_read_and_must_be_finite() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = |bias: &str| {
+            format!(
+                "name='t'\nkind='labels'\n[system]\nzh='A'\nen='A'\n\
+                 [[labels]]\nid='a'\nzh='甲'\nen='a'\n\
+                 [[labels]]\nid='b'\nzh='乙'\nen='b'\nbias={bias}\n"
+            )
+        };
+        std::fs::write(dir.path().join("t.toml"), task("-0.25")).unwrap();
+        let (lib, errors) = Library::load(&[dir.path().to_path_buf()]).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        let biases: Vec<f32> = lib.tasks["t"].labels.iter().map(|l| l.bias).collect();
+        assert_eq!(biases, [0.0, -0.25]);
+        for bad in ["nan", "inf"] {
+            std::fs::write(dir.path().join("t.toml"), task(bad)).unwrap();
+            let (lib, errors) = Library::load(&[dir.path().to_path_buf()]).unwrap();
+            assert!(!lib.tasks.contains_key("t"));
+            assert!(
+                errors[0].contains("bias must be a finite number"),
+                "{errors:?}"
+            );
+        }
+    }
+
+    #[test]
     fn fill_placeholders() {
         let mut v = BTreeMap::new();
         v.insert("a".to_string(), "X".to_string());
