@@ -80,9 +80,9 @@ pub fn run(g: &Global, a: &Args) -> Result<()> {
         );
     }
     // A long prompt can exceed what one command-line argument may hold (128 KiB on Linux): `-` reads it
-    // from stdin, before the model loads.
-    // A raw prompt is used to the byte (its last line break may be part of it); a user message drops
-    // the line breaks a file or `echo` ends with, as `--user "$(cat FILE)"` would.
+    // from stdin, before the model loads. A raw prompt is used to the byte (its last line break may be
+    // part of it); a user message drops the line breaks a file or `echo` ends with, as
+    // `--user "$(cat FILE)"` would.
     let prompt = a.prompt.as_deref().map(text_or_stdin).transpose()?;
     let user = a.user.as_deref().map(text_or_stdin).transpose()?;
     let user = user.map(|u| u.trim_end_matches(['\n', '\r']).to_string());

@@ -1,5 +1,5 @@
-//! Evaluation over a labeled TSV file (`label<TAB>text` or `text<TAB>label` per line): accuracy, per-label confusion and
-//! latency, for label scoring and generation mode side by side.
+//! Evaluation over a labeled TSV file (`label<TAB>text` or `text<TAB>label` per line): accuracy,
+//! per-label confusion and latency, for label scoring and generation mode side by side.
 
 use crate::error::{Error, Result};
 use crate::lang::Lang;
