@@ -553,7 +553,21 @@ fn conversation_turns_extend_the_previous_prefix_with_the_same_results() {
 /// text, the reply skipped when asked (no first token), and the end after both.
 #[test]
 fn dual_task_times_follow_the_steps() {
-    let mut r = runner(&[tasks::library::shipped_dir()], 1 << 24);
+    // A reply task with a short prompt over the shipped one: the tiny model's 512-token context holds the
+    // shipped sentiment prompt for this text, but not the shipped reply prompt (its tokenizer spends about
+    // two tokens on a Chinese character).
+    let short_reply = tempfile::tempdir().unwrap();
+    std::fs::write(
+        short_reply.path().join("reply.toml"),
+        "name = 'reply'\nkind = 'text'\nmax_tokens = 64\n\
+         [system]\nzh = '情绪：{sentiment}。'\nen = 'Mood: {sentiment}.'\n",
+    )
+    .unwrap();
+    let dirs = [
+        tasks::library::shipped_dir(),
+        short_reply.path().to_path_buf(),
+    ];
+    let mut r = runner(&dirs, 1 << 24);
     let text = "今天的实验终于成功了，太棒了！";
     let label_only = r.time_dual_task(text, Lang::Zh, None).unwrap();
     assert!(label_only.first_token_ms.is_none());
