@@ -924,22 +924,15 @@ fn duet_backend_chooses_the_quantized_kernels() {
 
 #[test]
 fn bench_json_has_every_figure() {
-    // A reply task with a short prompt: the tiny model's 512-token context holds the shipped sentiment
-    // prompt for the 15-character input, but not the shipped reply prompt on top of it (its tokenizer
-    // spends about two tokens on a Chinese character).
-    let tasks = tempfile::tempdir().unwrap();
-    std::fs::write(
-        tasks.path().join("reply.toml"),
-        "name = 'reply'\nkind = 'text'\nmax_tokens = 64\n\
-         [system]\nzh = '情绪：{sentiment}。'\nen = 'Mood: {sentiment}.'\n",
-    )
-    .unwrap();
+    // A short reply task over the shipped one (see the file): the tiny model's context cannot hold both
+    // shipped prompts.
+    let tasks = root().join("tests/data/tiny-tasks");
     let o = duet(
         &[
             "--model",
             tiny().to_str().unwrap(),
             "--tasks-dir",
-            tasks.path().to_str().unwrap(),
+            tasks.to_str().unwrap(),
             "bench",
             "--json",
             "--reps",
