@@ -2,7 +2,8 @@
 //!
 //! Read in this order: `config` (the model's shape) → `weights` (bytes from safetensors or GGUF) →
 //! `matrix` and `kernels` (the math over slices) → `model` (the forward pass) → `kv_cache` →
-//! `tokenizer` (text, ids, chat template) → `sampler` → `generate` (the decode loop, with `phrase_guard`) → `load`.
+//! `tokenizer` (text, ids, chat template) → `sampler` → `generate` (the decode loop, with
+//! `phrase_guard`) → `load`.
 
 pub mod bench;
 pub mod config;
