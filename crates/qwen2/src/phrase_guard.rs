@@ -7,7 +7,7 @@
 //!
 //! This module keeps the books — what is safe to show, where a phrase begins, which token is ruled out
 //! where — over the generated text and `ends[k]`, its length in bytes after generated token `k`.
-//! [`crate::generate`] does the going back (the KV cache, the logits).
+//! [`crate::generate()`] does the going back (the KV cache, the logits).
 
 /// Times generation may go back, per generation: each costs a forward pass, and after that many the
 /// phrases pass (a reply that keeps returning to one is better finished than stalled).
