@@ -205,8 +205,9 @@ fn attention(c: &mut Criterion) {
     let (n_heads, n_kv_heads, head_dim, layers) = (14, 2, 64, 24);
     let mut g = c.benchmark_group("attention");
     g.sample_size(10);
-    // (cached positions before the new tokens, new tokens)
-    for (start, t) in [(511, 1), (2047, 1), (4095, 1), (0, 128)] {
+    // (cached positions before the new tokens, new tokens): decode over long caches, a short prompt,
+    // and the last run of 256 tokens of a 3072-token prompt (`Model::prefill`)
+    for (start, t) in [(511, 1), (2047, 1), (4095, 1), (0, 128), (2816, 256)] {
         let capacity = start + t;
         let n = capacity * n_kv_heads * head_dim;
         let k: Vec<Vec<f32>> = (0..layers).map(|l| data(n, 20 + l as u64)).collect();
