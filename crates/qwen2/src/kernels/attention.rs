@@ -107,7 +107,8 @@ fn attend(qs: &Queries, k: &[f32], v: &[f32], out: &mut [f32]) {
     // scores[(j · group + h) · longest + p]: query head h of token j against position p (p < its
     // length; the rest of a row is never read). A prefill tile's scores are a few hundred KiB over a
     // long cache: kept per thread rather than allocated per task, which handed fresh pages to the
-    // kernel to zero each time.
+    // kernel to zero each time. A thread keeps the largest it has needed: 1.7 MiB after a prompt of
+    // 8,000 tokens (eight tokens × seven heads × 8,000 positions), at most 7 MiB at 32,768.
     SCORES.with_borrow_mut(|scores| {
         let need = qs.tokens * group * longest;
         if scores.len() < need {
