@@ -145,7 +145,7 @@ thread_local! {
 ///
 /// Eight positions at a time: each head's eight dot products are eight independent chains of
 /// multiply-adds over the eight key rows (2 KiB at head size 64, so every head and token after the
-/// first reads them from L1), and one 8 × 8 transpose turns the eight accumulators into eight sums. A
+/// first reads them from L1), and one reduction ([`sum_each`]) turns the eight accumulators into eight sums. A
 /// token's last positions short of a block of eight are summed one at a time. One position at a time
 /// throughout needed a horizontal sum per score: over a 3037-token cache, 24 layers' attention for one
 /// decode token took 1.8× as long (with the value blocks below; A/B in one process).
@@ -201,7 +201,7 @@ fn scores_of<const N: usize>(qs: &Queries, k: &[f32], scale: f32, scores: &mut [
 
 /// Each head's scores (`q`, one `[f32x8; N]` per head, already scaled) against one block of eight key
 /// rows of `8 · N` values, written to `out[h · longest + p0..][..8]`: eight independent chains of
-/// multiply-adds, one per row, then one transpose for the eight sums.
+/// multiply-adds, one per row, then [`sum_each`] for the eight sums.
 fn block_scores<const N: usize>(
     block: &[f32],
     q: &[[f32x8; N]],
@@ -500,6 +500,16 @@ unsafe fn values_pair_avx512(
 mod tests {
     use super::*;
 
+    /// Test values spread over [-2, 2), the same for the same index.
+    fn spread(i: usize) -> f32 {
+        ((i * 7919 + 13) % 1013) as f32 / 1013.0 * 4.0 - 2.0
+    }
+
+    /// The bit patterns of `x`, for comparisons that must be exact.
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
     /// The 512-bit weighted sum gives the portable one's bits: blocks of one to `VALUE_BLOCK` positions,
     /// head sizes 64 and 128, the output carried in from a block before.
     #[cfg(target_arch = "x86_64")]
@@ -509,17 +519,15 @@ mod tests {
             eprintln!("no AVX-512 here: the 512-bit weighted sum is not exercised");
             return;
         }
-        let f = |i: usize| ((i * 7919 + 13) % 1013) as f32 / 1013.0 * 4.0 - 2.0;
         for (hd, len) in [(64, 1), (64, 37), (128, VALUE_BLOCK)] {
-            let a: Vec<f32> = (0..len).map(|i| f(i + 5) / 2.0 + 1.0).collect();
-            let v: Vec<f32> = (0..len * hd).map(|i| f(i + 99)).collect();
-            let carried: Vec<f32> = (0..hd).map(|i| f(i + 7)).collect();
+            let a: Vec<f32> = (0..len).map(|i| spread(i + 5) / 2.0 + 1.0).collect();
+            let v: Vec<f32> = (0..len * hd).map(|i| spread(i + 99)).collect();
+            let carried: Vec<f32> = (0..hd).map(|i| spread(i + 7)).collect();
             for c in (0..hd).step_by(64) {
                 let (mut portable, mut wide) = (carried.clone(), carried.clone());
                 values_block::<8>(&a, &v, hd, &mut portable, c);
                 // SAFETY: AVX-512 F is present (checked above).
                 unsafe { values_block_avx512(&a, &v, hd, &mut wide, c) };
-                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&portable), bits(&wide), "hd {hd} len {len} c {c}");
             }
         }
@@ -534,13 +542,12 @@ mod tests {
             return;
         }
         fn check<const N: usize>() {
-            let f = |i: usize| ((i * 7919 + 13) % 1013) as f32 / 1013.0 * 4.0 - 2.0;
-            let block: Vec<f32> = (0..64 * N).map(|i| f(i + 3)).collect();
+            let block: Vec<f32> = (0..64 * N).map(|i| spread(i + 3)).collect();
             let q: Vec<[f32x8; N]> = (0..7)
                 .map(|h| {
                     std::array::from_fn(|c| {
                         f32x8::from(
-                            [0, 1, 2, 3, 4, 5, 6, 7].map(|l| f(h * 64 * N + 8 * c + l + 11)),
+                            [0, 1, 2, 3, 4, 5, 6, 7].map(|l| spread(h * 64 * N + 8 * c + l + 11)),
                         )
                     })
                 })
@@ -550,7 +557,6 @@ mod tests {
             block_scores(&block, &q, &mut portable, longest, p0);
             // SAFETY: AVX-512 F is present (checked above).
             unsafe { block_scores_avx512(&block, &q, &mut wide, longest, p0) };
-            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&portable), bits(&wide), "head size {}", 8 * N);
             assert!(portable.iter().filter(|v| **v != 0.0).count() == 7 * 8);
         }
@@ -562,10 +568,7 @@ mod tests {
     /// order of additions rounds differently.
     #[test]
     fn sums_of_lanes_have_the_transposes_bits() {
-        let f = |i: usize| {
-            let x = ((i * 7919 + 13) % 1013) as f32 / 1013.0 * 4.0 - 2.0;
-            x * 10f32.powi((i % 9) as i32 - 4)
-        };
+        let f = |i: usize| spread(i) * 10f32.powi((i % 9) as i32 - 4);
         for round in 0..50 {
             let v: [f32x8; 8] = std::array::from_fn(|r| {
                 f32x8::from([0, 1, 2, 3, 4, 5, 6, 7].map(|l| f(round * 64 + r * 8 + l)))
@@ -587,13 +590,12 @@ mod tests {
             eprintln!("no AVX-512 here: the paired weighted sum is not exercised");
             return;
         }
-        let f = |i: usize| ((i * 7919 + 13) % 1013) as f32 / 1013.0 * 4.0 - 2.0;
         for (hd, len) in [(64, 1), (64, 37), (128, VALUE_BLOCK)] {
-            let a0: Vec<f32> = (0..len).map(|i| f(i + 5) / 2.0 + 1.0).collect();
-            let a1: Vec<f32> = (0..len).map(|i| f(i + 500) / 2.0 + 1.0).collect();
-            let v: Vec<f32> = (0..len * hd).map(|i| f(i + 99)).collect();
-            let c0: Vec<f32> = (0..hd).map(|i| f(i + 7)).collect();
-            let c1: Vec<f32> = (0..hd).map(|i| f(i + 77)).collect();
+            let a0: Vec<f32> = (0..len).map(|i| spread(i + 5) / 2.0 + 1.0).collect();
+            let a1: Vec<f32> = (0..len).map(|i| spread(i + 500) / 2.0 + 1.0).collect();
+            let v: Vec<f32> = (0..len * hd).map(|i| spread(i + 99)).collect();
+            let c0: Vec<f32> = (0..hd).map(|i| spread(i + 7)).collect();
+            let c1: Vec<f32> = (0..hd).map(|i| spread(i + 77)).collect();
             for c in (0..hd).step_by(64) {
                 let (mut alone0, mut alone1) = (c0.clone(), c1.clone());
                 let (mut pair0, mut pair1) = (c0.clone(), c1.clone());
@@ -603,7 +605,6 @@ mod tests {
                     values_block_avx512(&a1, &v, hd, &mut alone1, c);
                     values_pair_avx512(&a0, &a1, &v, hd, &mut pair0, &mut pair1, c);
                 }
-                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&alone0), bits(&pair0), "hd {hd} len {len} c {c}");
                 assert_eq!(bits(&alone1), bits(&pair1), "hd {hd} len {len} c {c}");
             }
@@ -689,7 +690,6 @@ mod tests {
     /// caches that end inside and at the end of a block of eight positions.
     #[test]
     fn tiles_of_tokens_give_each_token_its_bits_alone() {
-        let f = |i: usize| ((i * 7919 + 13) % 1013) as f32 / 1013.0 * 4.0 - 2.0;
         #[cfg(not(miri))]
         let (heads, tokens) = (
             [(14, 2, 64), (4, 4, 128), (4, 2, 80)],
@@ -702,9 +702,9 @@ mod tests {
                 let capacity = start + t + 3;
                 let kv = capacity * n_kv_heads * head_dim;
                 let qd = n_heads * head_dim;
-                let q: Vec<f32> = (0..t * qd).map(f).collect();
-                let k: Vec<f32> = (0..kv).map(|i| f(i + 101)).collect();
-                let v: Vec<f32> = (0..kv).map(|i| f(i + 577)).collect();
+                let q: Vec<f32> = (0..t * qd).map(spread).collect();
+                let k: Vec<f32> = (0..kv).map(|i| spread(i + 101)).collect();
+                let v: Vec<f32> = (0..kv).map(|i| spread(i + 577)).collect();
                 let shape = |start| AttentionShape {
                     n_heads,
                     n_kv_heads,
@@ -718,7 +718,6 @@ mod tests {
                     let mut alone = vec![f32::NAN; qd];
                     let qi = &q[i * qd..][..qd];
                     attention(qi, &k, &v, &shape(start + i), &mut alone);
-                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&tiled[i * qd..][..qd]),
                         bits(&alone),
@@ -734,7 +733,6 @@ mod tests {
     /// cached prefix.
     #[test]
     fn matches_the_definition() {
-        let f = |i: usize| ((i * 7919 + 13) % 1013) as f32 / 1013.0 * 4.0 - 2.0;
         #[cfg(not(miri))]
         let (heads, tokens) = (
             [
@@ -755,9 +753,9 @@ mod tests {
                 // Room for a few positions more than are used: the heads' rows are `capacity` apart.
                 let capacity = start + t + 3;
                 let kv = capacity * n_kv_heads * head_dim;
-                let q: Vec<f32> = (0..t * n_heads * head_dim).map(f).collect();
-                let k: Vec<f32> = (0..kv).map(|i| f(i + 101)).collect();
-                let v: Vec<f32> = (0..kv).map(|i| f(i + 577)).collect();
+                let q: Vec<f32> = (0..t * n_heads * head_dim).map(spread).collect();
+                let k: Vec<f32> = (0..kv).map(|i| spread(i + 101)).collect();
+                let v: Vec<f32> = (0..kv).map(|i| spread(i + 577)).collect();
                 let s = AttentionShape {
                     n_heads,
                     n_kv_heads,
