@@ -1132,25 +1132,26 @@ pub fn fma_chains_avx512(iters: usize, seed: f32) -> f32 {
 
 /// Tokens per AVX-512 panel (two 16-lane vectors).
 const NR512: usize = 32;
-/// Weight rows per AVX-512 micro-kernel call (two packs of [`MR`]).
-const MR512: usize = 8;
-/// Weight rows per AVX-512 block.
-const MC512: usize = 64;
+/// Weight rows per AVX-512 micro-kernel call (three packs of [`MR`]).
+const MR512: usize = 12;
+/// Weight rows per AVX-512 block: eight calls' rows, `MC512 × kc` weights (up to 336 KiB as f32) kept
+/// in L2 across the token panels.
+const MC512: usize = 96;
 
-/// [`micro`] in 512-bit vectors: 8 rows × 32 tokens, sixteen accumulators, two panel vectors and a
-/// broadcast weight of the thirty-two registers. Sixteen FMAs for two vector loads and eight
+/// [`micro`] in 512-bit vectors: 12 rows × 32 tokens, twenty-four accumulators, two panel vectors and
+/// a broadcast weight of the thirty-two registers. Twenty-four FMAs for two vector loads and twelve
 /// broadcasts a step keep both FMA ports busy (4 × 24 in AVX2 needed twelve FMAs for three loads and
 /// four broadcasts, at half the width). `V = 1` serves a panel of 16 or fewer tokens. Packed weights
-/// are two `[k][4]` packs, one after the other (`pack4`'s layout), read as rows 0-3 and 4-7.
+/// are three `[k][4]` packs, one after the other (`pack4`'s layout), read as rows 0-3, 4-7 and 8-11.
 ///
 /// Measured on a 2-core Xeon VM (AVX-512, two FMA ports), whole F32 forward passes against the AVX2
 /// kernel, alternated: 64 and 128 tokens 1.43-1.48× as fast (three pairs of runs). Products at the
 /// model's shapes, alternated builds: 48-token panels (8 × 3 vectors) ran 0.88×, 12 rows × 2 vectors
-/// 0.95×, f32 rows packed like bf16 ones 0.96×; the k loop in whole 16-step chunks (without a bound
-/// check per step) 1.02×. A loop of only this kernel's loads, broadcasts and FMAs, its panel in L2,
-/// ran at 93-98 % of the FMA probe; the kernel runs nearer 75 % of it inside the GEMM. Eight f32
-/// rows in place with a full panel, the F32 prefill's case, go through the written-out loop
-/// [`steps_8x32`].
+/// (compiled) 0.95× of 8 rows, f32 rows packed like bf16 ones 0.96×; the k loop in whole 16-step
+/// chunks (without a bound check per step) 1.02×. A loop of only this kernel's loads, broadcasts and
+/// FMAs, its panel in L2, ran at 93-98 % of the FMA probe; the kernel runs nearer 75 % of it inside
+/// the GEMM. Twelve f32 rows in place with a full panel, the F32 prefill's case, go through the
+/// written-out loop [`steps_12x32`], with which twelve rows a call beat eight (see there).
 ///
 /// Each token's sums run over `k` in order, as in [`micro`], so both kernels give the same bits.
 ///
@@ -1199,11 +1200,11 @@ unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
     };
     let full = kc / 16 * 16;
     if IN_PLACE && R == MR512 && V == 2 {
-        // SAFETY: R = 8 and V = 2, so `acc` is a `[[__m512; 2]; 8]`; the 8 rows hold kc values at
+        // SAFETY: R = 12 and V = 2, so `acc` is a `[[__m512; 2]; 12]`; the 12 rows hold kc values at
         // stride rs from wp and the panel kc · 32 (caller), and full <= kc.
         unsafe {
-            let acc8 = &mut *acc.as_mut_ptr().cast::<[[__m512; 2]; 8]>();
-            *acc8 = steps_8x32(*acc8, wp, rs, xp, full / 16, pf);
+            let acc12 = &mut *acc.as_mut_ptr().cast::<[[__m512; 2]; 12]>();
+            *acc12 = steps_12x32(*acc12, wp, rs, xp, full / 16, pf);
         }
     } else {
         let mut line = 0;
@@ -1221,8 +1222,8 @@ unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
     let store = |row: usize, tok: usize, v: __m128| unsafe {
         store4(out.add(tok * os + row), v, accumulate)
     };
-    if R == MR512 && nt == 16 * V {
-        // Four rows × eight tokens at a time, transposed as in `micro`: rows 0-3 then 4-7, each
+    if R.is_multiple_of(4) && nt == 16 * V {
+        // Four rows × eight tokens at a time, transposed as in `micro`: rows 0-3, 4-7, ..., each
         // vector's low eight tokens then its high eight.
         for (g, rows4) in acc.chunks_exact(4).enumerate() {
             // `j` picks the same vector of each of the four rows.
@@ -1260,144 +1261,182 @@ unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
     unsafe { store_each(&vals, nt, out, os, accumulate) }
 }
 
-/// One reduction step of [`steps_8x32`]: the panel's two vectors of 16 tokens at byte `$x` past
+/// One reduction step of [`steps_12x32`]: the panel's two vectors of 16 tokens at byte `$x` past
 /// `{x}`, and each row's weight at byte `$w` past its start, broadcast and multiplied into the row's
-/// two accumulators. Rows 0-3 are addressed from `{p0}` and rows 4-7 from `{p4}`, with the row stride
-/// `{s}` (or `{s3}`, three strides) as the index, so a step costs no address arithmetic.
+/// two accumulators. Rows 0-3 are addressed from `{p0}`, 4-7 from `{p4}` and 8-11 from `{p8}`, with
+/// the row stride `{s}` (or `{s3}`, three strides) as the index, so a step costs no address arithmetic.
+/// `{rNvJ}` is row N's accumulator for the panel's vector J.
 #[rustfmt::skip]
-macro_rules! step_8x32 {
+macro_rules! step_12x32 {
     ($w:literal, $x:literal) => {
         concat!(
-            "vmovups zmm16, [{x} + ", $x, "]\n",
-            "vmovups zmm17, [{x} + ", $x, " + 64]\n",
-            "vbroadcastss zmm18, [{p0} + ", $w, "]\n",
-            "vfmadd231ps {a00:z}, zmm18, zmm16\n",
-            "vfmadd231ps {a01:z}, zmm18, zmm17\n",
-            "vbroadcastss zmm18, [{p0} + {s} + ", $w, "]\n",
-            "vfmadd231ps {a10:z}, zmm18, zmm16\n",
-            "vfmadd231ps {a11:z}, zmm18, zmm17\n",
-            "vbroadcastss zmm18, [{p0} + {s}*2 + ", $w, "]\n",
-            "vfmadd231ps {a20:z}, zmm18, zmm16\n",
-            "vfmadd231ps {a21:z}, zmm18, zmm17\n",
-            "vbroadcastss zmm18, [{p0} + {s3} + ", $w, "]\n",
-            "vfmadd231ps {a30:z}, zmm18, zmm16\n",
-            "vfmadd231ps {a31:z}, zmm18, zmm17\n",
-            "vbroadcastss zmm18, [{p4} + ", $w, "]\n",
-            "vfmadd231ps {a40:z}, zmm18, zmm16\n",
-            "vfmadd231ps {a41:z}, zmm18, zmm17\n",
-            "vbroadcastss zmm18, [{p4} + {s} + ", $w, "]\n",
-            "vfmadd231ps {a50:z}, zmm18, zmm16\n",
-            "vfmadd231ps {a51:z}, zmm18, zmm17\n",
-            "vbroadcastss zmm18, [{p4} + {s}*2 + ", $w, "]\n",
-            "vfmadd231ps {a60:z}, zmm18, zmm16\n",
-            "vfmadd231ps {a61:z}, zmm18, zmm17\n",
-            "vbroadcastss zmm18, [{p4} + {s3} + ", $w, "]\n",
-            "vfmadd231ps {a70:z}, zmm18, zmm16\n",
-            "vfmadd231ps {a71:z}, zmm18, zmm17\n",
+            "vmovups zmm29, [{x} + ", $x, "]\n",
+            "vmovups zmm30, [{x} + ", $x, " + 64]\n",
+            "vbroadcastss zmm31, [{p0} + ", $w, "]\n",
+            "vfmadd231ps {r0v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r0v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p0} + {s} + ", $w, "]\n",
+            "vfmadd231ps {r1v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r1v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p0} + {s}*2 + ", $w, "]\n",
+            "vfmadd231ps {r2v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r2v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p0} + {s3} + ", $w, "]\n",
+            "vfmadd231ps {r3v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r3v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p4} + ", $w, "]\n",
+            "vfmadd231ps {r4v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r4v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p4} + {s} + ", $w, "]\n",
+            "vfmadd231ps {r5v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r5v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p4} + {s}*2 + ", $w, "]\n",
+            "vfmadd231ps {r6v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r6v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p4} + {s3} + ", $w, "]\n",
+            "vfmadd231ps {r7v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r7v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p8} + ", $w, "]\n",
+            "vfmadd231ps {r8v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r8v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p8} + {s} + ", $w, "]\n",
+            "vfmadd231ps {r9v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r9v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p8} + {s}*2 + ", $w, "]\n",
+            "vfmadd231ps {r10v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r10v1:z}, zmm31, zmm30\n",
+            "vbroadcastss zmm31, [{p8} + {s3} + ", $w, "]\n",
+            "vfmadd231ps {r11v0:z}, zmm31, zmm29\n",
+            "vfmadd231ps {r11v1:z}, zmm31, zmm30\n",
         )
     };
 }
 
-/// `chunks` × 16 reduction steps of [`micro512`] for eight f32 rows in place and a full panel (two
+/// `chunks` × 16 reduction steps of [`micro512`] for twelve f32 rows in place and a full panel (two
 /// vectors of tokens), written out: the same FMAs into the same accumulators in the same order as
-/// its compiled loop, so the same bits. Between chunks it asks for a line of the next block's
-/// rows (`pf`), as the compiled loop does.
+/// its compiled loop, so the same bits. Between chunks it asks for a line of the next block's rows
+/// (`pf`), as the compiled loop does.
 ///
-/// Why written out: compiled, each step reached the eight rows' weights through a chain of adds of
-/// the row stride (the base register per row that `micro512` sets up did not survive), about ten
-/// integer instructions for 16 FMAs, on a core whose two FMA ports also take integer work. Here each
-/// weight is base + index · scale + displacement, four steps a pass, and the accumulators stay in
-/// registers for the whole call. On a 2-core Xeon VM (AVX-512), alternated with the compiled loop in
-/// one process (medians of 16 rounds): whole F32 forward passes of the default model 1.126× and
-/// 1.127× as fast at 128 tokens (15 of 16 faster each) and 1.140× at 64 (15 of 16); products at the
-/// model's shapes (128 tokens) 1.113–1.143× (16 of 16); the same output bits. The same loop called
-/// once per 16 steps, its accumulators stored and reloaded around each call, gained 1.03–1.09×; with
-/// each broadcast folded into its two FMAs (`{1to16}`, twice the loads) it ran 0.89× and 0.93× the
-/// compiled loop.
+/// Why written out: compiled, each step reached the rows' weights through a chain of adds of the row
+/// stride (the base register per row that `micro512` sets up did not survive), about ten integer
+/// instructions for 16 FMAs with eight rows, on a core whose two FMA ports also take integer work.
+/// Here each weight is base + index · scale + displacement, four steps a pass, and the accumulators
+/// stay in registers for the whole call. On a 2-core Xeon VM (AVX-512), alternated in one process
+/// (medians of 12-16 rounds, the same output bits each time):
+/// - eight rows a call, written out against compiled: whole F32 forward passes of the default model
+///   1.126× and 1.127× as fast at 128 tokens (15 of 16 faster each), 1.140× at 64; products at the
+///   model's shapes (128 tokens) 1.113–1.143×;
+/// - then twelve rows a call (96-row blocks) against eight, both written out: whole F32 passes 1.077×,
+///   1.076×, 1.037×, 1.093× at 128 tokens, 1.066× at 256, 1.022–1.028× at 96, 192 and 200, level at
+///   32 and 64 (0.98–1.02×); BF16 (compiled, packed) 1.062× and 1.067× at 128, level at 64. Alone on one
+///   thread, its panels cycling through L2, the twelve-row loop multiplied 1.04× as fast as the
+///   eight-row one and a fourteen-row one 1.02×: each panel load serves more FMAs.
+///
+/// The same loop called once per 16 steps, its accumulators stored and reloaded around each call,
+/// gained 1.03–1.09× over the compiled one; with each broadcast folded into its two FMAs (`{1to16}`,
+/// twice the loads) it ran 0.89× and 0.93× the compiled loop.
 ///
 /// # Safety
-/// Rows 0-7 of `16 · chunks` f32 are readable at `w` + r · `rs` (elements), the panel's `16 · chunks`
+/// Rows 0-11 of `16 · chunks` f32 are readable at `w` + r · `rs` (elements), the panel's `16 · chunks`
 /// steps of 32 f32 at `xp`; the CPU has AVX-512 F.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn steps_8x32(
-    acc: [[__m512; 2]; 8],
+unsafe fn steps_12x32(
+    acc: [[__m512; 2]; 12],
     w: *const f32,
     rs: usize,
     xp: *const f32,
     chunks: usize,
     pf: Prefetch,
-) -> [[__m512; 2]; 8] {
+) -> [[__m512; 2]; 12] {
     #[rustfmt::skip]
     let [
-        [mut a00, mut a01],
-        [mut a10, mut a11],
-        [mut a20, mut a21],
-        [mut a30, mut a31],
-        [mut a40, mut a41],
-        [mut a50, mut a51],
-        [mut a60, mut a61],
-        [mut a70, mut a71],
+        [mut r0v0, mut r0v1],
+        [mut r1v0, mut r1v1],
+        [mut r2v0, mut r2v1],
+        [mut r3v0, mut r3v1],
+        [mut r4v0, mut r4v1],
+        [mut r5v0, mut r5v1],
+        [mut r6v0, mut r6v1],
+        [mut r7v0, mut r7v1],
+        [mut r8v0, mut r8v1],
+        [mut r9v0, mut r9v1],
+        [mut r10v0, mut r10v1],
+        [mut r11v0, mut r11v1],
     ] = acc;
     let stride = rs * std::mem::size_of::<f32>();
     let mut line = 0;
     for c in 0..chunks {
         pf.fetch_line(&mut line);
-        // SAFETY: steps 16c..16c + 16 of the eight rows and of the panel are readable (caller);
+        // SAFETY: steps 16c..16c + 16 of the twelve rows and of the panel are readable (caller);
         // AVX-512 F is enabled here. The block reads memory only and leaves the stack alone.
         unsafe {
             std::arch::asm!(
                 "2:",
-                step_8x32!("0", "0"),
-                step_8x32!("4", "128"),
-                step_8x32!("8", "256"),
-                step_8x32!("12", "384"),
+                step_12x32!("0", "0"),
+                step_12x32!("4", "128"),
+                step_12x32!("8", "256"),
+                step_12x32!("12", "384"),
                 "add {p0}, 16",
                 "add {p4}, 16",
+                "add {p8}, 16",
                 "add {x}, 512",
                 "dec {n}",
                 "jnz 2b",
                 p0 = inout(reg) w.add(16 * c) => _,
                 p4 = inout(reg) w.add(16 * c + 4 * rs) => _,
+                p8 = inout(reg) w.add(16 * c + 8 * rs) => _,
                 s = in(reg) stride,
                 s3 = in(reg) 3 * stride,
                 x = inout(reg) xp.add(16 * c * NR512) => _,
                 n = inout(reg) 4usize => _,
-                a00 = inout(zmm_reg) a00,
-                a01 = inout(zmm_reg) a01,
-                a10 = inout(zmm_reg) a10,
-                a11 = inout(zmm_reg) a11,
-                a20 = inout(zmm_reg) a20,
-                a21 = inout(zmm_reg) a21,
-                a30 = inout(zmm_reg) a30,
-                a31 = inout(zmm_reg) a31,
-                a40 = inout(zmm_reg) a40,
-                a41 = inout(zmm_reg) a41,
-                a50 = inout(zmm_reg) a50,
-                a51 = inout(zmm_reg) a51,
-                a60 = inout(zmm_reg) a60,
-                a61 = inout(zmm_reg) a61,
-                a70 = inout(zmm_reg) a70,
-                a71 = inout(zmm_reg) a71,
-                out("zmm16") _,
-                out("zmm17") _,
-                out("zmm18") _,
+                r0v0 = inout(zmm_reg) r0v0,
+                r0v1 = inout(zmm_reg) r0v1,
+                r1v0 = inout(zmm_reg) r1v0,
+                r1v1 = inout(zmm_reg) r1v1,
+                r2v0 = inout(zmm_reg) r2v0,
+                r2v1 = inout(zmm_reg) r2v1,
+                r3v0 = inout(zmm_reg) r3v0,
+                r3v1 = inout(zmm_reg) r3v1,
+                r4v0 = inout(zmm_reg) r4v0,
+                r4v1 = inout(zmm_reg) r4v1,
+                r5v0 = inout(zmm_reg) r5v0,
+                r5v1 = inout(zmm_reg) r5v1,
+                r6v0 = inout(zmm_reg) r6v0,
+                r6v1 = inout(zmm_reg) r6v1,
+                r7v0 = inout(zmm_reg) r7v0,
+                r7v1 = inout(zmm_reg) r7v1,
+                r8v0 = inout(zmm_reg) r8v0,
+                r8v1 = inout(zmm_reg) r8v1,
+                r9v0 = inout(zmm_reg) r9v0,
+                r9v1 = inout(zmm_reg) r9v1,
+                r10v0 = inout(zmm_reg) r10v0,
+                r10v1 = inout(zmm_reg) r10v1,
+                r11v0 = inout(zmm_reg) r11v0,
+                r11v1 = inout(zmm_reg) r11v1,
+                out("zmm29") _,
+                out("zmm30") _,
+                out("zmm31") _,
                 options(nostack, readonly),
             );
         }
     }
     [
-        [a00, a01],
-        [a10, a11],
-        [a20, a21],
-        [a30, a31],
-        [a40, a41],
-        [a50, a51],
-        [a60, a61],
-        [a70, a71],
+        [r0v0, r0v1],
+        [r1v0, r1v1],
+        [r2v0, r2v1],
+        [r3v0, r3v1],
+        [r4v0, r4v1],
+        [r5v0, r5v1],
+        [r6v0, r6v1],
+        [r7v0, r7v1],
+        [r8v0, r8v1],
+        [r9v0, r9v1],
+        [r10v0, r10v1],
+        [r11v0, r11v1],
     ]
 }
 
-/// [`micro512`] for `rows` weight rows (1 to 8) and a panel of `vecs` 16-lane vectors (1 or 2).
+/// [`micro512`] for `rows` weight rows (1 to 12) and a panel of `vecs` 16-lane vectors (1 or 2).
 ///
 /// # Safety
 /// As [`micro512`] with `R = rows`.
@@ -1429,7 +1468,7 @@ unsafe fn micro_any512<const IN_PLACE: bool>(
         };
     }
     // SAFETY: forwarded from the caller, R = rows.
-    unsafe { by_rows!(1 2 3 4 5 6 7) }
+    unsafe { by_rows!(1 2 3 4 5 6 7 8 9 10 11) }
 }
 
 /// Weight rows of the next block for a micro-kernel call to fetch into the cache while it works
@@ -1577,7 +1616,7 @@ unsafe fn gemm_rows<W: super::matmul::WeightElem>(
 ) {
     let kc_max = kc_for(cols);
     // Weight rows per micro-kernel call; bf16/f16 rows are packed four at a time either way, and the
-    // AVX-512 kernel reads two consecutive packs.
+    // AVX-512 kernel reads three consecutive packs.
     let mr = if wide { MR512 } else { MR };
     // f32 weights need no widening, so the micro-kernel broadcasts them from their rows in place:
     // copying each block into `[k][4]` order first cost a pass over it for nothing the kernel needs
@@ -1846,6 +1885,7 @@ mod tests {
                 (64, 896, 128),
                 (9, 8, 48),
                 (16, 4864, 32),
+                (36, 896, 64),
             ] {
                 let w: Vec<W> = (0..rows * cols).map(|i| from(val(i))).collect();
                 let x: Vec<f32> = (0..t * cols).map(|i| val(i + 13)).collect();
