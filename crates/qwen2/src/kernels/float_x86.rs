@@ -1341,28 +1341,13 @@ macro_rules! step_12x32 {
 /// steps of 32 f32 at `xp`; the CPU has AVX-512 F.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn steps_12x32(
-    acc: [[__m512; 2]; 12],
+    mut acc: [[__m512; 2]; 12],
     w: *const f32,
     rs: usize,
     xp: *const f32,
     chunks: usize,
     pf: Prefetch,
 ) -> [[__m512; 2]; 12] {
-    #[rustfmt::skip]
-    let [
-        [mut r0v0, mut r0v1],
-        [mut r1v0, mut r1v1],
-        [mut r2v0, mut r2v1],
-        [mut r3v0, mut r3v1],
-        [mut r4v0, mut r4v1],
-        [mut r5v0, mut r5v1],
-        [mut r6v0, mut r6v1],
-        [mut r7v0, mut r7v1],
-        [mut r8v0, mut r8v1],
-        [mut r9v0, mut r9v1],
-        [mut r10v0, mut r10v1],
-        [mut r11v0, mut r11v1],
-    ] = acc;
     let stride = rs * std::mem::size_of::<f32>();
     let mut line = 0;
     for c in 0..chunks {
@@ -1389,30 +1374,30 @@ unsafe fn steps_12x32(
                 s3 = in(reg) 3 * stride,
                 x = inout(reg) xp.add(16 * c * NR512) => _,
                 n = inout(reg) 4usize => _,
-                r0v0 = inout(zmm_reg) r0v0,
-                r0v1 = inout(zmm_reg) r0v1,
-                r1v0 = inout(zmm_reg) r1v0,
-                r1v1 = inout(zmm_reg) r1v1,
-                r2v0 = inout(zmm_reg) r2v0,
-                r2v1 = inout(zmm_reg) r2v1,
-                r3v0 = inout(zmm_reg) r3v0,
-                r3v1 = inout(zmm_reg) r3v1,
-                r4v0 = inout(zmm_reg) r4v0,
-                r4v1 = inout(zmm_reg) r4v1,
-                r5v0 = inout(zmm_reg) r5v0,
-                r5v1 = inout(zmm_reg) r5v1,
-                r6v0 = inout(zmm_reg) r6v0,
-                r6v1 = inout(zmm_reg) r6v1,
-                r7v0 = inout(zmm_reg) r7v0,
-                r7v1 = inout(zmm_reg) r7v1,
-                r8v0 = inout(zmm_reg) r8v0,
-                r8v1 = inout(zmm_reg) r8v1,
-                r9v0 = inout(zmm_reg) r9v0,
-                r9v1 = inout(zmm_reg) r9v1,
-                r10v0 = inout(zmm_reg) r10v0,
-                r10v1 = inout(zmm_reg) r10v1,
-                r11v0 = inout(zmm_reg) r11v0,
-                r11v1 = inout(zmm_reg) r11v1,
+                r0v0 = inout(zmm_reg) acc[0][0],
+                r0v1 = inout(zmm_reg) acc[0][1],
+                r1v0 = inout(zmm_reg) acc[1][0],
+                r1v1 = inout(zmm_reg) acc[1][1],
+                r2v0 = inout(zmm_reg) acc[2][0],
+                r2v1 = inout(zmm_reg) acc[2][1],
+                r3v0 = inout(zmm_reg) acc[3][0],
+                r3v1 = inout(zmm_reg) acc[3][1],
+                r4v0 = inout(zmm_reg) acc[4][0],
+                r4v1 = inout(zmm_reg) acc[4][1],
+                r5v0 = inout(zmm_reg) acc[5][0],
+                r5v1 = inout(zmm_reg) acc[5][1],
+                r6v0 = inout(zmm_reg) acc[6][0],
+                r6v1 = inout(zmm_reg) acc[6][1],
+                r7v0 = inout(zmm_reg) acc[7][0],
+                r7v1 = inout(zmm_reg) acc[7][1],
+                r8v0 = inout(zmm_reg) acc[8][0],
+                r8v1 = inout(zmm_reg) acc[8][1],
+                r9v0 = inout(zmm_reg) acc[9][0],
+                r9v1 = inout(zmm_reg) acc[9][1],
+                r10v0 = inout(zmm_reg) acc[10][0],
+                r10v1 = inout(zmm_reg) acc[10][1],
+                r11v0 = inout(zmm_reg) acc[11][0],
+                r11v1 = inout(zmm_reg) acc[11][1],
                 out("zmm29") _,
                 out("zmm30") _,
                 out("zmm31") _,
@@ -1420,20 +1405,7 @@ unsafe fn steps_12x32(
             );
         }
     }
-    [
-        [r0v0, r0v1],
-        [r1v0, r1v1],
-        [r2v0, r2v1],
-        [r3v0, r3v1],
-        [r4v0, r4v1],
-        [r5v0, r5v1],
-        [r6v0, r6v1],
-        [r7v0, r7v1],
-        [r8v0, r8v1],
-        [r9v0, r9v1],
-        [r10v0, r10v1],
-        [r11v0, r11v1],
-    ]
+    acc
 }
 
 /// [`micro512`] for `rows` weight rows (1 to 12) and a panel of `vecs` 16-lane vectors (1 or 2).
