@@ -1174,7 +1174,9 @@ unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     // Each row's weight at k is `rows[r] + k · step`: a base register per row and one index, where
-    // `wp + r · rs + k` computed in the loop cost more integer steps than it had FMAs.
+    // `wp + r · rs + k` computed in the loop cost more integer steps than it had FMAs. (For rows in
+    // place the compiler still turns the bases into a chain of adds of `rs`, which is why the main
+    // case runs the written-out [`steps_12x32`].)
     let (rows, step): ([*const f32; R], usize) = if IN_PLACE {
         (std::array::from_fn(|r| wp.wrapping_add(r * rs)), 1)
     } else {
