@@ -75,6 +75,9 @@ enum Storage {
     /// Block-quantized rows (`dtype` is Q8_0, Q5_0, Q4_K or Q6_K; each row a whole number of blocks),
     /// as the file lays them out or (Q8_0, owned) interleaved.
     Quant(DType, Layout, QuantBytes),
+    /// Q8_0 rows as the file stores them, multiplied in f32 on their exact values (the exact form's
+    /// output matrix, see [`Matrix::output_from_raw_in`]).
+    Q8_0Exact(Bytes),
 }
 
 enum QuantBytes {
@@ -364,6 +367,37 @@ impl Matrix {
         })
     }
 
+    /// Like [`Matrix::from_raw_in`], for the output matrix (the logits' projection): in the exact form a
+    /// Q8_0 one stays as the file stores it, multiplied in f32 on its exact values
+    /// ([`matmul::matmul_q8_0_exact`]: the same bits as dequantized at load).
+    ///
+    /// Why only the output matrix: it is the one multiplied for a single token in every pass, prefill
+    /// included (only the last position's logits), so its bytes are read at the memory's pace each
+    /// time, and it is the largest (the default model's: 545 MB as f32, 145 MB as stored). The other
+    /// matrices of a prefill are multiplied for every token by the f32 GEMM, which wants f32 rows; the
+    /// default model's other Q8_0 matrices (the v projections) are 2 % of its bytes.
+    pub fn output_from_raw_in(
+        arena: &Arena,
+        name: &str,
+        t: &RawTensor,
+        rows: usize,
+        cols: usize,
+        form: WeightForm,
+    ) -> Result<Self> {
+        let exact_q8_0 = form == WeightForm::Exact
+            && t.dtype == DType::Q8_0
+            && t.shape == [rows, cols]
+            && quantized::row_bytes(DType::Q8_0, cols).map(|rb| rb * rows) == Some(t.bytes.len());
+        if !exact_q8_0 {
+            return Self::from_raw_in(arena, name, t, rows, cols, form);
+        }
+        Ok(Matrix {
+            rows,
+            cols,
+            storage: Storage::Q8_0Exact(t.bytes.clone()),
+        })
+    }
+
     /// Block-quantized rows copied into memory of our own (tests build matrices this way), multiplied as in
     /// [`WeightForm::Native`]. `bytes` must hold exactly `rows × cols` values of `dtype`, whole blocks per row.
     pub fn from_quantized(dtype: DType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
@@ -401,6 +435,7 @@ impl Matrix {
                 bytes: b.as_slice(),
                 layout: *layout,
             }),
+            Storage::Q8_0Exact(b) => WeightSlice::Q8_0Exact(b.as_slice()),
         }
     }
 
@@ -422,6 +457,7 @@ impl Matrix {
                 (_, QuantBytes::Mapped(_)) => "quantized (mapped)",
                 (_, QuantBytes::Owned(_)) => "quantized (owned)",
             },
+            Storage::Q8_0Exact(_) => "q8_0 (mapped, f32 math)",
         }
     }
 
@@ -437,6 +473,7 @@ impl Matrix {
             Storage::Owned(v) | Storage::OwnedBF16(v) => v.bytes(),
             Storage::MappedF32(b) | Storage::MappedBF16(b) | Storage::MappedF16(b) => b.as_slice(),
             Storage::Quant(_, _, b) => b.as_slice(),
+            Storage::Q8_0Exact(b) => b.as_slice(),
         }
     }
 
@@ -468,6 +505,11 @@ impl Matrix {
                 quant::dequantize_into(q.dtype, row, out)
                     .expect("row length checked at construction");
             }
+            WeightSlice::Q8_0Exact(w) => {
+                let rb = w.len() / self.rows;
+                quant::dequantize_into(DType::Q8_0, &w[r * rb..(r + 1) * rb], out)
+                    .expect("row length checked at construction");
+            }
         }
     }
 
@@ -483,6 +525,7 @@ impl Matrix {
             return quantized::matmul_rows(q, self.rows, self.cols, ids, x, t, out);
         }
         let c = self.cols;
+        let mut row = vec![0f32; if t > 1 { c } else { 0 }];
         for ti in 0..t {
             let xr = &x[ti * c..(ti + 1) * c];
             for (i, &r) in ids.iter().enumerate() {
@@ -490,6 +533,18 @@ impl Matrix {
                     WeightSlice::F32(w) => dot(&w[r * c..(r + 1) * c], xr, t),
                     WeightSlice::BF16(w) => dot(&w[r * c..(r + 1) * c], xr, t),
                     WeightSlice::F16(w) => dot(&w[r * c..(r + 1) * c], xr, t),
+                    WeightSlice::Q8_0Exact(w) => {
+                        let rb = w.len() / self.rows;
+                        let stored = &w[r * rb..(r + 1) * rb];
+                        if t == 1 {
+                            // As the whole product's decode kernel reads the row.
+                            crate::kernels::matmul::dot_q8_0_row(stored, xr)
+                        } else {
+                            quant::dequantize_into(DType::Q8_0, stored, &mut row)
+                                .expect("row length checked at construction");
+                            dot(&row, xr, t)
+                        }
+                    }
                     WeightSlice::Quant(_) => unreachable!("handled above"),
                 };
             }
@@ -684,6 +739,57 @@ mod tests {
             fast.row_into(rows - 1, &mut b);
             assert_eq!(a, b);
         }
+    }
+
+    /// The exact form's Q8_0 output matrix, kept as stored, multiplies to the same bits as the same
+    /// rows dequantized at load, on every path: one token (its own decode kernel, with an odd row
+    /// count so a row goes alone), a few tokens (tiles) and many (GEMM) on bands of dequantized rows,
+    /// selected rows, embedding lookups; in bands of rows that do not divide the row count. Other
+    /// forms and types build the output matrix as any other.
+    #[test]
+    fn exact_q8_0_output_gives_the_dequantized_bits() {
+        for (rows, cols) in [(37, 64), (1201, 896), (5, 4864)] {
+            let q = quantize(DType::Q8_0, &data(rows * cols, rows as u32));
+            let (_f, t) = mapped(DType::Q8_0, [rows, cols], &q);
+            let arena = Arena::new();
+            let stored =
+                Matrix::output_from_raw_in(&arena, "o", &t, rows, cols, WeightForm::Exact).unwrap();
+            let widened = Matrix::from_raw("o", &t, rows, cols).unwrap();
+            assert_eq!(stored.form(), "q8_0 (mapped, f32 math)");
+            assert_eq!(widened.form(), "f32 (owned)");
+            assert_eq!(stored.bytes(), q.len());
+            for tokens in [1, 2, 5, 12, 40] {
+                let x = data(tokens * cols, 9 + tokens as u32);
+                let (mut got, mut want) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
+                stored.matmul(&x, tokens, &mut got);
+                widened.matmul(&x, tokens, &mut want);
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{rows}x{cols}, {tokens} tokens"
+                );
+                let ids = [rows - 1, 0, rows / 2];
+                let (mut a, mut b) = (vec![0f32; tokens * 3], vec![0f32; tokens * 3]);
+                stored.matmul_rows(&ids, &x, tokens, &mut a);
+                widened.matmul_rows(&ids, &x, tokens, &mut b);
+                assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            stored.row_into(rows - 1, &mut a);
+            widened.row_into(rows - 1, &mut b);
+            assert_eq!(a, b);
+        }
+        let (rows, cols) = (9, 64);
+        let q = quantize(DType::Q8_0, &data(rows * cols, 2));
+        let (_f, t) = mapped(DType::Q8_0, [rows, cols], &q);
+        let arena = Arena::new();
+        let native = Matrix::output_from_raw_in(&arena, "o", &t, rows, cols, WeightForm::Native);
+        assert_ne!(native.unwrap().form(), "q8_0 (mapped, f32 math)");
+        let q5 = quantize(DType::Q5_0, &data(rows * cols, 2));
+        let (_f, t) = mapped(DType::Q5_0, [rows, cols], &q5);
+        let exact = Matrix::output_from_raw_in(&arena, "o", &t, rows, cols, WeightForm::Exact);
+        assert_eq!(exact.unwrap().form(), "f32 (owned)");
     }
 
     /// Converting forms a band of rows at a time gives every value the whole-tensor definition gives

@@ -196,13 +196,29 @@ impl Model {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(matrix("lm_head.weight", c.vocab_size, h)?)
+            let name = "lm_head.weight";
+            let t = store.get(name)?;
+            Some(Matrix::output_from_raw_in(
+                &arena,
+                name,
+                t,
+                c.vocab_size,
+                h,
+                form,
+            )?)
         };
         // Untied, the embedding table is only looked up, a row per token: it stays as stored and each
         // row is rounded to the weight form as it is read (`LookupTable`), rather than held converted.
         let name = "model.embed_tokens.weight";
         let embed_tokens = if c.tie_word_embeddings {
-            LookupTable::of_matrix(matrix(name, c.vocab_size, h)?)
+            LookupTable::of_matrix(Matrix::output_from_raw_in(
+                &arena,
+                name,
+                store.get(name)?,
+                c.vocab_size,
+                h,
+                form,
+            )?)
         } else {
             LookupTable::from_raw_in(&arena, name, store.get(name)?, c.vocab_size, h, form)?
         };

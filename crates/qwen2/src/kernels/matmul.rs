@@ -90,6 +90,9 @@ pub enum WeightSlice<'a> {
     F16(&'a [f16]),
     /// Block-quantized rows, multiplied with quantized activations (see `quantized.rs`).
     Quant(super::quantized::QuantSlice<'a>),
+    /// Q8_0 rows as a GGUF file stores them, multiplied in f32 on their exact values (each `q · d`)
+    /// with the products and bits of the same rows dequantized to f32 ([`matmul_q8_0_exact`]).
+    Q8_0Exact(&'a [u8]),
 }
 
 #[inline(always)]
@@ -139,6 +142,19 @@ pub fn dot_row<W: WeightElem>(w: &[W], x: &[f32], t: usize) -> f32 {
     }
     let _ = t;
     dot(w, x)
+}
+
+/// One Q8_0 row (as stored) · `x`, for one token: the bits of that row's entry in
+/// [`matmul_q8_0_exact`]'s product, and of [`dot_row`] on the row dequantized.
+pub fn dot_q8_0_row(w: &[u8], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::float_x86::has_avx2() {
+        return super::float_x86::dot_q8_0(w, x);
+    }
+    let mut row = vec![0f32; x.len()];
+    crate::weights::quant::dequantize_into(crate::weights::DType::Q8_0, w, &mut row)
+        .expect("a row of whole Q8_0 blocks");
+    dot_row(&row, x, 1)
 }
 
 pub fn dot_scalar<W: WeightElem>(w: &[W], x: &[f32]) -> f32 {
@@ -418,6 +434,44 @@ pub fn matmul(w: WeightSlice, rows: usize, cols: usize, x: &[f32], t: usize, out
         WeightSlice::BF16(w) => matmul_float(w, rows, cols, x, t, out),
         WeightSlice::F16(w) => matmul_float(w, rows, cols, x, t, out),
         WeightSlice::Quant(w) => super::quantized::matmul(w, rows, cols, x, t, out),
+        WeightSlice::Q8_0Exact(w) => matmul_q8_0_exact(w, rows, cols, x, t, out),
+    }
+}
+
+/// Rows of Q8_0 weights dequantized at a time by [`matmul_q8_0_exact`] outside decode: ~4 MiB of f32.
+const EXACT_BAND_BYTES: usize = 4 << 20;
+
+/// `out (t × rows) = x (t × cols) · wᵀ` for Q8_0 rows `w` (as stored), in f32 on their exact values:
+/// the same bits as [`matmul_float`] on the rows dequantized to f32.
+///
+/// Why: in the exact form the output matrix (the default model's is Q8_0, 151936 × 896) was held
+/// dequantized, 545 MB of f32 read at the memory's pace for every token decoded and once per prefill
+/// (its last position); as stored it is 145 MB. Its decode product widens each block in registers
+/// (`float_x86::decode_q8_0`). Any other product (several tokens: every position's logits) dequantizes
+/// a band of rows at a time into f32 and runs the float kernels on it, so its bits are theirs too.
+pub fn matmul_q8_0_exact(w: &[u8], rows: usize, cols: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    use crate::weights::{quant, DType};
+    let rb = super::quantized::row_bytes(DType::Q8_0, cols).expect("rows of whole Q8_0 blocks");
+    assert!(w.len() >= rows * rb && x.len() == t * cols && out.len() == t * rows);
+    #[cfg(target_arch = "x86_64")]
+    if t == 1 && super::float_x86::has_avx2() {
+        return super::float_x86::decode_q8_0(&w[..rows * rb], rb, x, out);
+    }
+    let band = (EXACT_BAND_BYTES / (4 * cols)).clamp(1, rows.max(1));
+    let mut values = vec![0f32; band * cols];
+    let mut band_out = vec![0f32; t * band];
+    for r0 in (0..rows).step_by(band) {
+        let n = band.min(rows - r0);
+        let per = 64;
+        pool::for_each_chunk_mut(&mut values[..n * cols], per * cols, |i, v| {
+            let first = r0 + i * per;
+            let bytes = &w[first * rb..(first + v.len() / cols) * rb];
+            quant::dequantize_into(DType::Q8_0, bytes, v).expect("whole blocks, checked above");
+        });
+        matmul_float(&values[..n * cols], n, cols, x, t, &mut band_out[..t * n]);
+        for ti in 0..t {
+            out[ti * rows + r0..][..n].copy_from_slice(&band_out[ti * n..][..n]);
+        }
     }
 }
 
