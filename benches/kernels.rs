@@ -42,6 +42,8 @@ enum Weights {
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
     Quant(DType, Layout, Vec<u8>),
+    /// Q8_0 rows multiplied in f32 on their exact values (the exact form's output matrix).
+    Q8_0Exact(Vec<u8>),
 }
 
 impl Weights {
@@ -66,6 +68,13 @@ impl Weights {
                 data(n, 3).into_iter().map(f16::from_f32).collect(),
             )),
             "q8_0" => q(DType::Q8_0),
+            "q8_0_exact" => cols.is_multiple_of(32).then(|| {
+                Weights::Q8_0Exact(reference_quantizer::random_blocks(
+                    DType::Q8_0,
+                    n / 32,
+                    n as u64,
+                ))
+            }),
             // Q8_0 and Q5_0 as the x86 decode holds them (`quantized::decode_layout`): eight rows
             // interleaved.
             "q8_0x8" | "q5_0x8" => {
@@ -92,7 +101,7 @@ impl Weights {
             Weights::F32(w) => w.len() * 4,
             Weights::Bf16(w) => w.len() * 2,
             Weights::F16(w) => w.len() * 2,
-            Weights::Quant(_, _, b) => b.len(),
+            Weights::Quant(_, _, b) | Weights::Q8_0Exact(b) => b.len(),
         }
     }
 
@@ -109,6 +118,7 @@ impl Weights {
             Weights::F32(w) => matmul(WeightSlice::F32(w), rows, cols, x, t, out),
             Weights::Bf16(w) => matmul(WeightSlice::BF16(w), rows, cols, x, t, out),
             Weights::F16(w) => matmul(WeightSlice::F16(w), rows, cols, x, t, out),
+            Weights::Q8_0Exact(b) => matmul(WeightSlice::Q8_0Exact(b), rows, cols, x, t, out),
             Weights::Quant(dtype, layout, b) => {
                 let w = QuantSlice {
                     dtype: *dtype,
@@ -121,8 +131,17 @@ impl Weights {
     }
 }
 
-const FORMS: [&str; 9] = [
-    "f32", "bf16", "f16", "q8_0", "q8_0x8", "q5_0", "q5_0x8", "q4_k", "q6_k",
+const FORMS: [&str; 10] = [
+    "f32",
+    "bf16",
+    "f16",
+    "q8_0",
+    "q8_0x8",
+    "q5_0",
+    "q5_0x8",
+    "q4_k",
+    "q6_k",
+    "q8_0_exact",
 ];
 
 fn config() -> Criterion {
@@ -159,7 +178,9 @@ fn matvec(c: &mut Criterion) {
 
 fn matmul_prefill(c: &mut Criterion) {
     let best = Backend::best();
-    for form in FORMS {
+    // The exact Q8_0 rows are only ever multiplied for one token in a pass (the output matrix); more
+    // tokens run the f32 GEMM on bands of them dequantized.
+    for form in FORMS.into_iter().filter(|&f| f != "q8_0_exact") {
         let mut g = c.benchmark_group(format!("matmul/{form}"));
         g.sample_size(10);
         for (rows, cols) in [(4864, 896), (896, 4864)] {
