@@ -1,5 +1,6 @@
 //! GGUF → Hugging Face directory: the written safetensors loads back through Duet's own safetensors reader with
-//! the dequantized values, names and shapes; the JSON files describe the same model and tokenizer.
+//! the dequantized values, names and shapes; the JSON files describe the same model and tokenizer; the
+//! exact form of the GGUF gives the logits of its conversion.
 
 mod gguf_common;
 
@@ -167,4 +168,50 @@ fn a_bad_source_writes_nothing() {
     let out = dir.path().join("hf");
     assert!(convert_gguf(&src, &out, ConvertDType::F32, &mut |_, _| {}).is_err());
     assert!(!out.join("model.safetensors").exists());
+}
+
+/// The exact form of a quantized GGUF (its Q8_0 output matrix kept as stored and widened in registers,
+/// the other blocks dequantized at load) gives, bit for bit, the logits of its f32 conversion, whose
+/// every matrix is plain f32: in a prefill's every position, in the last one alone, and in decode steps
+/// after it; tied (the output matrix is the Q8_0 embedding table) and untied.
+#[test]
+fn exact_gguf_logits_are_its_f32_conversions() {
+    use qwen2::matrix::WeightForm;
+    use qwen2::{KvCache, Logits};
+    for untied in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = tiny_qwen2(&TinyOptions {
+            untied,
+            quantized: true,
+        })
+        .write(dir.path(), "tiny.gguf");
+        let out = dir.path().join("hf");
+        convert_gguf(&src, &out, ConvertDType::F32, &mut |_, _| {}).unwrap();
+        let gguf = qwen2::load::load_with(&src, WeightForm::Exact).unwrap();
+        let f32s = qwen2::load::load_with(&out, WeightForm::Exact).unwrap();
+        assert_eq!(
+            gguf.model.output_matrix().form(),
+            "q8_0 (mapped, f32 math)",
+            "untied: {untied}"
+        );
+        assert_eq!(f32s.model.output_matrix().form(), "f32 (mapped)");
+        let ids: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 256).collect();
+        let run = |m: &qwen2::Model| {
+            let mut logits = Vec::new();
+            let mut cache = KvCache::new(&m.config, 32).unwrap();
+            logits.extend(m.forward(&ids, &mut cache, Logits::All).unwrap());
+            cache.truncate(0);
+            logits.extend(m.forward(&ids, &mut cache, Logits::Last).unwrap());
+            for &t in &ids[..5] {
+                logits.extend(m.forward(&[t], &mut cache, Logits::Last).unwrap());
+            }
+            logits
+        };
+        let (a, b) = (run(&gguf.model), run(&f32s.model));
+        assert_eq!(a.len(), b.len());
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "untied: {untied}"
+        );
+    }
 }
