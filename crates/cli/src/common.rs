@@ -73,6 +73,13 @@ pub fn load_model(g: &Global) -> Result<qwen2::LoadedModel> {
             "[trace] float prefill GEMM in {}-bit vectors (f32/bf16/f16 weights, 12 or more tokens)",
             qwen2::kernels::matmul::float_gemm_lanes() * 32
         );
+        let m = &loaded.model;
+        eprintln!(
+            "[trace] Model::output_matrix → {}, {} MB (of the {} MB of weights a decode step reads)",
+            m.output_matrix().form(),
+            m.output_matrix().bytes() / 1_000_000,
+            m.weight_bytes_per_token() / 1_000_000
+        );
     }
     Ok(loaded)
 }
