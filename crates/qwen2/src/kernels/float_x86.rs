@@ -740,9 +740,10 @@ const Q8_0_BLOCK: usize = 34;
 /// its exact f32 (`q · d`: an 8-bit integer times an f16 needs at most 19 significant bits, so the
 /// product is exact) and summed as [`dot_f32_decode`] sums the same values stored as f32: one chain of
 /// eight lanes per row, in order, then [`hsum`]. So the same bits as the f32 row, from a quarter of
-/// its bytes. A row's chain waits on its FMAs' latency, so [`decode_q8_0`] takes four rows a call;
-/// the rows `R` ahead are asked for into L1 as these are read. The widening (three instructions per
-/// eight values) keeps it from the memory's pace: on a 2-core Xeon VM the default model's output
+/// its bytes. A row's chain waits on its FMAs' latency, so [`decode_q8_0`] takes four rows a call.
+/// The rows `R` ahead are asked for into L1 as these are read: without that the product took 1.7–2.1×
+/// as long on a 2-core Xeon VM (alternated in one process; not measured on AMD). The widening (three
+/// instructions per eight values) keeps it from the memory's pace there: the default model's output
 /// product took 8.0–9.7 ms (15–18 GB/s of blocks against a 19–24 GB/s probe) where its f32 rows took
 /// 21.5–24.0 ms, alternated in one process; two rows a call 9.7–9.9 ms, eight as fast as four; the
 /// blocks widened sixteen values at a time in 512-bit registers (then summed eight lanes at a time, as
