@@ -148,6 +148,11 @@ impl Model {
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
             Matrix::from_raw_in(&arena, name, store.get(name)?, rows, cols, form)
         };
+        // The logits' projection (`lm_head`, or the embedding table where tied).
+        let output = |name: &str| -> Result<Matrix> {
+            let t = store.get(name)?;
+            Matrix::output_from_raw_in(&arena, name, t, c.vocab_size, h, form)
+        };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
             let mut v = to_f32_vec(name, store.get_shaped(name, &[len])?)?;
             if form == WeightForm::Bf16 {
@@ -196,29 +201,13 @@ impl Model {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            let name = "lm_head.weight";
-            let t = store.get(name)?;
-            Some(Matrix::output_from_raw_in(
-                &arena,
-                name,
-                t,
-                c.vocab_size,
-                h,
-                form,
-            )?)
+            Some(output("lm_head.weight")?)
         };
         // Untied, the embedding table is only looked up, a row per token: it stays as stored and each
         // row is rounded to the weight form as it is read (`LookupTable`), rather than held converted.
         let name = "model.embed_tokens.weight";
         let embed_tokens = if c.tie_word_embeddings {
-            LookupTable::of_matrix(Matrix::output_from_raw_in(
-                &arena,
-                name,
-                store.get(name)?,
-                c.vocab_size,
-                h,
-                form,
-            )?)
+            LookupTable::of_matrix(output(name)?)
         } else {
             LookupTable::from_raw_in(&arena, name, store.get(name)?, c.vocab_size, h, form)?
         };
