@@ -736,11 +736,11 @@ pub fn dot<W: super::matmul::WeightElem>(w: &[W], x: &[f32]) -> f32 {
 /// Bytes of a Q8_0 block: an f16 scale, then 32 signed bytes.
 const Q8_0_BLOCK: usize = 34;
 
-/// `R` rows of Q8_0 blocks (`blocks` each, `rb` bytes apart from `w`) times `x`, each value widened to
-/// its exact f32 (`q · d`: an 8-bit integer times an f16 needs at most 19 significant bits, so the
-/// product is exact) and summed as [`dot_f32_decode`] sums the same values stored as f32: one chain of
-/// eight lanes per row, in order, then [`hsum`]. So the same bits as the f32 row, from a quarter of
-/// its bytes. A row's chain waits on its FMAs' latency, so [`decode_q8_0`] takes four rows a call.
+/// `R` rows of Q8_0 blocks (`blocks` each, `rb` bytes apart from `w`) times `T` tokens' activations
+/// `x`, each value widened to its exact f32 (`q · d`: an 8-bit integer times an f16 needs at most 19
+/// significant bits, so the product is exact) and summed as [`dot_f32_decode`] and [`tile_raw`] sum
+/// the same values stored as f32 in rows of whole 32-value blocks: one chain of eight lanes per row
+/// and token, in order, then [`hsum`]. So the same bits as the f32 rows, from a quarter of the bytes. A row's chain waits on its FMAs' latency, so [`decode_q8_0`] takes four rows a call.
 /// The rows `R` ahead are asked for into L1 as these are read: without that the product took 1.7–2.1×
 /// as long on a 2-core Xeon VM (alternated in one process; not measured on AMD). The widening (three
 /// instructions per eight values) keeps it from the memory's pace there: the default model's output
@@ -750,20 +750,20 @@ const Q8_0_BLOCK: usize = 34;
 /// here) as fast as this.
 ///
 /// # Safety
-/// `R` rows of `blocks` whole blocks are readable at `w + r · rb`, `32 · blocks` f32 at `x`; the CPU
-/// has AVX2, FMA and F16C.
+/// `R` rows of `blocks` whole blocks are readable at `w + r · rb`, `32 · blocks` f32 at each `x[t]`;
+/// the CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_0_rows<const R: usize>(
+unsafe fn dot_q8_0_rows<const R: usize, const T: usize>(
     w: *const u8,
     rb: usize,
-    x: *const f32,
+    x: [*const f32; T],
     blocks: usize,
-) -> [f32; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
+) -> [[f32; T]; R] {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
     for b in 0..blocks {
         for (r, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: block b of row r is readable, and so are the 32 activations of block b
-            // (caller); a prefetch never faults.
+            // SAFETY: block b of row r is readable, and so are the 32 activations of block b of
+            // each token (caller); a prefetch never faults.
             unsafe {
                 let block = w.add(r * rb + b * Q8_0_BLOCK);
                 _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(R * rb) as *const i8);
@@ -772,12 +772,14 @@ unsafe fn dot_q8_0_rows<const R: usize>(
                 for j in 0..4 {
                     let q = _mm_loadl_epi64(block.add(2 + 8 * j) as *const __m128i);
                     let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
-                    *acc = _mm256_fmadd_ps(v, _mm256_loadu_ps(x.add(32 * b + 8 * j)), *acc);
+                    for (a, xt) in acc.iter_mut().zip(x) {
+                        *a = _mm256_fmadd_ps(v, _mm256_loadu_ps(xt.add(32 * b + 8 * j)), *a);
+                    }
                 }
             }
         }
     }
-    acc.map(|a| hsum(a))
+    acc.map(|row| row.map(|a| hsum(a)))
 }
 
 /// `out[r] = row r · x` for the Q8_0 rows `w` (`rb` bytes each, as a GGUF file stores them) of a
@@ -798,11 +800,11 @@ pub fn decode_q8_0(w: &[u8], rb: usize, x: &[f32], out: &mut [f32]) {
             // values; AVX2, FMA and F16C were checked.
             unsafe {
                 if r + 4 <= o.len() {
-                    let v = dot_q8_0_rows::<4>(at, rb, acts.as_ptr(), blocks);
-                    o[r..r + 4].copy_from_slice(&v);
+                    let v = dot_q8_0_rows::<4, 1>(at, rb, [acts.as_ptr()], blocks);
+                    o[r..r + 4].copy_from_slice(&v.map(|[s]| s));
                     r += 4;
                 } else {
-                    o[r] = dot_q8_0_rows::<1>(at, rb, acts.as_ptr(), blocks)[0];
+                    o[r] = dot_q8_0_rows::<1, 1>(at, rb, [acts.as_ptr()], blocks)[0][0];
                     r += 1;
                 }
             }
@@ -818,7 +820,74 @@ pub fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
     let acts = decode_acts::<f32>(x);
     // SAFETY: the row holds `blocks` whole blocks and `acts` 32 · blocks values (asserted); AVX2, FMA
     // and F16C were checked.
-    unsafe { dot_q8_0_rows::<1>(row.as_ptr(), row.len(), acts.as_ptr(), blocks)[0] }
+    unsafe { dot_q8_0_rows::<1, 1>(row.as_ptr(), row.len(), [acts.as_ptr()], blocks)[0][0] }
+}
+
+/// `out (t × rows) = x (t × cols) · wᵀ` for the Q8_0 rows `w` (`rb` bytes each) of a short prefill's
+/// product (2 to `GEMM_MIN_TOKENS - 1` tokens), in f32 on the rows' exact values, with the bits of
+/// the tiles ([`tile`]) on the rows dequantized: each (row, token) one chain of eight lanes over the
+/// row in order, then [`hsum`], as there (the rows hold whole 32-value blocks, so no scalar tail).
+/// Two rows and up to four tokens a call, each block widened once for all of them: the matrix is
+/// read once per four tokens. Dequantizing bands of rows for the tiles instead took 1.4× as long as
+/// the f32 rows at two tokens (the default model's output matrix on a 2-core Xeon VM).
+pub fn tiles_q8_0(w: &[u8], rb: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    let blocks = rb / Q8_0_BLOCK;
+    let cols = 32 * blocks;
+    let rows = out.len() / t.max(1);
+    assert!(rb == blocks * Q8_0_BLOCK && x.len() == t * cols && out.len() == t * rows);
+    assert!(w.len() >= rows * rb && has_avx2());
+    let threads = rayon::current_num_threads().max(1);
+    let per = rows.div_ceil(threads * 8).max(2).next_multiple_of(2);
+    // Rows × tokens, each task's rows contiguous; transposed into `out` at the end.
+    let mut out_t = vec![0f32; rows * t];
+    super::pool::for_each_chunk_mut(&mut out_t, per * t, |c, o| {
+        let r0 = c * per;
+        let nrows = o.len() / t;
+        for t0 in (0..t).step_by(4) {
+            let nt = (t - t0).min(4);
+            let xs: [*const f32; 4] =
+                std::array::from_fn(|i| x[(t0 + i.min(nt - 1)) * cols..].as_ptr());
+            let mut r = 0;
+            while r < nrows {
+                let two = r + 2 <= nrows;
+                let at = w[(r0 + r) * rb..].as_ptr();
+                macro_rules! call {
+                    ($rows:literal, $toks:literal) => {{
+                        // SAFETY: rows r0 + r .. r0 + r + $rows lie within `w` (asserted), each
+                        // `blocks` whole blocks; each token's row of `x` holds `cols` values; AVX2,
+                        // FMA and F16C were checked.
+                        let v = unsafe {
+                            dot_q8_0_rows::<$rows, $toks>(
+                                at,
+                                rb,
+                                std::array::from_fn(|i| xs[i]),
+                                blocks,
+                            )
+                        };
+                        for (k, row) in v.iter().enumerate() {
+                            o[(r + k) * t + t0..][..$toks].copy_from_slice(row);
+                        }
+                    }};
+                }
+                match (two, nt) {
+                    (true, 1) => call!(2, 1),
+                    (true, 2) => call!(2, 2),
+                    (true, 3) => call!(2, 3),
+                    (true, _) => call!(2, 4),
+                    (false, 1) => call!(1, 1),
+                    (false, 2) => call!(1, 2),
+                    (false, 3) => call!(1, 3),
+                    (false, _) => call!(1, 4),
+                }
+                r += if two { 2 } else { 1 };
+            }
+        }
+    });
+    for r in 0..rows {
+        for ti in 0..t {
+            out[ti * rows + r] = out_t[r * t + ti];
+        }
+    }
 }
 
 /// `Σ_k w[k] · x[k]` over `n` bf16 weights (bits in `w`, `n` a multiple of 32) for decode on AVX-512,

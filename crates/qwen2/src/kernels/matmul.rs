@@ -447,15 +447,22 @@ const EXACT_BAND_BYTES: usize = 4 << 20;
 /// Why: in the exact form the output matrix (the default model's is Q8_0, 151936 × 896) was held
 /// dequantized, 545 MB of f32 read at the memory's pace for every token decoded and once per prefill
 /// (its last position); as stored it is 145 MB. Its decode product widens each block in registers
-/// (`float_x86::decode_q8_0`). Any other product (several tokens: every position's logits) dequantizes
-/// a band of rows at a time into f32 and runs the float kernels on it, so its bits are theirs too.
+/// (`float_x86::decode_q8_0`), and so do a short prefill's tiles (`float_x86::tiles_q8_0`, the tiles'
+/// bits). A product the GEMM would take (`GEMM_MIN_TOKENS` tokens or more: every position's logits of
+/// a prompt) dequantizes a band of rows at a time into f32 and runs the GEMM on it, so its bits are
+/// the GEMM's too.
 pub fn matmul_q8_0_exact(w: &[u8], rows: usize, cols: usize, x: &[f32], t: usize, out: &mut [f32]) {
     use crate::weights::{quant, DType};
     let rb = super::quantized::row_bytes(DType::Q8_0, cols).expect("rows of whole Q8_0 blocks");
     assert!(w.len() >= rows * rb && x.len() == t * cols && out.len() == t * rows);
     #[cfg(target_arch = "x86_64")]
-    if t == 1 && super::float_x86::has_avx2() {
-        return super::float_x86::decode_q8_0(&w[..rows * rb], rb, x, out);
+    if super::float_x86::has_avx2() {
+        if t == 1 {
+            return super::float_x86::decode_q8_0(&w[..rows * rb], rb, x, out);
+        }
+        if t < GEMM_MIN_TOKENS {
+            return super::float_x86::tiles_q8_0(&w[..rows * rb], rb, x, t, out);
+        }
     }
     let band = (EXACT_BAND_BYTES / (4 * cols)).clamp(1, rows.max(1));
     let mut values = vec![0f32; band * cols];
