@@ -740,7 +740,8 @@ const Q8_0_BLOCK: usize = 34;
 /// `x`, each value widened to its exact f32 (`q · d`: an 8-bit integer times an f16 needs at most 19
 /// significant bits, so the product is exact) and summed as [`dot_f32_decode`] and [`tile_raw`] sum
 /// the same values stored as f32 in rows of whole 32-value blocks: one chain of eight lanes per row
-/// and token, in order, then [`hsum`]. So the same bits as the f32 rows, from a quarter of the bytes. A row's chain waits on its FMAs' latency, so [`decode_q8_0`] takes four rows a call.
+/// and token, in order, then [`hsum`]. So the same bits as the f32 rows, from a quarter of the bytes.
+/// A row's chain waits on its FMAs' latency, so [`decode_q8_0`] takes four rows a call.
 /// The rows `R` ahead are asked for into L1 as these are read: without that the product took 1.7–2.1×
 /// as long on a 2-core Xeon VM (alternated in one process; not measured on AMD). The widening (three
 /// instructions per eight values) keeps it from the memory's pace there: the default model's output
