@@ -742,10 +742,10 @@ mod tests {
     }
 
     /// The exact form's Q8_0 output matrix, kept as stored, multiplies to the same bits as the same
-    /// rows dequantized at load, on every path: one token (its own decode kernel, with an odd row
-    /// count so a row goes alone), a few tokens (tiles) and many (GEMM) on bands of dequantized rows,
-    /// selected rows, embedding lookups; in bands of rows that do not divide the row count. Other
-    /// forms and types build the output matrix as any other.
+    /// rows dequantized at load, on every path: one token (its decode kernel, with an odd row count so
+    /// a row goes alone), a few tokens (the same kernel in the tiles' order, four tokens and then one),
+    /// many (the GEMM on bands of dequantized rows that do not divide the row count), selected rows,
+    /// embedding lookups. Other forms and types build the output matrix as any other.
     #[test]
     fn exact_q8_0_output_gives_the_dequantized_bits() {
         for (rows, cols) in [(37, 64), (1201, 896), (5, 4864)] {
