@@ -352,16 +352,14 @@ struct Q4KHdr {
 }
 
 struct Q4K;
-impl Fmt for Q4K {
-    const SB_VALS: usize = 256;
-    const SB_BYTES: usize = 144;
-    const SIGNED: bool = false;
-    const MINS: bool = true;
-    const PANEL_G: usize = 8;
-    type Hdr = Q4KHdr;
+impl Q4K {
+    /// The super-block's eight piece scales `d · sc_j` and mins `dmin · m_j`, piece `j` in lane `j`.
+    ///
+    /// # Safety
+    /// `p` points at a whole super-block; the CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn header(p: *const u8) -> Q4KHdr {
+    unsafe fn scales_mins(p: *const u8) -> (__m256, __m256) {
         // SAFETY: p points at a whole 144-byte super-block: d, dmin, 12 bytes of scales, 128 of nibbles.
         let (d, dmin, s) = unsafe {
             (
@@ -388,11 +386,27 @@ impl Fmt for Q4K {
                 _mm256_set1_ps(by),
             )
         };
+        (widen(scales, d), widen(mins, dmin))
+    }
+}
+
+impl Fmt for Q4K {
+    const SB_VALS: usize = 256;
+    const SB_BYTES: usize = 144;
+    const SIGNED: bool = false;
+    const MINS: bool = true;
+    const PANEL_G: usize = 8;
+    type Hdr = Q4KHdr;
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn header(p: *const u8) -> Q4KHdr {
+        // SAFETY: p points at a whole super-block (caller).
+        let (sc, mins) = unsafe { Q4K::scales_mins(p) };
         let mut h = Q4KHdr::default();
         // SAFETY: each array holds eight f32.
         unsafe {
-            _mm256_storeu_ps(h.sc.as_mut_ptr(), widen(scales, d));
-            _mm256_storeu_ps(h.mins.as_mut_ptr(), widen(mins, dmin));
+            _mm256_storeu_ps(h.sc.as_mut_ptr(), sc);
+            _mm256_storeu_ps(h.mins.as_mut_ptr(), mins);
         }
         h
     }
@@ -1260,6 +1274,223 @@ fn run_rows8<F: Rows8>(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, 
     }
 }
 
+/// A K-quant format's decode in 512-bit vectors ([`rows_k512`]): two 32-value pieces of a super-block
+/// in one register, piece `2i` in the low eight i32 lanes of their sums and `2i + 1` in the high eight.
+trait KPairs: Fmt {
+    /// What a super-block's pairs need, decoded once: its pieces' scales times the activations'.
+    type Prep: Copy;
+    /// # Safety
+    /// `p` points at a whole super-block, the activations hold super-block `s`; the CPU has AVX-512
+    /// F, BW and VNNI.
+    unsafe fn prep(p: *const u8, a: ActPtr, s: usize) -> Self::Prep;
+    /// Pair `i` (pieces `2i`, `2i + 1`) times the activations (`x`: their 64 bytes): the i32 sums
+    /// converted to f32, and each lane's scale, both as [`Fmt::sub`] and the row kernel's `piece`
+    /// make them.
+    ///
+    /// # Safety
+    /// As [`KPairs::prep`], `i < 4`.
+    unsafe fn pair(p: *const u8, prep: &Self::Prep, i: usize, x: __m512i) -> (__m512, __m512);
+    /// The even pieces' chain `p0` at the end of super-block `s`, less the mins (`dmin · m_j` times
+    /// the activations' block sums, in one FMA as `superblock` takes them), for formats with mins.
+    ///
+    /// # Safety
+    /// As [`KPairs::prep`].
+    unsafe fn take_mins(prep: &Self::Prep, a: ActPtr, s: usize, p0: __m256) -> __m256;
+}
+
+/// Per pair `i`, the lanes of the eight piece scales (lane `j` of a `__m256`, zero-extended) that its
+/// sixteen i32 lanes take: piece `2i` in the low eight, `2i + 1` in the high eight.
+const PAIR_SCALE_IDX: [[i32; 16]; 4] = {
+    let mut t = [[0i32; 16]; 4];
+    let mut i = 0;
+    while i < 4 {
+        let mut l = 0;
+        while l < 16 {
+            t[i][l] = (2 * i + l / 8) as i32;
+            l += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
+impl KPairs for Q4K {
+    /// Each piece's scale times its activation block's (lane `j`), and the mins.
+    type Prep = (__m256, __m256);
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn prep(p: *const u8, a: ActPtr, s: usize) -> (__m256, __m256) {
+        // SAFETY: a whole super-block at p; the activations' eight block scales of super-block s.
+        let ((sc, mins), dx) = unsafe { (Q4K::scales_mins(p), _mm256_loadu_ps(a.d.add(8 * s))) };
+        // Lane j: `d · sc_j` times block j's activation scale, the product `piece` makes per piece.
+        (_mm256_mul_ps(sc, dx), mins)
+    }
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn pair(p: *const u8, prep: &Self::Prep, i: usize, x: __m512i) -> (__m512, __m512) {
+        // Pieces 2i and 2i + 1 are the low and the high nibbles of the same 32 bytes: those bytes in
+        // both halves, the high half's 16-bit words shifted down by four, then every byte masked.
+        // SAFETY: bytes 16 + 32i .. + 32 lie within the 144-byte super-block (i < 4).
+        let q = unsafe { _mm512_broadcast_i64x4(load32(p.add(16 + 32 * i))) };
+        let q = _mm512_mask_srli_epi16(q, 0xFFFF_0000, q, 4);
+        let v = _mm512_and_si512(q, _mm512_set1_epi8(0x0F));
+        let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x);
+        let idx = _mm512_loadu_si512(PAIR_SCALE_IDX[i].as_ptr().cast());
+        let scale = _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(prep.0));
+        (_mm512_cvtepi32_ps(sums), scale)
+    }
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn take_mins(prep: &Self::Prep, a: ActPtr, s: usize, p0: __m256) -> __m256 {
+        // SAFETY: the eight block sums of super-block s exist (caller).
+        _mm256_fnmadd_ps(prep.1, unsafe { _mm256_loadu_ps(a.sums.add(8 * s)) }, p0)
+    }
+}
+
+/// Per pair `i` of a Q6_K super-block, the lanes of its sixteen half-piece scales (a `__m512`) that
+/// the pair's i32 lanes take: lanes 0..4 of a piece sum its first sixteen values, 4..8 the rest.
+const Q6K_PAIR_SCALE_IDX: [[i32; 16]; 4] = {
+    let mut t = [[0i32; 16]; 4];
+    let mut i = 0;
+    while i < 4 {
+        let mut l = 0;
+        while l < 16 {
+            t[i][l] = (4 * i + l / 4) as i32;
+            l += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
+impl KPairs for Q6K {
+    /// Each half-piece's scale times its activation block's (lane `2j + half`).
+    type Prep = __m512;
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn prep(p: *const u8, a: ActPtr, s: usize) -> __m512 {
+        // SAFETY: the sixteen i8 scales are bytes 192..208 of the 210-byte super-block, d the last
+        // two; the activations' eight block scales of super-block s.
+        let (sc, d, dx) = unsafe {
+            (
+                _mm_loadu_si128(p.add(192) as *const __m128i),
+                f16_at(p.add(208)),
+                _mm256_loadu_ps(a.d.add(8 * s)),
+            )
+        };
+        // `sc_m · d` as the header makes it, then times block m / 2's activation scale.
+        let sd = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
+            _mm512_set1_ps(d),
+        );
+        let dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        _mm512_mul_ps(sd, _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(dx)))
+    }
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn pair(p: *const u8, prep: &__m512, i: usize, x: __m512i) -> (__m512, __m512) {
+        // Pieces 32k + 128h for k = 2(i % 2) + (0, 1) and h = i / 2: low four bits from the 64 bytes
+        // ql[64h..] (the low nibbles for k < 2, the high ones for k ≥ 2), each piece's high two from
+        // bits 2k, 2k + 1 of the same 32 bytes qh[32h..], moved to bits 4 and 5.
+        let (h, k0) = (i / 2, 2 * (i % 2));
+        // SAFETY: ql (0..128) and qh (128..192) offsets within the block (i < 4).
+        let (ql, qh) = unsafe {
+            (
+                _mm512_loadu_si512(p.add(64 * h).cast()),
+                _mm512_broadcast_i64x4(load32(p.add(128 + 32 * h))),
+            )
+        };
+        let lo = if k0 == 0 {
+            ql
+        } else {
+            _mm512_srli_epi16(ql, 4)
+        };
+        // Bits 2k, 2k + 1 of each byte to bits 4, 5: the 16-bit words shifted left by 4 - 2k for
+        // k < 2, right by 2k - 4 for k ≥ 2 (piece 2i's count in the low half, 2i + 1's in the high
+        // half); the mask drops the bits shifted in from the neighbouring byte.
+        let counts = |lo: i16, hi: i16| {
+            _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi))
+        };
+        let hi = if k0 == 0 {
+            _mm512_sllv_epi16(qh, counts(4, 2))
+        } else {
+            _mm512_srlv_epi16(qh, counts(0, 2))
+        };
+        let hi = _mm512_and_si512(hi, _mm512_set1_epi8(0x30));
+        // (lo & 0x0F) | hi: the stored value, 0..63.
+        let v = _mm512_ternarylogic_epi32::<0xEA>(lo, _mm512_set1_epi8(0x0F), hi);
+        // Σ (v - 32) · x = Σ v · x - 32 · Σ x, four values a lane: the same i32 sums as the sign trick.
+        let sums = _mm512_sub_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x),
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(32), x),
+        );
+        let idx = _mm512_loadu_si512(Q6K_PAIR_SCALE_IDX[i].as_ptr().cast());
+        (_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(idx, *prep))
+    }
+    #[inline]
+    unsafe fn take_mins(_prep: &__m512, _a: ActPtr, _s: usize, p0: __m256) -> __m256 {
+        p0
+    }
+}
+
+/// Decode of K-quant rows (Q4_K, Q6_K) where the CPU has AVX-512 VNNI: `out[r] = row r · a`, the
+/// same sums as `vnni::rows`, bit for bit. That kernel takes a piece of 32 values at a time in 256-bit
+/// vectors, with a broadcast and a multiply for its scale; here a pair of pieces shares each
+/// instruction, and a super-block's scales are multiplied once. Its two accumulator chains per
+/// super-block (even pieces, odd pieces) are the low and high halves of one register, added in the
+/// same order.
+///
+/// # Safety
+/// As `vnni::rows`: `w` holds `nrows` rows of `nsb` super-blocks of `row_bytes` bytes, `out` room for
+/// `nrows` values, the activations `nsb` super-blocks' values; the CPU has AVX-512 F, BW, VL, VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows_k512<F: KPairs>(
+    w: *const u8,
+    row_bytes: usize,
+    nrows: usize,
+    a: ActPtr,
+    nsb: usize,
+    out: *mut f32,
+) {
+    const { assert!(F::SUBS == 8) };
+    // Super-block `s` of the row at `wr`, added to `acc` as `superblock` adds it.
+    let superblock = |wr: *const u8, s: usize, acc: __m256| {
+        let base = wr.wrapping_add(s * F::SB_BYTES);
+        for off in (0..F::SB_BYTES).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH + off) as *const i8);
+        }
+        // SAFETY: super-block s lies within the row, the activations hold its values (caller).
+        unsafe {
+            let prep = F::prep(base, a, s);
+            // The even pieces' chain starts at `acc`, the odd pieces' at zero.
+            let mut p = _mm512_zextps256_ps512(acc);
+            for i in 0..4 {
+                let x = _mm512_loadu_si512(a.qs.add(F::SB_VALS * s + 64 * i).cast());
+                let (c, sd) = F::pair(base, &prep, i, x);
+                p = _mm512_fmadd_ps(c, sd, p);
+            }
+            let p0 = F::take_mins(&prep, a, s, _mm512_castps512_ps256(p));
+            let p1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p)));
+            _mm256_add_ps(p0, p1)
+        }
+    };
+    for r in 0..nrows {
+        let wr = w.wrapping_add(r * row_bytes);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut s = 0;
+        while s + 2 <= nsb {
+            acc0 = superblock(wr, s, acc0);
+            acc1 = superblock(wr, s + 1, acc1);
+            s += 2;
+        }
+        if s < nsb {
+            acc0 = superblock(wr, s, acc0);
+        }
+        // SAFETY: r < nrows.
+        unsafe { out.add(r).write(hsum(_mm256_add_ps(acc0, acc1))) };
+    }
+}
+
 /// `out[r][t] = w[r] · a[t]` for rows of one quantized type that decodes in the tile (all rows the same
 /// length); the [`panel_format`]s go through [`Panel`] instead.
 #[inline]
@@ -1288,9 +1519,22 @@ pub fn rows(
     match dtype {
         DType::Q8_0 => run_rows::<Q8_0>(backend, w, row_bytes, a, out),
         DType::Q5_0 => run_rows8::<Q5_0>(backend, w, row_bytes, a, out),
-        DType::Q4K => run_rows::<Q4K>(backend, w, row_bytes, a, out),
-        DType::Q6K => run_rows::<Q6K>(backend, w, row_bytes, a, out),
+        DType::Q4K => run_rows_k::<Q4K>(backend, w, row_bytes, a, out),
+        DType::Q6K => run_rows_k::<Q6K>(backend, w, row_bytes, a, out),
         _ => panic!("{dtype:?} is not block-quantized"),
+    }
+}
+
+/// [`run_rows`] for a K-quant, in 512-bit vectors where the backend has VNNI ([`rows_k512`]).
+fn run_rows_k<F: KPairs>(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, out: &mut [f32]) {
+    match backend {
+        Backend::Avx512Vnni | Backend::Amx => {
+            let (wp, n, ap, nsb, op) = rows_args::<F>(backend, w, row_bytes, a, out);
+            // SAFETY: `rows_args` checked the lengths and that the CPU has AVX-512 VNNI (with F, BW
+            // and VL, which `has_avx512vnni` requires).
+            unsafe { rows_k512::<F>(wp, row_bytes, n, ap, nsb, op) }
+        }
+        _ => run_rows::<F>(backend, w, row_bytes, a, out),
     }
 }
 
@@ -2163,5 +2407,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The 512-bit K-quant decode gives the 256-bit row kernel's sums bit for bit: one super-block
+    /// and several, an odd count (the last one on the first chain alone), activations with a zero
+    /// block, Q4_K's mins and Q6_K's two scales a piece.
+    #[test]
+    fn k_quant_pairs_match_the_row_kernel() {
+        if !has_avx512vnni() {
+            eprintln!("k_quant_pairs_match_the_row_kernel: this CPU has no AVX-512 VNNI, nothing to check");
+            return;
+        }
+        fn check<F: KPairs>(dtype: DType) {
+            for (rows, nsb) in [(1, 1), (3, 2), (9, 3), (5, 19)] {
+                let cols = nsb * F::SB_VALS;
+                let w = random_blocks(dtype, rows * nsb, (rows * 131 + nsb) as u64);
+                let mut x: Vec<f32> = (0..cols)
+                    .map(|i| ((i * 7919 % 203) as f32 - 101.0) * 0.013)
+                    .collect();
+                x[32..64].fill(0.0);
+                let acts = quantize_acts(&x, 1, cols);
+                let a = act_ptr(&acts.row(0), cols);
+                let (mut got, mut want) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+                let rb = nsb * F::SB_BYTES;
+                // SAFETY: `w` holds `rows` rows of `nsb` super-blocks, the outputs `rows` values, the
+                // activations `cols` values; AVX-512 VNNI (and so AVX2) was checked above.
+                unsafe {
+                    rows_k512::<F>(w.as_ptr(), rb, rows, a, nsb, got.as_mut_ptr());
+                    avx2::rows::<F>(w.as_ptr(), rb, rows, a, nsb, want.as_mut_ptr());
+                }
+                for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(g.is_finite(), "{dtype:?} {rows}x{nsb}, row {r}: {g}");
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{dtype:?} {rows}x{nsb}, row {r}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+        check::<Q4K>(DType::Q4K);
+        check::<Q6K>(DType::Q6K);
     }
 }
