@@ -201,11 +201,15 @@ fn matmul_prefill(c: &mut Criterion) {
     }
 }
 
-/// The quantized kernels on every backend this CPU has, at the shape that dominates decode.
+/// The quantized kernels on every backend this CPU has, at the shape that dominates decode, and the
+/// K-quants at the only one the default file gives them (`ffn_down`).
 fn backends(c: &mut Criterion) {
     let mut g = c.benchmark_group("backends");
-    let (rows, cols) = (4864, 896);
-    for form in ["q8_0", "q8_0x8", "q5_0", "q5_0x8"] {
+    let shapes = [(4864, 896); 4].into_iter().chain([(896, 4864); 2]);
+    for (form, (rows, cols)) in ["q8_0", "q8_0x8", "q5_0", "q5_0x8", "q4_k", "q6_k"]
+        .into_iter()
+        .zip(shapes)
+    {
         let w = Weights::make(form, rows, cols).unwrap();
         let x = data(cols, 9);
         let mut out = vec![0f32; rows];
