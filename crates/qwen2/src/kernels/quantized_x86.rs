@@ -15,7 +15,9 @@
 //! at a time (no sign trick), the zero point or min taken off per piece from the activations' sums.
 //!
 //! The AVX-512 VNNI variant differs from the AVX2 one only in that multiply and in how the panel kernel
-//! adds up its products (one macro, two expansions), so the AVX2 tests cover the rest of its logic.
+//! adds up its products (one macro, two expansions), so the AVX2 tests cover the rest of its logic. The
+//! one kernel of its own is the K-quants' decode ([`rows_k512`]: two pieces to a 512-bit register), which
+//! a test holds to the AVX2 kernel's bits.
 
 use super::quantized::{ActRow, Backend, QuantizedActs};
 use crate::weights::DType;
