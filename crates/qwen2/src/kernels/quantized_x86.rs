@@ -86,6 +86,19 @@ trait Fmt {
     fn min(_h: &Self::Hdr, _j: usize) -> f32 {
         unreachable!()
     }
+    /// For formats with several pieces a super-block: their lane scales times the activations' block
+    /// scales (`dx`, one a piece), multiplied for the whole super-block at once, as
+    /// [`Fmt::piece_scale`] reads them. `None`: the row kernel's `piece` multiplies each piece's.
+    #[inline]
+    unsafe fn scaled(_h: &Self::Hdr, _dx: *const f32) -> Option<[f32; 16]> {
+        None
+    }
+    /// Piece `j`'s lane scales, from [`Fmt::scaled`]'s products: the same values as `sub`'s scale
+    /// times the block's activation scale.
+    #[inline]
+    unsafe fn piece_scale(_s: &[f32; 16], _j: usize) -> __m256 {
+        unreachable!()
+    }
     /// The zero point of the stored values (`sub` returns them minus it), and whether a piece's two
     /// 16-value halves have scales of their own (Q6_K): what a [`Panel`] needs.
     const ZERO: i8 = 0;
@@ -429,6 +442,22 @@ impl Fmt for Q4K {
     }
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
+    unsafe fn scaled(h: &Q4KHdr, dx: *const f32) -> Option<[f32; 16]> {
+        let mut t = [0f32; 16];
+        // SAFETY: eight activation scales at dx (caller), eight f32 in `h.sc` and in `t`.
+        unsafe {
+            let p = _mm256_mul_ps(_mm256_loadu_ps(h.sc.as_ptr()), _mm256_loadu_ps(dx));
+            _mm256_storeu_ps(t.as_mut_ptr(), p);
+        }
+        Some(t)
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn piece_scale(s: &[f32; 16], j: usize) -> __m256 {
+        _mm256_broadcast_ss(&s[j])
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
     unsafe fn mins(h: &Q4KHdr) -> __m256 {
         // SAFETY: reads the eight f32 of an array.
         unsafe { _mm256_loadu_ps(h.mins.as_ptr()) }
@@ -494,6 +523,41 @@ impl Fmt for Q6K {
         // The i32 lanes 0..4 hold values 0..16, lanes 4..8 values 16..32.
         let scale = _mm256_set_m128(_mm_set1_ps(sd[2 * j + 1]), _mm_set1_ps(sd[2 * j]));
         (v, scale)
+    }
+    /// Lane `m`: scale `m` (of sixteen values) times its piece's activation scale, that of block
+    /// `m / 2`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn scaled(sd: &[f32; 16], dx: *const f32) -> Option<[f32; 16]> {
+        let mut t = [0f32; 16];
+        // SAFETY: eight activation scales at dx (caller), sixteen f32 in `sd` and in `t`.
+        unsafe {
+            let dx = _mm256_loadu_ps(dx);
+            for half in 0..2 {
+                let from = 4 * half as i32;
+                let idx = _mm256_setr_epi32(
+                    from,
+                    from,
+                    from + 1,
+                    from + 1,
+                    from + 2,
+                    from + 2,
+                    from + 3,
+                    from + 3,
+                );
+                let p = _mm256_mul_ps(
+                    _mm256_loadu_ps(sd.as_ptr().add(8 * half)),
+                    _mm256_permutevar8x32_ps(dx, idx),
+                );
+                _mm256_storeu_ps(t.as_mut_ptr().add(8 * half), p);
+            }
+        }
+        Some(t)
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn piece_scale(s: &[f32; 16], j: usize) -> __m256 {
+        _mm256_set_m128(_mm_broadcast_ss(&s[2 * j + 1]), _mm_broadcast_ss(&s[2 * j]))
     }
     #[inline]
     unsafe fn mins(_h: &[f32; 16]) -> __m256 {
@@ -605,13 +669,13 @@ macro_rules! instruction_set {
                 j: usize,
                 a: ActPtr,
                 b: usize,
+                scaled: Option<&[f32; 16]>,
             ) -> (__m256, __m256) {
                 // SAFETY: as the caller guarantees.
-                let ((v, scale), xv, dx) = unsafe {
+                let ((v, scale), xv) = unsafe {
                     (
                         F::sub(base, hdr, j),
                         _mm256_loadu_si256(a.qs.add(32 * b) as *const __m256i),
-                        _mm256_broadcast_ss(&*a.d.add(b)),
                     )
                 };
                 let (mag, xs) = if F::SIGNED {
@@ -623,7 +687,13 @@ macro_rules! instruction_set {
                     let ($u, $s) = (mag, xs);
                     $dot
                 };
-                (_mm256_cvtepi32_ps(isum), _mm256_mul_ps(scale, dx))
+                let sd = match scaled {
+                    // SAFETY: `scaled` holds this super-block's products (caller).
+                    Some(t) => unsafe { F::piece_scale(t, j) },
+                    // SAFETY: the activations hold block b (caller).
+                    None => _mm256_mul_ps(scale, unsafe { _mm256_broadcast_ss(&*a.d.add(b)) }),
+                };
+                (_mm256_cvtepi32_ps(isum), sd)
             }
 
             /// Super-block `s` of the row at `w` times the activations, added to `acc`.
@@ -641,11 +711,18 @@ macro_rules! instruction_set {
                 }
                 // SAFETY: base points at a whole super-block.
                 let hdr = unsafe { F::header(base) };
+                // The K-quants' eight piece scales times the activations', in one or two multiplies
+                // rather than one a piece, the same products. On AVX2 (a 2-core Xeon VM, 896 × 4864
+                // in cache, alternated 2000 times in one process): Q4_K 1.12× and 1.13× as fast,
+                // Q6_K 1.03× and 1.09×.
+                // SAFETY: the activations hold the SUBS block scales of super-block s.
+                let scaled = unsafe { F::scaled(&hdr, a.d.add(s * F::SUBS)) };
                 // Two chains, so a piece need not wait for the previous one's FMA.
                 let (mut p0, mut p1) = (acc, _mm256_setzero_ps());
                 for j in 0..F::SUBS {
                     // SAFETY: j < SUBS; the activations hold every block of super-block s.
-                    let (c, sd) = unsafe { piece::<F>(base, &hdr, j, a, s * F::SUBS + j) };
+                    let (c, sd) =
+                        unsafe { piece::<F>(base, &hdr, j, a, s * F::SUBS + j, scaled.as_ref()) };
                     if j % 2 == 0 {
                         p0 = _mm256_fmadd_ps(c, sd, p0);
                     } else {
