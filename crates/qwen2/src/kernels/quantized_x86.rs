@@ -367,14 +367,16 @@ struct Q4KHdr {
 }
 
 struct Q4K;
-impl Q4K {
-    /// The super-block's eight piece scales `d · sc_j` and mins `dmin · m_j`, piece `j` in lane `j`.
-    ///
-    /// # Safety
-    /// `p` points at a whole super-block; the CPU has AVX2, FMA and F16C.
+impl Fmt for Q4K {
+    const SB_VALS: usize = 256;
+    const SB_BYTES: usize = 144;
+    const SIGNED: bool = false;
+    const MINS: bool = true;
+    const PANEL_G: usize = 8;
+    type Hdr = Q4KHdr;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn scales_mins(p: *const u8) -> (__m256, __m256) {
+    unsafe fn header(p: *const u8) -> Q4KHdr {
         // SAFETY: p points at a whole 144-byte super-block: d, dmin, 12 bytes of scales, 128 of nibbles.
         let (d, dmin, s) = unsafe {
             (
@@ -401,27 +403,11 @@ impl Q4K {
                 _mm256_set1_ps(by),
             )
         };
-        (widen(scales, d), widen(mins, dmin))
-    }
-}
-
-impl Fmt for Q4K {
-    const SB_VALS: usize = 256;
-    const SB_BYTES: usize = 144;
-    const SIGNED: bool = false;
-    const MINS: bool = true;
-    const PANEL_G: usize = 8;
-    type Hdr = Q4KHdr;
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn header(p: *const u8) -> Q4KHdr {
-        // SAFETY: p points at a whole super-block (caller).
-        let (sc, mins) = unsafe { Q4K::scales_mins(p) };
         let mut h = Q4KHdr::default();
         // SAFETY: each array holds eight f32.
         unsafe {
-            _mm256_storeu_ps(h.sc.as_mut_ptr(), sc);
-            _mm256_storeu_ps(h.mins.as_mut_ptr(), mins);
+            _mm256_storeu_ps(h.sc.as_mut_ptr(), widen(scales, d));
+            _mm256_storeu_ps(h.mins.as_mut_ptr(), widen(mins, dmin));
         }
         h
     }
@@ -1356,118 +1342,54 @@ fn run_rows8<F: Rows8>(backend: Backend, w: &[u8], row_bytes: usize, a: ActRow, 
 /// A K-quant format's decode in 512-bit vectors ([`rows_k512`]): two 32-value pieces of a super-block
 /// in one register, piece `2i` in the low eight i32 lanes of their sums and `2i + 1` in the high eight.
 trait KPairs: Fmt {
-    /// What a super-block's pairs need, decoded once: its pieces' scales times the activations'.
-    type Prep: Copy;
-    /// # Safety
-    /// `p` points at a whole super-block, the activations hold super-block `s`; the CPU has AVX-512
-    /// F, BW and VNNI.
-    unsafe fn prep(p: *const u8, a: ActPtr, s: usize) -> Self::Prep;
-    /// Pair `i` (pieces `2i`, `2i + 1`) times the activations (`x`: their 64 bytes): the i32 sums
-    /// converted to f32, and each lane's scale, both as [`Fmt::sub`] and the row kernel's `piece`
-    /// make them.
+    /// Per pair `i`, the lane of [`Fmt::scaled`]'s sixteen products that each of its sixteen i32
+    /// lanes takes.
+    const SCALE_IDX: [[i32; 16]; 4];
+    /// Pair `i`'s i32 sums with the activations `x` (the pair's 64 bytes): the same sums as the row
+    /// kernel's `piece` makes of each piece, in the low and high eight lanes.
     ///
     /// # Safety
-    /// As [`KPairs::prep`], `i < 4`.
-    unsafe fn pair(p: *const u8, prep: &Self::Prep, i: usize, x: __m512i) -> (__m512, __m512);
-    /// The even pieces' chain `p0` at the end of super-block `s`, less the mins (`dmin · m_j` times
-    /// the activations' block sums, in one FMA as `superblock` takes them), for formats with mins.
-    ///
-    /// # Safety
-    /// As [`KPairs::prep`].
-    unsafe fn take_mins(prep: &Self::Prep, a: ActPtr, s: usize, p0: __m256) -> __m256;
+    /// `p` points at a whole super-block, `i < 4`; the CPU has AVX-512 F, BW and VNNI.
+    unsafe fn pair_sums(p: *const u8, i: usize, x: __m512i) -> __m512i;
 }
 
-/// Per pair `i`, the lanes of the eight piece scales (lane `j` of a `__m256`, zero-extended) that its
-/// sixteen i32 lanes take: piece `2i` in the low eight, `2i + 1` in the high eight.
-const PAIR_SCALE_IDX: [[i32; 16]; 4] = {
+/// Per pair `i`, for every lane, `2i + lane / group` (lane `group` wide runs of the same scale).
+const fn scale_idx(per_pair: usize, group: usize) -> [[i32; 16]; 4] {
     let mut t = [[0i32; 16]; 4];
     let mut i = 0;
     while i < 4 {
         let mut l = 0;
         while l < 16 {
-            t[i][l] = (2 * i + l / 8) as i32;
+            t[i][l] = (per_pair * i + l / group) as i32;
             l += 1;
         }
         i += 1;
     }
     t
-};
+}
 
 impl KPairs for Q4K {
-    /// Each piece's scale times its activation block's (lane `j`), and the mins.
-    type Prep = (__m256, __m256);
+    /// One scale a piece: piece `2i`'s in the low eight lanes, `2i + 1`'s in the high eight.
+    const SCALE_IDX: [[i32; 16]; 4] = scale_idx(2, 8);
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn prep(p: *const u8, a: ActPtr, s: usize) -> (__m256, __m256) {
-        // SAFETY: a whole super-block at p; the activations' eight block scales of super-block s.
-        let ((sc, mins), dx) = unsafe { (Q4K::scales_mins(p), _mm256_loadu_ps(a.d.add(8 * s))) };
-        // Lane j: `d · sc_j` times block j's activation scale, the product `piece` makes per piece.
-        (_mm256_mul_ps(sc, dx), mins)
-    }
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[inline]
-    unsafe fn pair(p: *const u8, prep: &Self::Prep, i: usize, x: __m512i) -> (__m512, __m512) {
+    unsafe fn pair_sums(p: *const u8, i: usize, x: __m512i) -> __m512i {
         // Pieces 2i and 2i + 1 are the low and the high nibbles of the same 32 bytes: those bytes in
         // both halves, the high half's 16-bit words shifted down by four, then every byte masked.
         // SAFETY: bytes 16 + 32i .. + 32 lie within the 144-byte super-block (i < 4).
         let q = unsafe { _mm512_broadcast_i64x4(load32(p.add(16 + 32 * i))) };
         let q = _mm512_mask_srli_epi16(q, 0xFFFF_0000, q, 4);
         let v = _mm512_and_si512(q, _mm512_set1_epi8(0x0F));
-        let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x);
-        let idx = _mm512_loadu_si512(PAIR_SCALE_IDX[i].as_ptr().cast());
-        let scale = _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(prep.0));
-        (_mm512_cvtepi32_ps(sums), scale)
-    }
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[inline]
-    unsafe fn take_mins(prep: &Self::Prep, a: ActPtr, s: usize, p0: __m256) -> __m256 {
-        // SAFETY: the eight block sums of super-block s exist (caller).
-        _mm256_fnmadd_ps(prep.1, unsafe { _mm256_loadu_ps(a.sums.add(8 * s)) }, p0)
+        _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x)
     }
 }
 
-/// Per pair `i` of a Q6_K super-block, the lanes of its sixteen half-piece scales (a `__m512`) that
-/// the pair's i32 lanes take: lanes 0..4 of a piece sum its first sixteen values, 4..8 the rest.
-const Q6K_PAIR_SCALE_IDX: [[i32; 16]; 4] = {
-    let mut t = [[0i32; 16]; 4];
-    let mut i = 0;
-    while i < 4 {
-        let mut l = 0;
-        while l < 16 {
-            t[i][l] = (4 * i + l / 4) as i32;
-            l += 1;
-        }
-        i += 1;
-    }
-    t
-};
-
 impl KPairs for Q6K {
-    /// Each half-piece's scale times its activation block's (lane `2j + half`).
-    type Prep = __m512;
+    /// Two scales a piece, one per sixteen values (i32 lanes 0..4 and 4..8 of a piece's sums).
+    const SCALE_IDX: [[i32; 16]; 4] = scale_idx(4, 4);
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn prep(p: *const u8, a: ActPtr, s: usize) -> __m512 {
-        // SAFETY: the sixteen i8 scales are bytes 192..208 of the 210-byte super-block, d the last
-        // two; the activations' eight block scales of super-block s.
-        let (sc, d, dx) = unsafe {
-            (
-                _mm_loadu_si128(p.add(192) as *const __m128i),
-                f16_at(p.add(208)),
-                _mm256_loadu_ps(a.d.add(8 * s)),
-            )
-        };
-        // `sc_m · d` as the header makes it, then times block m / 2's activation scale.
-        let sd = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
-            _mm512_set1_ps(d),
-        );
-        let dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-        _mm512_mul_ps(sd, _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(dx)))
-    }
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[inline]
-    unsafe fn pair(p: *const u8, prep: &__m512, i: usize, x: __m512i) -> (__m512, __m512) {
+    unsafe fn pair_sums(p: *const u8, i: usize, x: __m512i) -> __m512i {
         // Pieces 32k + 128h for k = 2(i % 2) + (0, 1) and h = i / 2: low four bits from the 64 bytes
         // ql[64h..] (the low nibbles for k < 2, the high ones for k ≥ 2), each piece's high two from
         // bits 2k, 2k + 1 of the same 32 bytes qh[32h..], moved to bits 4 and 5.
@@ -1499,25 +1421,19 @@ impl KPairs for Q6K {
         // (lo & 0x0F) | hi: the stored value, 0..63.
         let v = _mm512_ternarylogic_epi32::<0xEA>(lo, _mm512_set1_epi8(0x0F), hi);
         // Σ (v - 32) · x = Σ v · x - 32 · Σ x, four values a lane: the same i32 sums as the sign trick.
-        let sums = _mm512_sub_epi32(
+        _mm512_sub_epi32(
             _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x),
             _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(32), x),
-        );
-        let idx = _mm512_loadu_si512(Q6K_PAIR_SCALE_IDX[i].as_ptr().cast());
-        (_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(idx, *prep))
-    }
-    #[inline]
-    unsafe fn take_mins(_prep: &__m512, _a: ActPtr, _s: usize, p0: __m256) -> __m256 {
-        p0
+        )
     }
 }
 
 /// Decode of K-quant rows (Q4_K, Q6_K) where the CPU has AVX-512 VNNI: `out[r] = row r · a`, the
 /// same sums as `vnni::rows`, bit for bit. That kernel takes a piece of 32 values at a time in 256-bit
-/// vectors, with a broadcast and a multiply for its scale; here a pair of pieces shares each
-/// instruction, and a super-block's scales are multiplied once. Its two accumulator chains per
-/// super-block (even pieces, odd pieces) are the low and high halves of one register, added in the
-/// same order.
+/// vectors; here a pair of pieces shares each instruction, and each pair takes its scales from the
+/// super-block's products ([`Fmt::scaled`]) by one permute. The row kernel's two accumulator chains
+/// per super-block (even pieces, odd pieces) are the low and high halves of one register, added in
+/// the same order.
 ///
 /// # Safety
 /// As `vnni::rows`: `w` holds `nrows` rows of `nsb` super-blocks of `row_bytes` bytes, `out` room for
@@ -1540,15 +1456,22 @@ unsafe fn rows_k512<F: KPairs>(
         }
         // SAFETY: super-block s lies within the row, the activations hold its values (caller).
         unsafe {
-            let prep = F::prep(base, a, s);
+            let hdr = F::header(base);
+            let scaled = F::scaled(&hdr, a.d.add(8 * s))
+                .unwrap_or_else(|| unreachable!("the K-quants scale a super-block at once"));
+            let scaled = _mm512_loadu_ps(scaled.as_ptr());
             // The even pieces' chain starts at `acc`, the odd pieces' at zero.
             let mut p = _mm512_zextps256_ps512(acc);
             for i in 0..4 {
                 let x = _mm512_loadu_si512(a.qs.add(F::SB_VALS * s + 64 * i).cast());
-                let (c, sd) = F::pair(base, &prep, i, x);
-                p = _mm512_fmadd_ps(c, sd, p);
+                let sums = _mm512_cvtepi32_ps(F::pair_sums(base, i, x));
+                let idx = _mm512_loadu_si512(F::SCALE_IDX[i].as_ptr().cast());
+                p = _mm512_fmadd_ps(sums, _mm512_permutexvar_ps(idx, scaled), p);
             }
-            let p0 = F::take_mins(&prep, a, s, _mm512_castps512_ps256(p));
+            let mut p0 = _mm512_castps512_ps256(p);
+            if F::MINS {
+                p0 = _mm256_fnmadd_ps(F::mins(&hdr), _mm256_loadu_ps(a.sums.add(8 * s)), p0);
+            }
             let p1 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p)));
             _mm256_add_ps(p0, p1)
         }
