@@ -570,6 +570,41 @@ fn opaque(v: __m256) -> __m256 {
     }
 }
 
+/// The row loop of the decode kernels that take a row a super-block at a time: `out[r]` for `nrows`
+/// rows of `nsb` super-blocks, `row_bytes` apart from `w`, where `superblock(row, s, acc)` adds
+/// super-block `s` of the row starting at `row` to `acc`. Two chains per row (even and odd
+/// super-blocks), so a super-block need not wait for the one before; added and summed at the row's end.
+///
+/// # Safety
+/// `w` holds `nrows` rows of `row_bytes` bytes, `out` room for `nrows` values, and `superblock` may be
+/// called with any row's start and `s < nsb`; the CPU has AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_by_superblock(
+    w: *const u8,
+    row_bytes: usize,
+    nrows: usize,
+    nsb: usize,
+    out: *mut f32,
+    superblock: impl Fn(*const u8, usize, __m256) -> __m256,
+) {
+    for r in 0..nrows {
+        let wr = w.wrapping_add(r * row_bytes);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut s = 0;
+        while s + 2 <= nsb {
+            acc0 = superblock(wr, s, acc0);
+            acc1 = superblock(wr, s + 1, acc1);
+            s += 2;
+        }
+        if s < nsb {
+            acc0 = superblock(wr, s, acc0);
+        }
+        // SAFETY: r < nrows.
+        unsafe { out.add(r).write(hsum(_mm256_add_ps(acc0, acc1))) };
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn hsum(v: __m256) -> f32 {
@@ -743,25 +778,11 @@ macro_rules! instruction_set {
                 nsb: usize,
                 out: *mut f32,
             ) {
-                for r in 0..nrows {
-                    // SAFETY: r < nrows.
-                    let wr = unsafe { w.add(r * row_bytes) };
-                    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                    let mut s = 0;
-                    while s + 2 <= nsb {
-                        // SAFETY: s + 1 < nsb.
-                        unsafe {
-                            acc0 = superblock::<F>(wr, s, a, acc0);
-                            acc1 = superblock::<F>(wr, s + 1, a, acc1);
-                        }
-                        s += 2;
-                    }
-                    if s < nsb {
-                        // SAFETY: s < nsb.
-                        acc0 = unsafe { superblock::<F>(wr, s, a, acc0) };
-                    }
-                    // SAFETY: r < nrows.
-                    unsafe { out.add(r).write(hsum(_mm256_add_ps(acc0, acc1))) };
+                // SAFETY: as the caller guarantees; each call gets a row's start and an s < nsb.
+                unsafe {
+                    rows_by_superblock(w, row_bytes, nrows, nsb, out, |wr, s, acc| {
+                        superblock::<F>(wr, s, a, acc)
+                    })
                 }
             }
 
@@ -1476,21 +1497,8 @@ unsafe fn rows_k512<F: KPairs>(
             _mm256_add_ps(p0, p1)
         }
     };
-    for r in 0..nrows {
-        let wr = w.wrapping_add(r * row_bytes);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut s = 0;
-        while s + 2 <= nsb {
-            acc0 = superblock(wr, s, acc0);
-            acc1 = superblock(wr, s + 1, acc1);
-            s += 2;
-        }
-        if s < nsb {
-            acc0 = superblock(wr, s, acc0);
-        }
-        // SAFETY: r < nrows.
-        unsafe { out.add(r).write(hsum(_mm256_add_ps(acc0, acc1))) };
-    }
+    // SAFETY: as the caller guarantees.
+    unsafe { rows_by_superblock(w, row_bytes, nrows, nsb, out, superblock) }
 }
 
 /// `out[r][t] = w[r] · a[t]` for rows of one quantized type that decodes in the tile (all rows the same
