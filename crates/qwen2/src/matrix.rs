@@ -563,6 +563,9 @@ pub struct LookupTable {
     /// The rows as held: as stored, or in the weight form when the table is also multiplied.
     pub matrix: Matrix,
     rounding: Rounding,
+    /// A table only looked up: its type and bytes as stored, each row read from the file as it is
+    /// needed ([`Bytes::read_into`]), so that the rows a prompt uses do not map the table into memory.
+    stored: Option<(DType, Bytes)>,
 }
 
 /// What a weight form's conversion at load ([`Matrix::from_raw_in`]) does to a stored tensor's values.
@@ -606,7 +609,11 @@ impl LookupTable {
             WeightForm::Native,
             Layout::Rows,
         )?;
-        Ok(LookupTable { matrix, rounding })
+        Ok(LookupTable {
+            matrix,
+            rounding,
+            stored: Some((t.dtype, t.bytes.clone())),
+        })
     }
 
     /// A table that is also multiplied (tied embeddings), so held in the weight form like every matrix.
@@ -614,12 +621,23 @@ impl LookupTable {
         LookupTable {
             matrix,
             rounding: Rounding::None,
+            stored: None,
         }
     }
 
     /// Copies row `r`, widened to f32 and rounded as the weight form rounds, into `out`.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        self.matrix.row_into(r, out);
+        match &self.stored {
+            Some((dtype, bytes)) => {
+                let rb = dtype
+                    .bytes_for(self.matrix.cols)
+                    .expect("whole blocks, checked at construction");
+                let mut raw = vec![0u8; rb];
+                bytes.read_into(r * rb, &mut raw);
+                dequantize_into(*dtype, &raw, out).expect("row length checked at construction");
+            }
+            None => self.matrix.row_into(r, out),
+        }
         match self.rounding {
             Rounding::None => {}
             Rounding::Bf16 => out

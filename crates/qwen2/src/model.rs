@@ -204,7 +204,8 @@ impl Model {
             Some(output("lm_head.weight")?)
         };
         // Untied, the embedding table is only looked up, a row per token: it stays as stored and each
-        // row is rounded to the weight form as it is read (`LookupTable`), rather than held converted.
+        // row is read from the file and rounded to the weight form as it is needed (`LookupTable`),
+        // rather than held converted or mapped in.
         let name = "model.embed_tokens.weight";
         let embed_tokens = if c.tie_word_embeddings {
             LookupTable::of_matrix(output(name)?)
