@@ -1178,11 +1178,10 @@ fn transpose(src: &[f32], rows: usize, cols: usize, ss: usize, dst: &mut [f32], 
     }
 }
 
-/// `out[tok][r] (+)= Σ_k w[k][r] · panel[k][tok]` for `r < R`, `tok < nt`, from four weight rows
-/// packed as `[k][4]` (or, with `IN_PLACE`, from `R` f32 rows where they lie, `rs` apart): with
-/// `V = 3`, twelve accumulators, three panel vectors and one broadcast weight fill the sixteen
-/// registers. `V = 2` serves a panel of 16 or fewer tokens without multiplying a third vector of
-/// padding.
+/// `out[tok][r] (+)= Σ_k w[r][k] · panel[k][tok]` for `r < R`, `tok < nt`, from `R` f32 weight rows
+/// `rs` apart (where they lie, or widened from bf16/f16 by [`gemm_rows`]): with `V = 3`, twelve
+/// accumulators, three panel vectors and one broadcast weight fill the sixteen registers. `V = 2`
+/// serves a panel of 16 or fewer tokens without multiplying a third vector of padding.
 ///
 /// The accumulators hold rows × tokens, the output is tokens × rows: each 4 × 8 block is transposed
 /// in registers and stored as eight 4-float runs, one per token, straight into the output (instead
@@ -1190,12 +1189,11 @@ fn transpose(src: &[f32], rows: usize, cols: usize, ss: usize, dst: &mut [f32], 
 /// Along the way it prefetches `pf` (the next block's weights).
 ///
 /// # Safety
-/// `wp` holds `kc · 4` f32 (packed) or `R` rows of `kc` f32 at stride `rs` (in place); `xp` holds
-/// `kc · 24` f32; `out` holds, for each token `tok < nt <= 8V`, `R` writable f32 at `out + tok · os`;
-/// `V <= 3`; the CPU has AVX2 and FMA.
+/// `wp` holds `R` rows of `kc` f32 at stride `rs`; `xp` holds `kc · 24` f32; `out` holds, for each
+/// token `tok < nt <= 8V`, `R` writable f32 at `out + tok · os`; `V <= 3`; the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro<const R: usize, const V: usize, const IN_PLACE: bool>(
+unsafe fn micro<const R: usize, const V: usize>(
     wp: *const f32,
     rs: usize,
     xp: *const f32,
@@ -1218,21 +1216,17 @@ unsafe fn micro<const R: usize, const V: usize, const IN_PLACE: bool>(
     for k0 in (0..kc).step_by(16) {
         pf.fetch_line(&mut line);
         for k in k0..(k0 + 16).min(kc) {
-            // SAFETY: k < kc: within the panel block and the packed weights.
+            // SAFETY: k < kc: within the panel block and the weight rows.
             unsafe {
                 let mut xv = [_mm256_setzero_ps(); V];
                 for (j, v) in xv.iter_mut().enumerate() {
                     *v = _mm256_loadu_ps(xp.add(k * NR + 8 * j));
                 }
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    if IN_PLACE && r >= R {
+                    if r >= R {
                         break;
                     }
-                    let b = _mm256_broadcast_ss(&*wp.add(if IN_PLACE {
-                        r * rs + k
-                    } else {
-                        k * MR + r
-                    }));
+                    let b = _mm256_broadcast_ss(&*wp.add(r * rs + k));
                     for j in 0..V {
                         acc_r[j] = _mm256_fmadd_ps(b, xv[j], acc_r[j]);
                     }
@@ -1290,7 +1284,7 @@ pub fn fma_chains_avx512(iters: usize, seed: f32) -> f32 {
 
 /// Tokens per AVX-512 panel (two 16-lane vectors).
 const NR512: usize = 32;
-/// Weight rows per AVX-512 micro-kernel call (three packs of [`MR`]).
+/// Weight rows per AVX-512 micro-kernel call (three times the AVX2 kernel's [`MR`]).
 const MR512: usize = 12;
 /// Weight rows per AVX-512 block: eight calls' rows, `MC512 × kc` weights (up to 336 KiB as f32) kept
 /// in L2 across the token panels.
@@ -1299,8 +1293,7 @@ const MC512: usize = 96;
 /// [`micro`] in 512-bit vectors: 12 rows × 32 tokens, twenty-four accumulators, two panel vectors and
 /// a broadcast weight of the thirty-two registers. Twenty-four FMAs for two vector loads and twelve
 /// broadcasts a step keep both FMA ports busy (4 × 24 in AVX2 needed twelve FMAs for three loads and
-/// four broadcasts, at half the width). `V = 1` serves a panel of 16 or fewer tokens. Packed weights
-/// are three `[k][4]` packs, one after the other (`pack4`'s layout), read as rows 0-3, 4-7 and 8-11.
+/// four broadcasts, at half the width). `V = 1` serves a panel of 16 or fewer tokens.
 ///
 /// Measured on a 2-core Xeon VM (AVX-512, two FMA ports), whole F32 forward passes against the AVX2
 /// kernel, alternated: 64 and 128 tokens 1.43-1.48× as fast (three pairs of runs). Products at the
@@ -1314,12 +1307,12 @@ const MC512: usize = 96;
 /// Each token's sums run over `k` in order, as in [`micro`], so both kernels give the same bits.
 ///
 /// # Safety
-/// `wp` holds `R` rows of `kc` f32 at stride `rs` (in place) or `kc · 4` f32 for each pack of four of
-/// the `R` rows (packed); `xp` holds `kc · 32` f32; `out` holds, for each token `tok < nt <= 16V`,
-/// `R` writable f32 at `out + tok · os`; `V <= 2`; the CPU has AVX-512 F, AVX2 and FMA.
+/// `wp` holds `R` rows of `kc` f32 at stride `rs`; `xp` holds `kc · 32` f32; `out` holds, for each
+/// token `tok < nt <= 16V`, `R` writable f32 at `out + tok · os`; `V <= 2`; the CPU has AVX-512 F,
+/// AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
+unsafe fn micro512<const R: usize, const V: usize>(
     wp: *const f32,
     rs: usize,
     xp: *const f32,
@@ -1331,18 +1324,11 @@ unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
     pf: Prefetch,
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    // Each row's weight at k is `rows[r] + k · step`: a base register per row and one index, where
-    // `wp + r · rs + k` computed in the loop cost more integer steps than it had FMAs. (For rows in
-    // place the compiler still turns the bases into a chain of adds of `rs`, which is why the main
-    // case runs the written-out [`steps_12x32`].)
-    let (rows, step): ([*const f32; R], usize) = if IN_PLACE {
-        (std::array::from_fn(|r| wp.wrapping_add(r * rs)), 1)
-    } else {
-        (
-            std::array::from_fn(|r| wp.wrapping_add((r / MR) * MR * kc + r % MR)),
-            MR,
-        )
-    };
+    // Each row's weight at k is `rows[r] + k`: a base register per row and one index, where
+    // `wp + r · rs + k` computed in the loop cost more integer steps than it had FMAs. (The compiler
+    // still turns the bases into a chain of adds of `rs`, which is why the main case runs the
+    // written-out [`steps_12x32`].)
+    let rows: [*const f32; R] = std::array::from_fn(|r| wp.wrapping_add(r * rs));
     let fma_step = |acc: &mut [[__m512; V]; R], k: usize| {
         // SAFETY: k < kc: within the panel block and the weights (caller).
         unsafe {
@@ -1351,7 +1337,7 @@ unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
                 *v = _mm512_loadu_ps(xp.add(k * NR512 + 16 * j));
             }
             for (acc_r, row) in acc.iter_mut().zip(rows) {
-                let b = _mm512_set1_ps(*row.add(k * step));
+                let b = _mm512_set1_ps(*row.add(k));
                 for j in 0..V {
                     acc_r[j] = _mm512_fmadd_ps(b, xv[j], acc_r[j]);
                 }
@@ -1359,7 +1345,7 @@ unsafe fn micro512<const R: usize, const V: usize, const IN_PLACE: bool>(
         }
     };
     let full = kc / 16 * 16;
-    if IN_PLACE && R == MR512 && V == 2 {
+    if R == MR512 && V == 2 {
         // SAFETY: R = 12 and V = 2, so `acc` is a `[[__m512; 2]; 12]`; the 12 rows hold kc values at
         // stride rs from wp and the panel kc · 32 (caller), and full <= kc.
         unsafe {
@@ -1574,7 +1560,7 @@ unsafe fn steps_12x32(
 /// As [`micro512`] with `R = rows`.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro_any512<const IN_PLACE: bool>(
+unsafe fn micro_any512(
     rows: usize,
     vecs: usize,
     wp: *const f32,
@@ -1591,11 +1577,11 @@ unsafe fn micro_any512<const IN_PLACE: bool>(
         ($($r:literal)*) => {
             match (rows, vecs) {
                 $(
-                    ($r, 1) => micro512::<$r, 1, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
-                    ($r, _) => micro512::<$r, 2, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
+                    ($r, 1) => micro512::<$r, 1>(wp, rs, xp, kc, out, os, nt, acc, pf),
+                    ($r, _) => micro512::<$r, 2>(wp, rs, xp, kc, out, os, nt, acc, pf),
                 )*
-                (_, 1) => micro512::<MR512, 1, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
-                _ => micro512::<MR512, 2, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
+                (_, 1) => micro512::<MR512, 1>(wp, rs, xp, kc, out, os, nt, acc, pf),
+                _ => micro512::<MR512, 2>(wp, rs, xp, kc, out, os, nt, acc, pf),
             }
         };
     }
@@ -1682,8 +1668,7 @@ unsafe fn store_each<const N: usize>(
 
 /// Four 8-lane vectors `a b c d` regrouped by lane: `u[i]` holds lane `i` of each (low half) and lane
 /// `i + 4` of each (high half), in the order `a b c d`. The first stage of every transpose here: the
-/// activations' 8 × 8 blocks, weight rows into `[k][4]`, and accumulators into per-token runs of four
-/// rows.
+/// activations' 8 × 8 blocks and the accumulators into per-token runs of four rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn interleave4(a: __m256, b: __m256, c: __m256, d: __m256) -> [__m256; 4] {
@@ -1697,37 +1682,19 @@ fn interleave4(a: __m256, b: __m256, c: __m256, d: __m256) -> [__m256; 4] {
     ]
 }
 
-/// Packs four weight rows (`rows[i]`, each `kc` long; missing rows are zeros) widened to f32 into
-/// `dst` as `[k][4]`, transposing eight columns at a time in registers.
+/// The first `dst.len()` values of a bf16/f16 weight row, widened to f32 into `dst`.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn pack4<W: super::matmul::WeightElem>(rows: [Option<&[W]>; MR], kc: usize, dst: &mut [f32]) {
-    assert!(dst.len() >= kc * MR && rows.iter().flatten().all(|r| r.len() >= kc));
-    let load = |r: Option<&[W]>, k: usize| match r {
-        // SAFETY: k + 8 <= kc <= the row's length (asserted above).
-        Some(r) => unsafe { W::load8_avx2(r.as_ptr().add(k)) },
-        None => _mm256_setzero_ps(),
-    };
+fn widen_row<W: super::matmul::WeightElem>(row: &[W], dst: &mut [f32]) {
+    let kc = dst.len();
+    assert!(row.len() >= kc);
     let mut k = 0;
     while k + 8 <= kc {
-        let [a, b, c, d] = rows.map(|r| load(r, k));
-        // u_i holds columns i and i + 4 as (a b c d).
-        let [u0, u1, u2, u3] = interleave4(a, b, c, d);
-        let out = [
-            _mm256_permute2f128_ps::<0x20>(u0, u1),
-            _mm256_permute2f128_ps::<0x20>(u2, u3),
-            _mm256_permute2f128_ps::<0x31>(u0, u1),
-            _mm256_permute2f128_ps::<0x31>(u2, u3),
-        ];
-        for (i, v) in out.into_iter().enumerate() {
-            // SAFETY: (k + 2i) · 4 + 8 <= kc · 4 <= dst.len().
-            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add((k + 2 * i) * MR), v) };
-        }
+        // SAFETY: k + 8 <= kc <= both lengths (asserted above).
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(k), W::load8_avx2(row.as_ptr().add(k))) };
         k += 8;
     }
     for k in k..kc {
-        for (i, r) in rows.iter().enumerate() {
-            dst[k * MR + i] = r.map_or(0.0, |r| r[k].to_f32());
-        }
+        dst[k] = row[k].to_f32();
     }
 }
 
@@ -1747,17 +1714,19 @@ unsafe fn gemm_rows<W: super::matmul::WeightElem>(
     wide: bool,
 ) {
     let kc_max = kc_for(cols);
-    // Weight rows per micro-kernel call; bf16/f16 rows are packed four at a time either way, and the
-    // AVX-512 kernel reads three consecutive packs.
     let mr = if wide { MR512 } else { MR };
-    // f32 weights need no widening, so the micro-kernel broadcasts them from their rows in place:
-    // copying each block into `[k][4]` order first cost a pass over it for nothing the kernel needs
-    // (its four broadcasts per k are four loads either way). Whole F32 forward passes alternated in
-    // one process, the order swapped every pair: 128 tokens 1.069× (29 of 30 faster), 64 tokens
-    // 1.110× (29 of 30). bf16/f16 rows are still packed: widened once per block, not once per panel.
+    // f32 weights are broadcast from their rows where they lie (copied into the kernel's order first,
+    // whole F32 passes alternated in one process took 1.069× and 1.110× as long at 128 and 64 tokens).
+    // bf16/f16 rows are widened to f32 once per block, into rows of their own that every token panel
+    // then reads from L2 in the same way.
+    // (They were packed four rows to a `[k][4]` run before, which took the compiled AVX-512 loop
+    // instead of the written-out one, `steps_12x32`: whole BF16 forward passes alternated in one
+    // process on a 2-core Xeon VM, rows instead of packs, the same bits, ran 1.055×, 1.054×, 1.021×
+    // (128 tokens; 15, 17 and 10 of 16-20 faster), 1.029× and 1.054× (64) and 1.027× (256) as fast;
+    // the AVX2 kernel, there through `DUET_BACKEND=avx2`, 1.014× and 1.015×.)
     let in_place = W::as_f32(w);
     let mcb = if wide { MC512 } else { MC };
-    let mut buf = vec![0f32; if in_place.is_some() { 0 } else { mcb * kc_max }];
+    let mut widened = vec![0f32; if in_place.is_some() { 0 } else { mcb * kc_max }];
     // Row blocks outside, reduction blocks inside: a row block's outputs (MC rows × t) stay in cache
     // while its sums build up. Reduction blocks outside read and wrote the whole output once per
     // block: 3-5 % slower at 128 tokens in two harness runs, within the host's noise in a later A/B.
@@ -1768,17 +1737,16 @@ unsafe fn gemm_rows<W: super::matmul::WeightElem>(
     for (bi, &(k0, m0)) in blocks.iter().enumerate() {
         let kc = kc_max.min(cols - k0);
         let mc = mcb.min(nrows - m0);
-        // A bf16/f16 weight block, widened and packed once, serves every token panel from L2.
-        let row = |r: usize| (r < mc).then(|| &w[(r0 + m0 + r) * cols + k0..][..kc]);
+        // A bf16/f16 weight block, widened once, serves every token panel from L2.
+        let row = |r: usize| &w[(r0 + m0 + r) * cols + k0..][..kc];
         if in_place.is_none() {
-            for q in 0..mc.div_ceil(MR) {
-                let rows = [0, 1, 2, 3].map(|i| row(q * MR + i));
-                pack4(rows, kc, &mut buf[q * MR * kc..(q + 1) * MR * kc]);
+            for r in 0..mc {
+                widen_row(row(r), &mut widened[r * kc..(r + 1) * kc]);
             }
         }
         // While this block is multiplied, the next one is fetched from memory a few rows per
-        // micro-kernel call (see `Prefetch`), so the loads in `pack4` (or the first panel's, in
-        // place) hit the cache instead of stalling.
+        // micro-kernel call (see `Prefetch`), so the loads in `widen_row` (or the first panel's, for
+        // f32) hit the cache instead of stalling.
         let next = blocks.get(bi + 1).map(|&(k1, m1)| {
             let (kn, mn) = (kc_max.min(cols - k1), mcb.min(nrows - m1));
             let calls = panels.spans.len() * mc.div_ceil(mr);
@@ -1808,30 +1776,22 @@ unsafe fn gemm_rows<W: super::matmul::WeightElem>(
                 }
                 let xp = xp.as_ptr();
                 let (acc, os, left) = (k0 > 0, out.stride, (mc - r).min(mr));
-                // SAFETY: the weights hold `left` rows of kc values from wp at stride `cols` (in
-                // place), or kc · mr packed values (`buf` holds MC · kc_max, and r + mr <= MC);
-                // xp holds kc · nr values (asserted). The output holds tokens start + nt <= t at
-                // stride `os`, and its columns r0 + m0 + r + (0..left), below r0 + nrows <= os, are
-                // this task's alone. AVX2 is enabled here, AVX-512 F present if `wide` (caller).
+                // SAFETY: the weights hold `left` rows of kc values from wp at stride `rs`: the
+                // matrix's own (f32) or the widened block's (`widened` holds MC · kc_max values and
+                // r + left <= mc <= MC); xp holds kc · nr values (asserted). The output holds tokens
+                // start + nt <= t at stride `os`, and its columns r0 + m0 + r + (0..left), below
+                // r0 + nrows <= os, are this task's alone. AVX2 is enabled here, AVX-512 F present if
+                // `wide` (caller).
                 unsafe {
                     let op = out.at(start, r0 + m0 + r);
                     let (wp, rs) = match in_place {
                         Some(w) => (w[(r0 + m0 + r) * cols + k0..].as_ptr(), cols),
-                        None => (buf[r * kc..(r + mr) * kc].as_ptr(), 0),
+                        None => (widened[r * kc..].as_ptr(), kc),
                     };
-                    match (wide, in_place.is_some()) {
-                        (true, true) => {
-                            micro_any512::<true>(left, vecs, wp, rs, xp, kc, op, os, nt, acc, pf)
-                        }
-                        (true, false) => {
-                            micro_any512::<false>(left, vecs, wp, rs, xp, kc, op, os, nt, acc, pf)
-                        }
-                        (false, true) => {
-                            micro_any::<true>(left, vecs, wp, rs, xp, kc, op, os, nt, acc, pf)
-                        }
-                        (false, false) => {
-                            micro_any::<false>(left, vecs, wp, rs, xp, kc, op, os, nt, acc, pf)
-                        }
+                    if wide {
+                        micro_any512(left, vecs, wp, rs, xp, kc, op, os, nt, acc, pf)
+                    } else {
+                        micro_any(left, vecs, wp, rs, xp, kc, op, os, nt, acc, pf)
                     }
                 }
             }
@@ -1847,7 +1807,7 @@ unsafe fn gemm_rows<W: super::matmul::WeightElem>(
 /// As [`micro`] with `R = rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro_any<const IN_PLACE: bool>(
+unsafe fn micro_any(
     rows: usize,
     vecs: usize,
     wp: *const f32,
@@ -1863,14 +1823,14 @@ unsafe fn micro_any<const IN_PLACE: bool>(
     // SAFETY: forwarded from the caller, R = rows.
     unsafe {
         match (rows, vecs) {
-            (1, ..=2) => micro::<1, 2, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
-            (1, _) => micro::<1, 3, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
-            (2, ..=2) => micro::<2, 2, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
-            (2, _) => micro::<2, 3, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
-            (3, ..=2) => micro::<3, 2, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
-            (3, _) => micro::<3, 3, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
-            (_, ..=2) => micro::<MR, 2, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
-            (_, _) => micro::<MR, 3, IN_PLACE>(wp, rs, xp, kc, out, os, nt, acc, pf),
+            (1, ..=2) => micro::<1, 2>(wp, rs, xp, kc, out, os, nt, acc, pf),
+            (1, _) => micro::<1, 3>(wp, rs, xp, kc, out, os, nt, acc, pf),
+            (2, ..=2) => micro::<2, 2>(wp, rs, xp, kc, out, os, nt, acc, pf),
+            (2, _) => micro::<2, 3>(wp, rs, xp, kc, out, os, nt, acc, pf),
+            (3, ..=2) => micro::<3, 2>(wp, rs, xp, kc, out, os, nt, acc, pf),
+            (3, _) => micro::<3, 3>(wp, rs, xp, kc, out, os, nt, acc, pf),
+            (_, ..=2) => micro::<MR, 2>(wp, rs, xp, kc, out, os, nt, acc, pf),
+            (_, _) => micro::<MR, 3>(wp, rs, xp, kc, out, os, nt, acc, pf),
         }
     }
 }
@@ -2258,32 +2218,20 @@ mod tests {
     }
 
     #[test]
-    fn pack4_interleaves_and_widens() {
+    fn widen_row_gives_every_value_as_f32() {
         if !has_avx2() {
             return;
         }
-        for kc in [1, 7, 8, 19] {
-            let rows: Vec<Vec<bf16>> = (0..3)
-                .map(|r| {
-                    (0..kc)
-                        .map(|k| bf16::from_f32((r * 100 + k) as f32))
-                        .collect()
-                })
-                .collect();
-            let mut dst = vec![f32::NAN; kc * MR];
-            let src = [
-                Some(&rows[0][..]),
-                Some(&rows[1][..]),
-                Some(&rows[2][..]),
-                None,
-            ];
+        let val = |k: usize| ((k * 7919 % 1000) as f32 - 500.0) / 7.0;
+        for kc in [1, 7, 8, 19, 896] {
+            let b: Vec<bf16> = (0..kc + 3).map(|k| bf16::from_f32(val(k))).collect();
+            let h: Vec<f16> = (0..kc + 3).map(|k| f16::from_f32(val(k))).collect();
+            let (mut wb, mut wh) = (vec![f32::NAN; kc], vec![f32::NAN; kc]);
             // SAFETY: AVX2 was checked above.
-            unsafe { pack4(src, kc, &mut dst) };
+            unsafe { (widen_row(&b, &mut wb), widen_row(&h, &mut wh)) };
             for k in 0..kc {
-                for r in 0..3 {
-                    assert_eq!(dst[k * MR + r], rows[r][k].to_f32());
-                }
-                assert_eq!(dst[k * MR + 3], 0.0);
+                assert_eq!(wb[k].to_bits(), b[k].to_f32().to_bits(), "bf16, {kc}: {k}");
+                assert_eq!(wh[k].to_bits(), h[k].to_f32().to_bits(), "f16, {kc}: {k}");
             }
         }
     }
